@@ -1,0 +1,52 @@
+"""Turn a scheduled batch (CPU bookkeeping) into the tensors one forward needs."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from seesaw_ds.engine.scheduler import ScheduledBatch
+from seesaw_ds.kv.attention import AttentionMetadata, decode_visibility_mask
+
+
+@dataclass
+class ModelInputs:
+    input_ids: torch.Tensor        # [T] long, packed over sequences
+    positions: torch.Tensor        # [T] long
+    logits_indices: torch.Tensor   # [B] long: the row of each sequence's last token
+    meta: AttentionMetadata
+
+
+def _slots(block_table: list[int], positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    table = torch.tensor(block_table, dtype=torch.long)
+    return table[positions // block_size] * block_size + positions % block_size
+
+
+def build_inputs(batch: ScheduledBatch, block_size: int, sliding_window: int | None = None,
+                 device: torch.device | str = "cpu") -> ModelInputs:
+    if batch.is_prefill:
+        ids, pos, slots, cu = [], [], [], [0]
+        for seq in batch.seqs:
+            n = seq.num_tokens
+            p = torch.arange(n, dtype=torch.long)
+            ids.append(torch.tensor(seq.all_token_ids, dtype=torch.long))
+            pos.append(p)
+            slots.append(_slots(seq.block_table, p, block_size))
+            cu.append(cu[-1] + n)
+        meta = AttentionMetadata(True, torch.cat(slots).to(device), cu, None, None)
+        return ModelInputs(torch.cat(ids).to(device), torch.cat(pos).to(device),
+                           torch.tensor(cu[1:], dtype=torch.long, device=device) - 1, meta)
+
+    b = len(batch.seqs)
+    max_blocks = max(len(s.block_table) for s in batch.seqs)
+    tables = torch.zeros(b, max_blocks, dtype=torch.long)
+    for i, seq in enumerate(batch.seqs):
+        tables[i, :len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.long)
+    context_lens = torch.tensor([s.num_tokens for s in batch.seqs], dtype=torch.long)
+    positions = context_lens - 1
+    slots = tables.gather(1, (positions // block_size)[:, None])[:, 0] * block_size + positions % block_size
+    mask = decode_visibility_mask(context_lens, max_blocks * block_size, sliding_window)
+    meta = AttentionMetadata(False, slots.to(device), [], tables.to(device), context_lens.to(device),
+                             mask.to(device))
+    ids = torch.tensor([s.last_token_id for s in batch.seqs], dtype=torch.long, device=device)
+    return ModelInputs(ids, positions.to(device), torch.arange(b, device=device), meta)

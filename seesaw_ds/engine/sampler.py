@@ -1,0 +1,47 @@
+"""Token selection from last-position logits. Greedy rows are batched; sampled rows use their own
+seeded generator so a request's tokens depend only on its seed, not on what it was batched with."""
+from __future__ import annotations
+
+import torch
+
+from seesaw_ds.engine.sequence import Sequence
+
+
+def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    # logits: [V] float32 (already divided by temperature)
+    if top_k > 0 and top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # drop a token when the mass strictly before it already reaches top_p (the first token always stays)
+        drop = (probs.cumsum(-1) - probs) >= top_p
+        logits = logits.scatter(0, order[drop], float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict[int, float] | None]]:
+    """logits: [B, V] float32 -> one token id per sequence (+ logprobs where asked)."""
+    tokens = logits.argmax(dim=-1)                                   # [B] greedy for every row first
+    for i, seq in enumerate(seqs):
+        p = seq.params
+        if p.greedy:
+            continue
+        row = _filter_top_k_top_p(logits[i] / p.temperature, p.top_k, p.top_p)
+        probs = torch.softmax(row, dim=-1)
+        tokens[i] = torch.multinomial(probs, 1, generator=seq.generator)[0]
+    token_list = tokens.tolist()
+    logprobs: list[dict[int, float] | None] = [None] * len(seqs)
+    if any(s.params.logprobs is not None for s in seqs):
+        lp = torch.log_softmax(logits, dim=-1)
+        for i, seq in enumerate(seqs):
+            n = seq.params.logprobs
+            if n is None:
+                continue
+            entry = {token_list[i]: float(lp[i, token_list[i]])}
+            if n > 0:
+                top = torch.topk(lp[i], n)
+                entry.update({int(t): float(v) for t, v in zip(top.indices, top.values)})
+            logprobs[i] = entry
+    return token_list, logprobs

@@ -1,0 +1,140 @@
+"""Decides, each step, which sequences to prefill or decode. Pure bookkeeping: no tensors.
+
+Policy (one stage per step, prefill first, as in continuous batching without chunking):
+  * prefill: admit waiting sequences FIFO while the token budget, `max_num_seqs` and free KV blocks allow;
+    the first one is admitted even over the token budget (no prompt is ever starved by the budget);
+  * otherwise decode every running sequence, giving each the block its next token needs; when the pool is
+    full the most recently admitted sequence is preempted (blocks freed, recomputed later), never dropped.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from seesaw_ds.engine.sequence import Sequence, SequenceStatus
+from seesaw_ds.kv.allocator import BlockAllocator
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_model_len: int = 2048
+    block_size: int = 16
+
+    def __post_init__(self):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"SchedulerConfig.{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass
+class ScheduledBatch:
+    is_prefill: bool
+    seqs: list[Sequence]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.seqs) if self.is_prefill else len(self.seqs)
+
+
+class RequestRejected(ValueError):
+    pass
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, num_blocks: int):
+        self.config = config
+        self.allocator = BlockAllocator(num_blocks)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    # ---- admission -----------------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        n, cfg = len(seq.prompt_token_ids), self.config
+        if n == 0:
+            raise RequestRejected(f"request {seq.request_id!r}: empty prompt")
+        if n >= cfg.max_model_len:
+            raise RequestRejected(f"request {seq.request_id!r}: prompt has {n} tokens; "
+                                  f"max_model_len={cfg.max_model_len} leaves no room to generate")
+        worst = min(n + seq.params.max_tokens, cfg.max_model_len)
+        if -(-worst // cfg.block_size) > self.allocator.num_blocks:
+            raise RequestRejected(
+                f"request {seq.request_id!r}: {worst} tokens need {-(-worst // cfg.block_size)} KV blocks; "
+                f"the pool has {self.allocator.num_blocks} (raise the KV budget or lower max_tokens)")
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- scheduling ----------------------------------------------------------------------------------
+    def schedule(self) -> ScheduledBatch | None:
+        batch = self._schedule_prefill()
+        if batch is not None:
+            return batch
+        return self._schedule_decode()
+
+    def _schedule_prefill(self) -> ScheduledBatch | None:
+        cfg, picked, tokens = self.config, [], 0
+        while self.waiting and len(self.running) + len(picked) < cfg.max_num_seqs:
+            seq = self.waiting[0]
+            need = seq.blocks_needed(cfg.block_size)
+            if picked and tokens + seq.num_tokens > cfg.max_num_batched_tokens:
+                break
+            if not self.allocator.can_allocate(need):
+                break
+            self.waiting.popleft()
+            seq.block_table = self.allocator.allocate(need)
+            seq.status = SequenceStatus.RUNNING
+            picked.append(seq)
+            tokens += seq.num_tokens
+        if not picked:
+            return None
+        self.running.extend(picked)
+        return ScheduledBatch(True, picked)
+
+    def _schedule_decode(self) -> ScheduledBatch | None:
+        bs = self.config.block_size
+        scheduled: list[Sequence] = []
+        queue = list(self.running)
+        while queue:
+            seq = queue.pop(0)
+            while len(seq.block_table) < seq.blocks_needed(bs) and not self.allocator.can_allocate(1):
+                victim = queue.pop() if queue else seq          # youngest not yet scheduled, else itself
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
+            if len(seq.block_table) < seq.blocks_needed(bs):
+                seq.block_table += self.allocator.allocate(1)
+            scheduled.append(seq)
+        if not scheduled:
+            return None
+        return ScheduledBatch(False, scheduled)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.allocator.free(seq.block_table)
+        seq.block_table = []
+        seq.status = SequenceStatus.WAITING
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    # ---- results -------------------------------------------------------------------------------------
+    def postprocess(self, batch: ScheduledBatch, token_ids: list[int],
+                    logprobs: list[dict[int, float] | None] | None = None) -> list[Sequence]:
+        """Append one sampled token to each scheduled sequence; free and return the finished ones."""
+        if len(token_ids) != len(batch.seqs):
+            raise ValueError(f"{len(token_ids)} sampled tokens for {len(batch.seqs)} sequences")
+        finished = []
+        for i, (seq, tok) in enumerate(zip(batch.seqs, token_ids)):
+            seq.append(int(tok), logprobs[i] if logprobs else None)
+            if seq.is_finished:
+                seq.status = SequenceStatus.FINISHED
+                self.allocator.free(seq.block_table)
+                seq.block_table = []
+                self.running.remove(seq)
+                finished.append(seq)
+        return finished

@@ -1,0 +1,110 @@
+"""Paged attention behind transformers' attention hook.
+
+transformers' Llama-family attention modules compute q/k/v and RoPE, then call the registered attention
+function. Ours writes the new K/V into the paged pool and attends over each sequence's own cache. The
+per-forward metadata lives in a scoped context (`with paged_attention(meta, pool):`); outside one, the
+function falls back to plain SDPA so the same module still serves `generate`.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from seesaw_ds.kv.pool import KVPool
+
+ATTN_IMPLEMENTATION = "seesaw_paged"
+
+
+@dataclass
+class AttentionMetadata:
+    """What one forward over a packed batch needs. T = total new tokens, B = sequences."""
+    is_prefill: bool
+    slot_mapping: torch.Tensor          # [T] long: block * block_size + offset of each new token
+    cu_seqlens: list[int]               # prefill: B + 1 offsets into the packed tokens
+    block_tables: torch.Tensor | None   # decode: [B, max_blocks] long (padded with 0)
+    context_lens: torch.Tensor | None   # decode: [B] long, tokens in cache including the new one
+    decode_mask: torch.Tensor | None = None  # decode: [B, 1, 1, S] bool, True where a key is visible
+
+
+_CURRENT: contextvars.ContextVar[tuple[AttentionMetadata, KVPool] | None] = \
+    contextvars.ContextVar("seesaw_attention", default=None)
+
+
+@contextlib.contextmanager
+def paged_attention(meta: AttentionMetadata, pool: KVPool):
+    token = _CURRENT.set((meta, pool))
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)
+
+
+def decode_visibility_mask(context_lens: torch.Tensor, max_len: int, window: int | None = None) -> torch.Tensor:
+    """[B, 1, 1, max_len] bool: key j visible to the newest token of a sequence with context length n."""
+    j = torch.arange(max_len, device=context_lens.device)[None, :]
+    n = context_lens[:, None]
+    visible = j < n
+    if window is not None:
+        visible &= j > n - 1 - window
+    return visible[:, None, None, :]
+
+
+def _write_cache(pool: KVPool, layer: int, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor):
+    # key/value: [1, Hkv, T, D] -> flat cache rows [num_blocks * block_size, Hkv, D]
+    k_cache, v_cache = pool.layer(layer)
+    hkv, d = k_cache.shape[-2:]
+    k_cache.view(-1, hkv, d).index_copy_(0, slots, key[0].transpose(0, 1).to(k_cache.dtype))
+    v_cache.view(-1, hkv, d).index_copy_(0, slots, value[0].transpose(0, 1).to(v_cache.dtype))
+
+
+def _prefill(query, key, value, meta: AttentionMetadata, scaling: float, window: int | None):
+    # query: [1, H, T, D]; key/value: [1, Hkv, T, D]; each sequence attends causally to itself only.
+    outs = []
+    for start, end in zip(meta.cu_seqlens[:-1], meta.cu_seqlens[1:]):
+        q, k, v = query[:, :, start:end], key[:, :, start:end], value[:, :, start:end]
+        n = end - start
+        if window is not None and n > window:
+            i = torch.arange(n, device=q.device)
+            mask = (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < window)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=n > 1, scale=scaling, enable_gqa=True)
+        outs.append(o)
+    return torch.cat(outs, dim=2).transpose(1, 2)          # [1, T, H, D]
+
+
+def _decode(query, pool: KVPool, layer: int, meta: AttentionMetadata, scaling: float):
+    # query: [1, H, B, D] (one new token per sequence) -> [B, H, 1, D]
+    q = query[0].transpose(0, 1).unsqueeze(2)
+    k_cache, v_cache = pool.layer(layer)                    # [num_blocks, block_size, Hkv, D]
+    b, max_blocks = meta.block_tables.shape
+    bs, hkv, d = k_cache.shape[1:]
+    # gathered: [B, max_blocks * block_size, Hkv, D] -> [B, Hkv, S, D]
+    k = k_cache[meta.block_tables].view(b, max_blocks * bs, hkv, d).transpose(1, 2)
+    v = v_cache[meta.block_tables].view(b, max_blocks * bs, hkv, d).transpose(1, 2)
+    o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=meta.decode_mask,
+                                       scale=scaling, enable_gqa=True)
+    return o.transpose(1, 2).transpose(0, 1)                # [B, 1, H, D] -> [1, B, H, D]
+
+
+def seesaw_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                             sliding_window=None, **kwargs):
+    current = _CURRENT.get()
+    if current is None:                                     # not inside an engine forward: plain SDPA
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, sliding_window=sliding_window, **kwargs)
+    meta, pool = current
+    layer = module.layer_idx
+    _write_cache(pool, layer, key, value, meta.slot_mapping)
+    if meta.is_prefill:
+        return _prefill(query, key, value, meta, scaling, sliding_window), None
+    return _decode(query, pool, layer, meta, scaling), None
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, seesaw_attention_forward)

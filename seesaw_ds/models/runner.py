@@ -1,0 +1,64 @@
+"""Runs a Hugging Face Llama-family model over packed, ragged batches with the paged KV pool.
+
+The layer math is transformers' own (so every checkpoint stays exact); only attention is ours, through the
+registered `seesaw_paged` hook. The model is split into three pieces that a pipeline stage can own:
+
+    embed(input_ids)                      [T] -> [1, T, H]
+    run_layers(h, positions, layers)      [1, T, H] -> [1, T, H]   (layers: a contiguous global range)
+    head(h, logits_indices)               [1, T, H] -> [B, V] float32
+"""
+from __future__ import annotations
+
+import torch
+
+from seesaw_ds.kv.attention import ATTN_IMPLEMENTATION, AttentionMetadata, paged_attention
+from seesaw_ds.kv.pool import KVPool
+
+
+def use_paged_attention(hf_model) -> None:
+    """Route the model's attention through `seesaw_paged` (plain SDPA outside an engine forward)."""
+    try:
+        hf_model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    except (AttributeError, ValueError, KeyError):
+        hf_model.config._attn_implementation = ATTN_IMPLEMENTATION
+
+
+class ModelRunner:
+    def __init__(self, hf_model):
+        use_paged_attention(hf_model)
+        inner = hf_model.model
+        self.hf_model = hf_model
+        self.embed_tokens = inner.embed_tokens
+        self.layers = inner.layers
+        self.norm = inner.norm
+        self.rotary_emb = inner.rotary_emb
+        self.lm_head = hf_model.lm_head
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids[None, :])                     # [1, T, H]
+
+    def run_layers(self, h: torch.Tensor, positions: torch.Tensor, layers: range,
+                   meta: AttentionMetadata, pool: KVPool) -> torch.Tensor:
+        position_ids = positions[None, :]                                # [1, T]
+        cos_sin = self.rotary_emb(h, position_ids)
+        with paged_attention(meta, pool):
+            for i in layers:
+                h = self.layers[i](h, attention_mask=None, position_ids=position_ids,
+                                   position_embeddings=cos_sin)
+        return h
+
+    def head(self, h: torch.Tensor, logits_indices: torch.Tensor) -> torch.Tensor:
+        # only the rows that are sampled go through the norm and the (large) vocabulary projection
+        h = self.norm(h[0, logits_indices])                              # [B, H]
+        return self.lm_head(h).float()                                   # [B, V]
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                pool: KVPool, logits_indices: torch.Tensor) -> torch.Tensor:
+        h = self.embed(input_ids)
+        h = self.run_layers(h, positions, range(len(self.layers)), meta, pool)
+        return self.head(h, logits_indices)
