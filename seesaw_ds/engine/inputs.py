@@ -31,7 +31,7 @@ def build_inputs(batch: ScheduledBatch, block_size: int, sliding_window: int | N
             p = torch.arange(n, dtype=torch.long)
             ids.append(torch.tensor(seq.all_token_ids, dtype=torch.long))
             pos.append(p)
-            slots.append(_slots(seq.block_table, p, block_size))
+            slots.append(_slots(seq.host_blocks if batch.to_host else seq.block_table, p, block_size))
             cu.append(cu[-1] + n)
         meta = AttentionMetadata(True, torch.cat(slots).to(device), cu, None, None)
         return ModelInputs(torch.cat(ids).to(device), torch.cat(pos).to(device),

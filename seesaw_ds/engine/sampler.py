@@ -1,5 +1,6 @@
-"""Token selection from last-position logits. Greedy rows are batched; sampled rows use their own
-seeded generator so a request's tokens depend only on its seed, not on what it was batched with."""
+"""Token selection from last-position logits. Greedy rows are batched; a sampled row draws from a generator
+seeded by (request seed, token index), so its tokens depend only on its seed: not on what it was batched
+with, not on preemption and recompute, and not on which rank happens to sample it."""
 from __future__ import annotations
 
 import torch
@@ -21,6 +22,12 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch
     return logits
 
 
+def _step_generator(seq: Sequence) -> torch.Generator | None:
+    if seq.params.seed is None:
+        return None
+    return torch.Generator().manual_seed((seq.params.seed * 1_000_003 + len(seq.output_token_ids)) % (1 << 63))
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict[int, float] | None]]:
     """logits: [B, V] float32 -> one token id per sequence (+ logprobs where asked)."""
     tokens = logits.argmax(dim=-1)                                   # [B] greedy for every row first
@@ -30,7 +37,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
             continue
         row = _filter_top_k_top_p(logits[i] / p.temperature, p.top_k, p.top_p)
         probs = torch.softmax(row, dim=-1)
-        tokens[i] = torch.multinomial(probs, 1, generator=seq.generator)[0]
+        tokens[i] = torch.multinomial(probs, 1, generator=_step_generator(seq))[0]
     token_list = tokens.tolist()
     logprobs: list[dict[int, float] | None] = [None] * len(seqs)
     if any(s.params.logprobs is not None for s in seqs):

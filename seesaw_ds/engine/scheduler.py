@@ -32,6 +32,9 @@ class SchedulerConfig:
 class ScheduledBatch:
     is_prefill: bool
     seqs: list[Sequence]
+    to_host: bool = False        # prefill writes KV to the host store (slots index host blocks)
+    # decode: (host blocks, device blocks) to copy host -> device before the forward
+    onboard: list[tuple[list[int], list[int]]] | None = None
 
     @property
     def num_tokens(self) -> int:

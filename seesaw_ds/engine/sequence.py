@@ -5,8 +5,6 @@ import enum
 import itertools
 from dataclasses import dataclass, field
 
-import torch
-
 from seesaw_ds.engine.sampling_params import SamplingParams
 
 _seq_ids = itertools.count()
@@ -14,6 +12,7 @@ _seq_ids = itertools.count()
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"        # no KV anywhere: (re)prefill from scratch
+    STASHED = "stashed"        # KV in the host store, waiting for room in the device pool
     RUNNING = "running"        # KV in the device pool, decoding
     FINISHED = "finished"
 
@@ -27,15 +26,13 @@ class Sequence:
     max_model_len: int = 1 << 30
     seq_id: int = field(default_factory=lambda: next(_seq_ids))
     output_token_ids: list[int] = field(default_factory=list)
-    block_table: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)     # device pool blocks
+    host_blocks: list[int] = field(default_factory=list)     # host store blocks (tiered engine)
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     logprobs: list[dict[int, float]] | None = None
-    generator: torch.Generator | None = None
 
     def __post_init__(self):
-        if self.params.seed is not None:
-            self.generator = torch.Generator().manual_seed(self.params.seed)
         if self.params.logprobs is not None:
             self.logprobs = []
 

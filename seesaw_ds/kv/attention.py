@@ -2,8 +2,11 @@
 
 transformers' Llama-family attention modules compute q/k/v and RoPE, then call the registered attention
 function. Ours writes the new K/V into the paged pool and attends over each sequence's own cache. The
-per-forward metadata lives in a scoped context (`with paged_attention(meta, pool):`); outside one, the
+per-forward metadata lives in a scoped context (`with paged_attention(meta, kv):`); outside one, the
 function falls back to plain SDPA so the same module still serves `generate`.
+
+`kv` is anything with `write(layer, key, value, slots)` (prefill) and `layer(i) -> (k_cache, v_cache)`
+(decode): the device `KVPool`, or the host store when prefill stashes straight to the host tier.
 """
 from __future__ import annotations
 
@@ -55,14 +58,6 @@ def decode_visibility_mask(context_lens: torch.Tensor, max_len: int, window: int
     return visible[:, None, None, :]
 
 
-def _write_cache(pool: KVPool, layer: int, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor):
-    # key/value: [1, Hkv, T, D] -> flat cache rows [num_blocks * block_size, Hkv, D]
-    k_cache, v_cache = pool.layer(layer)
-    hkv, d = k_cache.shape[-2:]
-    k_cache.view(-1, hkv, d).index_copy_(0, slots, key[0].transpose(0, 1).to(k_cache.dtype))
-    v_cache.view(-1, hkv, d).index_copy_(0, slots, value[0].transpose(0, 1).to(v_cache.dtype))
-
-
 def _prefill(query, key, value, meta: AttentionMetadata, scaling: float, window: int | None):
     # query: [1, H, T, D]; key/value: [1, Hkv, T, D]; each sequence attends causally to itself only.
     outs = []
@@ -101,7 +96,7 @@ def seesaw_attention_forward(module, query, key, value, attention_mask, dropout=
                                       scaling=scaling, sliding_window=sliding_window, **kwargs)
     meta, pool = current
     layer = module.layer_idx
-    _write_cache(pool, layer, key, value, meta.slot_mapping)
+    pool.write(layer, key, value, meta.slot_mapping)      # the device pool, or the host store in prefill
     if meta.is_prefill:
         return _prefill(query, key, value, meta, scaling, sliding_window), None
     return _decode(query, pool, layer, meta, scaling), None

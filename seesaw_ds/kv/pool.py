@@ -56,3 +56,10 @@ class KVPool:
         """(k, v) views for one layer: each [num_blocks, block_size, kv_heads_local, head_dim]."""
         i = global_layer - self.spec.layers.start
         return self.tensor[0, i], self.tensor[1, i]
+
+    def write(self, global_layer: int, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
+        """key/value: [1, Hkv_local, T, D] -> rows `slots` of the flat [num_blocks * block_size] cache."""
+        k_cache, v_cache = self.layer(global_layer)
+        hkv, d = k_cache.shape[-2:]
+        k_cache.view(-1, hkv, d).index_copy_(0, slots, key[0].transpose(0, 1).to(k_cache.dtype))
+        v_cache.view(-1, hkv, d).index_copy_(0, slots, value[0].transpose(0, 1).to(v_cache.dtype))

@@ -53,8 +53,8 @@ class ModelRunner:
 
     def head(self, h: torch.Tensor, logits_indices: torch.Tensor) -> torch.Tensor:
         # only the rows that are sampled go through the norm and the (large) vocabulary projection
-        h = self.norm(h[0, logits_indices])                              # [B, H]
-        return self.lm_head(h).float()                                   # [B, V]
+        h = self.norm(h[:, logits_indices])                              # [1, B, H]
+        return self.lm_head(h)[0].float()                                # [B, V] (AutoTP's head wants 3-D)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,

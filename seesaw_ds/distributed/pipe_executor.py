@@ -1,0 +1,121 @@
+"""Pipeline-parallel executor on DeepSpeed's pipeline engine (forward-only, micro-batched).
+
+The stage modules wrap transformers' own decoder layers (views of the master weights). Between stages a
+flat tuple of tensors travels (DeepSpeed passes only tensors):
+
+    (h [1,T,H], positions [T], slots [T], seq_info, block_tables [B,M], logits_indices [B], is_prefill [1])
+    seq_info: prefill -> cu_seqlens [B+1]; decode -> context_lens [B]
+
+Prefill writes each stage's layers x all KV heads to the KV target (the host store); decode reads the
+stage's own paged pool. The last stage returns last-token logits; other stages return None.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from seesaw_ds.engine.inputs import ModelInputs
+from seesaw_ds.kv.attention import AttentionMetadata, decode_visibility_mask
+from seesaw_ds.models.runner import ModelRunner
+
+
+class StageState:
+    """What the stage modules of this rank share: the model pieces and the current KV target."""
+
+    def __init__(self, runner: ModelRunner, sliding_window: int | None):
+        self.runner = runner
+        self.sliding_window = sliding_window
+        self.kv = None                   # set by the executor before each pass
+
+
+class EmbedPipe(nn.Module):
+    def __init__(self, state: StageState):
+        super().__init__()
+        self.state = state
+        self.embed_tokens = state.runner.embed_tokens
+
+    def forward(self, batch):
+        input_ids, *rest = batch
+        return (self.embed_tokens(input_ids[None, :]), *rest)
+
+
+class DecoderPipe(nn.Module):
+    def __init__(self, state: StageState, layer: int):
+        super().__init__()
+        self.state, self.layer_idx = state, layer
+        self.layer = state.runner.layers[layer]
+
+    def forward(self, batch):
+        h, positions, slots, seq_info, block_tables, logits_indices, is_prefill = batch
+        if bool(is_prefill[0]):
+            meta = AttentionMetadata(True, slots, seq_info.tolist(), None, None)
+        else:
+            mask = decode_visibility_mask(seq_info, block_tables.shape[1] * self.state.kv.spec.block_size,
+                                          self.state.sliding_window)
+            meta = AttentionMetadata(False, slots, [], block_tables, seq_info, mask)
+        h = self.state.runner.run_layers(h, positions, range(self.layer_idx, self.layer_idx + 1), meta,
+                                         self.state.kv)
+        return (h, positions, slots, seq_info, block_tables, logits_indices, is_prefill)
+
+
+class HeadPipe(nn.Module):
+    def __init__(self, state: StageState):
+        super().__init__()
+        self.state = state
+        self.norm = state.runner.norm
+        self.lm_head = state.runner.lm_head
+
+    def forward(self, batch):
+        h, _, _, _, _, logits_indices, _ = batch
+        return self.state.runner.head(h, logits_indices)
+
+
+def as_pipe_tuple(inputs: ModelInputs) -> tuple[torch.Tensor, ...]:
+    m = inputs.meta
+    if m.is_prefill:
+        seq_info = torch.tensor(m.cu_seqlens, dtype=torch.long)
+        tables = torch.zeros(1, 1, dtype=torch.long)
+    else:
+        seq_info, tables = m.context_lens, m.block_tables
+    flag = torch.tensor([1 if m.is_prefill else 0], dtype=torch.long)
+    return (inputs.input_ids, inputs.positions, m.slot_mapping, seq_info, tables, inputs.logits_indices, flag)
+
+
+class PipelineExecutor:
+    """Runs micro-batched passes through a DeepSpeed `PipelineEngine` built over this rank's stage."""
+
+    def __init__(self, runner: ModelRunner, num_layers: int, num_kv_heads: int, pp: int,
+                 sliding_window: int | None, max_micro_batches: int = 8):
+        import deepspeed
+        from deepspeed.pipe import LayerSpec, PipelineModule
+
+        self.state = StageState(runner, sliding_window)
+        specs = [LayerSpec(EmbedPipe, self.state)]
+        specs += [LayerSpec(DecoderPipe, self.state, i) for i in range(num_layers)]
+        specs += [LayerSpec(HeadPipe, self.state)]
+        module = PipelineModule(layers=specs, num_stages=pp, partition_method="type:DecoderPipe",
+                                dynamic_shape=True)
+        config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+                  "train_batch_size": 1 * (torch.distributed.get_world_size() // pp),
+                  "steps_per_print": 1 << 30}
+        self.engine, *_ = deepspeed.initialize(model=module, config=config)
+        self.stage_id = self.engine.stage_id
+        self.is_last = self.engine.is_last_stage()
+        parts = module.parts                       # layer-spec boundaries: [embed, L decoders, head]
+        lo, hi = parts[self.stage_id], parts[self.stage_id + 1]
+        self.layers = range(max(lo - 1, 0), min(hi - 1, num_layers))   # this stage's decoder layers
+        self.kv_heads = range(num_kv_heads)
+        self.max_micro_batches = max_micro_batches
+        self.sampling_rank = self.engine.grid.stage_to_global(module.num_stages - 1)
+
+    def run(self, micro_inputs: list[ModelInputs], kv) -> torch.Tensor | None:
+        """Every rank passes the same micro-batches; returns [B, V] logits on the last stage only."""
+        self.state.kv = kv
+        batches = [(as_pipe_tuple(mb), torch.zeros(1)) for mb in micro_inputs]
+        with torch.inference_mode(False), torch.no_grad():
+            out = self.engine.eval_batch(iter(batches), compute_loss=False, reduce_output=None,
+                                         bcast_loss=False, num_micro_batches=len(batches))
+        self.engine.reset_activation_shape()
+        if not self.is_last:
+            return None
+        return torch.cat([o.float() for o in out], dim=0)

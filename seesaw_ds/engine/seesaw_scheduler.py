@@ -1,0 +1,174 @@
+"""Transition-minimising scheduling over a host KV tier. Pure bookkeeping: no tensors.
+
+    WAITING --prefill--> STASHED (KV in the host store) --onboard--> RUNNING (device pool) --> FINISHED
+       ^                                                                 |
+       +---------------------- preempted (recompute) --------------------+
+
+Stages switch rarely:
+  * prefill: admit waiting prompts into the host store until it is full or no prompt remains;
+  * decode: continuous batching; stashed sequences are onboarded as device blocks free up;
+  * back to prefill once the host store has drained to `threshold` x capacity (and prompts wait).
+A request that could never fit either tier is rejected at admission, so the loop cannot deadlock.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from seesaw_ds.engine.scheduler import RequestRejected, ScheduledBatch, SchedulerConfig
+from seesaw_ds.engine.sequence import Sequence, SequenceStatus
+from seesaw_ds.kv.allocator import BlockAllocator
+
+PREFILL, DECODE = "prefill", "decode"
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    host_blocks: int
+    device_blocks: int
+    threshold: float = 0.25      # return to prefill when host occupancy <= threshold
+
+    def __post_init__(self):
+        if not 0.0 <= self.threshold < 1.0:
+            raise ValueError(f"kv.threshold must be in [0, 1), got {self.threshold}")
+        if self.host_blocks <= 0 or self.device_blocks <= 0:
+            raise ValueError(f"KV budgets must hold at least one block (host={self.host_blocks}, "
+                             f"device={self.device_blocks})")
+
+
+class SeesawScheduler:
+    def __init__(self, config: SchedulerConfig, tiers: TierConfig):
+        self.config, self.tiers = config, tiers
+        self.host = BlockAllocator(tiers.host_blocks)
+        self.device = BlockAllocator(tiers.device_blocks)
+        self.waiting: deque[Sequence] = deque()
+        self.stashed: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.stage = PREFILL
+        self.num_switches = 0          # prefill -> decode and decode -> prefill, each counted
+        self.num_preemptions = 0
+
+    def _blocks(self, n_tokens: int) -> int:
+        return -(-n_tokens // self.config.block_size)
+
+    def add(self, seq: Sequence) -> None:
+        n, cfg = len(seq.prompt_token_ids), self.config
+        if n == 0:
+            raise RequestRejected(f"request {seq.request_id!r}: empty prompt")
+        if n >= cfg.max_model_len:
+            raise RequestRejected(f"request {seq.request_id!r}: prompt has {n} tokens; "
+                                  f"max_model_len={cfg.max_model_len} leaves no room to generate")
+        worst = min(n + seq.params.max_tokens, cfg.max_model_len)
+        for tier, have, need in (("host store", self.host.num_blocks, self._blocks(worst)),
+                                 ("device pool", self.device.num_blocks, self._blocks(worst))):
+            if need > have:
+                raise RequestRejected(f"request {seq.request_id!r}: {worst} tokens need {need} KV blocks; "
+                                      f"the {tier} has {have} (raise kv budgets or lower max_tokens)")
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.stashed or self.running)
+
+    @property
+    def host_occupancy(self) -> float:
+        return self.host.num_used / self.host.num_blocks
+
+    # ---- stage choice --------------------------------------------------------------------------------
+    def _choose_stage(self) -> str:
+        can_decode = bool(self.stashed or self.running)
+        if self.stage == PREFILL:
+            if self.waiting and self.host.can_allocate(self.waiting[0].blocks_needed(self.config.block_size)):
+                return PREFILL
+            return DECODE if can_decode else PREFILL
+        if not can_decode:
+            return PREFILL
+        if self.waiting and self.host_occupancy <= self.tiers.threshold and not self.stashed:
+            return PREFILL
+        return DECODE
+
+    def schedule(self) -> ScheduledBatch | None:
+        stage = self._choose_stage()
+        if stage != self.stage:
+            self.stage = stage
+            self.num_switches += 1
+        return self._prefill() if stage == PREFILL else self._decode()
+
+    def _prefill(self) -> ScheduledBatch | None:
+        cfg, picked, tokens = self.config, [], 0
+        while self.waiting:
+            seq = self.waiting[0]
+            if picked and tokens + seq.num_tokens > cfg.max_num_batched_tokens:
+                break
+            need = seq.blocks_needed(cfg.block_size)
+            if not self.host.can_allocate(need):
+                break
+            self.waiting.popleft()
+            seq.host_blocks = self.host.allocate(need)
+            seq.status = SequenceStatus.STASHED
+            picked.append(seq)
+            tokens += seq.num_tokens
+        return ScheduledBatch(True, picked, to_host=True) if picked else None
+
+    def _decode(self) -> ScheduledBatch | None:
+        bs, onboard = self.config.block_size, []
+        while self.stashed and len(self.running) < self.config.max_num_seqs:
+            seq = self.stashed[0]
+            # room for the KV it holds plus the token it will feed next
+            need = self._blocks(seq.num_tokens)
+            if not self.device.can_allocate(need):
+                break
+            self.stashed.popleft()
+            held = -(-(seq.num_tokens - 1) // bs)            # blocks that hold stashed KV
+            seq.block_table = self.device.allocate(need)
+            onboard.append((seq.host_blocks[:held], seq.block_table[:held]))
+            self.host.free(seq.host_blocks)
+            seq.host_blocks = []
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+        scheduled, queue = [], list(self.running)
+        while queue:
+            seq = queue.pop(0)
+            while len(seq.block_table) < seq.blocks_needed(bs) and not self.device.can_allocate(1):
+                victim = queue.pop() if queue else seq
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
+            if len(seq.block_table) < seq.blocks_needed(bs):
+                seq.block_table += self.device.allocate(1)
+            scheduled.append(seq)
+        if not scheduled:
+            return None
+        onboard = [(h, d) for h, d in onboard if any(s.block_table[:len(d)] == d for s in scheduled)]
+        return ScheduledBatch(False, scheduled, onboard=onboard)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.device.free(seq.block_table)
+        seq.block_table = []
+        seq.status = SequenceStatus.WAITING
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    # ---- results -------------------------------------------------------------------------------------
+    def postprocess(self, batch: ScheduledBatch, token_ids: list[int],
+                    logprobs: list[dict[int, float] | None] | None = None) -> list[Sequence]:
+        if len(token_ids) != len(batch.seqs):
+            raise ValueError(f"{len(token_ids)} sampled tokens for {len(batch.seqs)} sequences")
+        finished = []
+        for i, (seq, tok) in enumerate(zip(batch.seqs, token_ids)):
+            seq.append(int(tok), logprobs[i] if logprobs else None)
+            if seq.is_finished:
+                seq.status = SequenceStatus.FINISHED
+                if seq.block_table:
+                    self.device.free(seq.block_table)
+                if seq.host_blocks:
+                    self.host.free(seq.host_blocks)
+                seq.block_table, seq.host_blocks = [], []
+                if seq in self.running:
+                    self.running.remove(seq)
+                finished.append(seq)
+            elif batch.is_prefill:
+                self.stashed.append(seq)
+        return finished

@@ -1,0 +1,192 @@
+"""Parallel layouts: how the ranks of one node split a model, per stage (prefill / decode).
+
+A layout is `tp x pp x dp`. One model replica spans `tp * pp` consecutive global ranks; DP copies the
+replica. Inside a replica the tensor-parallel rank varies fastest:
+
+    global rank = (dp_index * pp + pp_stage) * tp + tp_rank
+    e.g. tp=2, pp=2, dp=2:  rank | 0 1 2 3 | 4 5 6 7
+                            dp   | 0 0 0 0 | 1 1 1 1
+                            pp   | 0 0 1 1 | 0 0 1 1
+                            tp   | 0 1 0 1 | 0 1 0 1
+
+This is DeepSpeed's `ProcessTopology(axes=["data", "pipe", "model"], dims=[dp, pp, tp])` order (the last axis
+varies fastest); `Layout.topology_axes()` returns exactly those arguments.
+
+NOTE: Seesaw keeps DP fixed across stages, so prefill and decode use the same replicas (same `dp`, same
+`tp * pp`): KV and weight re-sharding never crosses a replica boundary.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+from seesaw_ds.models.config import ModelConfig
+
+_LAYOUT_KEYS = ("tp", "pp", "dp")
+_STAGES = ("prefill", "decode")
+
+
+class RankCoords(NamedTuple):
+    dp_index: int   # which replica
+    pp_stage: int   # pipeline stage inside the replica
+    tp_rank: int    # tensor-parallel rank inside the stage
+    local_rank: int  # position inside the replica: pp_stage * tp + tp_rank
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+
+    def __post_init__(self):
+        for name in _LAYOUT_KEYS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"Layout.{name} must be a positive integer, got {value!r}")
+
+    @property
+    def ranks_per_replica(self) -> int:
+        return self.tp * self.pp
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    def describe(self) -> str:
+        return f"tp={self.tp} pp={self.pp} dp={self.dp}"
+
+    # ---- rank mapping --------------------------------------------------------------------------------
+    def coords(self, global_rank: int) -> RankCoords:
+        if not 0 <= global_rank < self.world_size:
+            raise ValueError(f"rank {global_rank} outside layout {self.describe()} (world size {self.world_size})")
+        dp_index, local = divmod(global_rank, self.ranks_per_replica)
+        pp_stage, tp_rank = divmod(local, self.tp)
+        return RankCoords(dp_index, pp_stage, tp_rank, local)
+
+    def global_rank(self, dp_index: int, pp_stage: int = 0, tp_rank: int = 0) -> int:
+        for name, value, bound in (("dp_index", dp_index, self.dp), ("pp_stage", pp_stage, self.pp),
+                                   ("tp_rank", tp_rank, self.tp)):
+            if not 0 <= value < bound:
+                raise ValueError(f"{name}={value} outside [0, {bound}) for layout {self.describe()}")
+        return (dp_index * self.pp + pp_stage) * self.tp + tp_rank
+
+    def replica_ranks(self, dp_index: int) -> list[int]:
+        """Global ranks of one replica, in local-rank order."""
+        return [self.global_rank(dp_index, s, t) for s in range(self.pp) for t in range(self.tp)]
+
+    def tp_group_ranks(self, dp_index: int, pp_stage: int) -> list[int]:
+        return [self.global_rank(dp_index, pp_stage, t) for t in range(self.tp)]
+
+    def pp_group_ranks(self, dp_index: int, tp_rank: int) -> list[int]:
+        return [self.global_rank(dp_index, s, tp_rank) for s in range(self.pp)]
+
+    def topology_axes(self) -> tuple[list[str], list[int]]:
+        """`(axes, dims)` for `deepspeed.runtime.pipe.topology.ProcessTopology` matching this rank order."""
+        return ["data", "pipe", "model"], [self.dp, self.pp, self.tp]
+
+    # ---- checks against a machine and a model --------------------------------------------------------
+    def validate(self, world_size: int, cfg: ModelConfig, stage: str = "layout") -> None:
+        label = f"{stage} " if stage else ""
+        if self.ranks_per_replica > world_size:
+            what = " ".join(f"{k}={getattr(self, k)}" for k in ("tp", "pp") if getattr(self, k) > 1)
+            raise ValueError(f"{label}{what} needs {self.ranks_per_replica} ranks per replica; "
+                             f"world size is {world_size}")
+        if self.world_size != world_size:
+            raise ValueError(f"{label}{self.describe()} covers {self.world_size} ranks; world size is {world_size}")
+        if self.pp > cfg.num_layers:
+            raise ValueError(f"{label}pp={self.pp} exceeds the model's {cfg.num_layers} layers")
+        if self.tp > cfg.num_kv_heads:
+            raise ValueError(f"{label}tp={self.tp} exceeds the model's {cfg.num_kv_heads} KV heads")
+
+    # ---- parsing -------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, spec: Mapping[str, Any], world_size: int | None = None) -> "Layout":
+        """`{"tp": 2}` -> Layout(tp=2, dp=world_size // 2). A missing `dp` fills the world when it is known."""
+        unknown = sorted(set(spec) - set(_LAYOUT_KEYS))
+        if unknown:
+            raise ValueError(f"unknown layout keys {unknown}; expected some of {list(_LAYOUT_KEYS)}")
+        layout = cls(**{k: spec[k] for k in _LAYOUT_KEYS if spec.get(k) is not None})
+        if spec.get("dp") is None and world_size is not None:
+            # A misfit (world not a multiple of tp*pp) is reported by `validate`, with the stage's name.
+            layout = dataclasses.replace(layout, dp=max(1, world_size // layout.ranks_per_replica))
+        return layout
+
+
+@dataclasses.dataclass(frozen=True)
+class StageLayouts:
+    prefill: Layout
+    decode: Layout
+
+    def __post_init__(self):
+        for stage in _STAGES:
+            if not isinstance(getattr(self, stage), Layout):
+                raise TypeError(f"StageLayouts.{stage} must be a Layout, got {type(getattr(self, stage)).__name__}")
+        if self.prefill.dp != self.decode.dp:
+            raise ValueError(f"StageLayouts.decode: dp={self.decode.dp} differs from prefill dp={self.prefill.dp}; "
+                             "DP stays fixed across stages")
+        if self.prefill.ranks_per_replica != self.decode.ranks_per_replica:
+            raise ValueError(f"StageLayouts.decode: tp*pp={self.decode.ranks_per_replica} differs from prefill "
+                             f"tp*pp={self.prefill.ranks_per_replica}; both stages must use the same ranks per replica")
+
+    @classmethod
+    def static(cls, layout: Layout) -> "StageLayouts":
+        return cls(prefill=layout, decode=layout)
+
+    @property
+    def is_static(self) -> bool:
+        return self.prefill == self.decode
+
+    @property
+    def world_size(self) -> int:
+        return self.prefill.world_size
+
+    def validate(self, world_size: int, cfg: ModelConfig) -> None:
+        self.prefill.validate(world_size, cfg, stage="prefill")
+        self.decode.validate(world_size, cfg, stage="decode")
+
+    @classmethod
+    def from_dict(cls, spec: Mapping[str, Any], world_size: int | None = None) -> "StageLayouts":
+        """`{"prefill": {"pp": 2}, "decode": {"tp": 2}}`, or one layout dict such as `{"tp": 2}` for both."""
+        prefill, decode = _parse_stage_specs(spec, world_size)
+        return cls(prefill=prefill, decode=decode)
+
+
+def _parse_stage_specs(spec: Mapping[str, Any], world_size: int | None) -> tuple[Layout, Layout]:
+    if not isinstance(spec, Mapping):
+        raise TypeError(f"layouts must be a mapping, got {type(spec).__name__}")
+    if not any(k in spec for k in _STAGES):
+        layout = Layout.from_dict(spec, world_size)
+        return layout, layout
+    unknown = sorted(set(spec) - set(_STAGES))
+    if unknown:
+        raise ValueError(f"unknown layout keys {unknown}; a per-stage spec has only {list(_STAGES)}")
+    missing = [k for k in _STAGES if k not in spec]
+    if missing:
+        raise ValueError(f"layouts: missing {missing}; give both stages or one static layout")
+    return Layout.from_dict(spec["prefill"] or {}, world_size), Layout.from_dict(spec["decode"] or {}, world_size)
+
+
+def auto_layouts(world_size: int, cfg: ModelConfig) -> StageLayouts:
+    """Default when nothing is pinned: prefill PP, decode TP, over the largest replica that fits the model.
+
+    The replica size R is the largest divisor of `world_size` with R <= layers (for pp=R) and
+    R <= KV heads (for tp=R); the rest of the world becomes DP. World 1 -> everything 1.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be positive, got {world_size}")
+    limit = min(world_size, cfg.num_layers, cfg.num_kv_heads)
+    replica = max(r for r in range(1, limit + 1) if world_size % r == 0)
+    dp = world_size // replica
+    return StageLayouts(prefill=Layout(pp=replica, dp=dp), decode=Layout(tp=replica, dp=dp))
+
+
+def resolve_layouts(spec: Mapping[str, Any] | None, world_size: int, cfg: ModelConfig) -> StageLayouts:
+    """Parse a recipe's layout spec (None or {} -> `auto_layouts`) and validate it against world and model."""
+    if not spec:
+        return auto_layouts(world_size, cfg)
+    prefill, decode = _parse_stage_specs(spec, world_size)
+    prefill.validate(world_size, cfg, stage="prefill")  # per-stage messages first: they name the misfit
+    decode.validate(world_size, cfg, stage="decode")
+    return StageLayouts(prefill=prefill, decode=decode)
