@@ -1,0 +1,214 @@
+"""Input rows -> prompt items: column mapping, prompt rendering, tokenisation, length policies, replica split.
+
+    source = open_inputs(recipe, tokenizer, replica=0, num_replicas=1)
+    for item in source.items(skip_ids=writer.done_ids): ...
+    source.stats.skipped   # Counter of skip reasons
+
+Row r belongs to replica r % num_replicas (r counts rows of the source after data.limit), so every row is
+handled by exactly one replica whatever the batching.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Any, Callable, Iterator
+
+import datasets
+
+from seesaw_ds.jobs.outputs import RESERVED_COLUMNS
+from seesaw_ds.jobs.prompts import PromptRenderer, RowProblem
+from seesaw_ds.jobs.recipe import Recipe
+from seesaw_ds.jobs.schema import RecipeError
+from seesaw_ds.jobs.sources import LoadedSource, load_source
+
+# skip reasons counted in InputStats.skipped
+EMPTY_PROMPT, NON_TEXT, BAD_MAX_TOKENS, BAD_ID = "empty prompt", "non-text prompt", "bad max_tokens", "bad id"
+OVER_LIMIT, UNDER_MIN = "over limit", "under min_prompt_tokens"
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptItem:
+    row_index: int                  # position in the source (after data.limit)
+    row_id: str                     # data.columns.id, or the zero-padded row index
+    prompt_text: str
+    prompt_token_ids: list[int]
+    max_tokens: int
+    extra: dict[str, Any]           # data.columns.carry values
+
+
+class InputError(ValueError):
+    pass
+
+
+@dataclasses.dataclass
+class InputStats:
+    yielded: int = 0
+    already_done: int = 0
+    truncated: int = 0
+    skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    first_skipped_row: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def skip(self, reason: str, row_index: int) -> None:
+        self.skipped[reason] += 1
+        self.first_skipped_row.setdefault(reason, row_index)
+
+    @property
+    def handled(self) -> int:
+        """Rows of this replica consumed so far, whatever became of them."""
+        return self.yielded + self.already_done + sum(self.skipped.values())
+
+
+def _row_problem_reason(problem: RowProblem) -> str:
+    return {"empty": EMPTY_PROMPT, "non_text": NON_TEXT}.get(problem.kind, NON_TEXT)
+
+
+class PromptSource:
+    """The rows of one replica as PromptItems, with counts of what was skipped and why."""
+
+    def __init__(self, recipe: Recipe, tokenizer, loaded: LoadedSource, replica: int = 0, num_replicas: int = 1):
+        if not 0 <= replica < num_replicas:
+            raise ValueError(f"replica {replica} is outside 0..{num_replicas - 1}")
+        self.recipe, self.tokenizer, self.loaded = recipe, tokenizer, loaded
+        self.replica, self.num_replicas = replica, num_replicas
+        self.data = recipe.data
+        self.renderer = PromptRenderer(recipe.data, tokenizer)
+        self.stats = InputStats()
+        for name in self.data.columns.carry:
+            if name in RESERVED_COLUMNS:
+                raise RecipeError("data.columns.carry", f"column {name!r} would collide with an output column")
+        columns = loaded.dataset.column_names
+        if columns is not None:
+            self._check_columns(columns)
+            loaded = dataclasses.replace(loaded, dataset=loaded.dataset.select_columns(self._needed_columns()))
+            self.loaded = loaded
+        self._columns_checked = columns is not None
+
+    # ---- setup checks --------------------------------------------------------------------------------------
+    def _needed_columns(self) -> list[str]:
+        c = self.data.columns
+        named = [c.prompt, c.messages, c.prompt_token_ids, c.id, c.max_tokens, *c.carry,
+                 *self.data.template_fields()]
+        return list(dict.fromkeys(n for n in named if n is not None))
+
+    def _check_columns(self, columns) -> None:
+        c, where = self.data.columns, f"source {self.loaded.name}"
+        available = ", ".join(columns)
+        for key, name in (("prompt", c.prompt), ("messages", c.messages), ("prompt_token_ids", c.prompt_token_ids),
+                          ("id", c.id), ("max_tokens", c.max_tokens)):
+            if name is not None and name not in columns:
+                raise RecipeError(f"data.columns.{key}", f"names column {name!r}, which {where} does not have "
+                                                         f"(columns: {available})")
+        for name in c.carry:
+            if name not in columns:
+                raise RecipeError("data.columns.carry", f"names column {name!r}, which {where} does not have "
+                                                        f"(columns: {available})")
+        for name in self.data.template_fields():
+            if name not in columns:
+                raise RecipeError("data.template", f"field {{{name}}} is not a column of {where} "
+                                                   f"(columns: {available})")
+
+    # ---- sizes and types -------------------------------------------------------------------------------------
+    def rows_for_replica(self) -> int | None:
+        n = self.loaded.num_rows
+        return None if n is None else max(0, (n - self.replica + self.num_replicas - 1) // self.num_replicas)
+
+    def carry_types(self) -> dict[str, Any]:
+        """Arrow type of each carried column from the source's features (None where unknown)."""
+        features = self.loaded.dataset.features
+        types: dict[str, Any] = {}
+        for name in self.data.columns.carry:
+            if features is not None and name in features:
+                types[name] = datasets.Features({name: features[name]}).arrow_schema.field(name).type
+            else:
+                types[name] = None
+        return types
+
+    # ---- rows -> items -----------------------------------------------------------------------------------------
+    def items(self, skip_ids: set[str] | frozenset = frozenset()) -> Iterator[PromptItem]:
+        """This replica's rows in source order, minus `skip_ids` (rows already written) and skipped rows."""
+        seen_ids: set[str] = set()  # NOTE: only with data.columns.id; one string per row of this replica
+        for index, row in enumerate(self.loaded.dataset):
+            if index % self.num_replicas != self.replica:
+                continue
+            if not self._columns_checked:
+                self._check_columns(list(row))
+                self._columns_checked = True
+            try:
+                row_id = self._row_id(index, row)
+            except RowProblem as problem:
+                self._bad_row(BAD_ID, index, problem.detail, self.data.bad_rows)
+                continue
+            if self.data.columns.id is not None:
+                if row_id in seen_ids:
+                    raise InputError(f"data row {index}: id {row_id!r} (column {self.data.columns.id!r}) "
+                                     f"repeats an earlier row; ids must be unique")
+                seen_ids.add(row_id)
+            if row_id in skip_ids:
+                self.stats.already_done += 1
+                continue
+            item = self._build(index, row_id, row)
+            if item is not None:
+                self.stats.yielded += 1
+                yield item
+
+    def _row_id(self, index: int, row: dict) -> str:
+        if self.data.columns.id is None:
+            return f"{index:08d}"
+        value = row[self.data.columns.id]
+        if value is None or isinstance(value, (list, dict)) or str(value) == "":
+            raise RowProblem("bad_id", f"column {self.data.columns.id!r} holds {value!r}, not an id")
+        return str(value)
+
+    def _max_tokens(self, row: dict) -> int:
+        column = self.data.columns.max_tokens
+        if column is None:
+            return self.recipe.sampling.max_tokens
+        value = row[column]
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise RowProblem("max_tokens", f"column {column!r} holds {value!r}, not a positive int")
+        return value
+
+    def _bad_row(self, reason: str, index: int, detail: str, policy: str) -> None:
+        if policy == "error":
+            raise InputError(f"data row {index}: {detail} ({reason}; source {self.loaded.name})")
+        self.stats.skip(reason, index)
+
+    def _build(self, index: int, row_id: str, row: dict) -> PromptItem | None:
+        try:
+            max_tokens = self._max_tokens(row)
+        except RowProblem as problem:
+            self._bad_row(BAD_MAX_TOKENS, index, problem.detail, self.data.bad_rows)
+            return None
+        try:
+            prompt = self.renderer.render(row)
+        except RowProblem as problem:
+            self._bad_row(_row_problem_reason(problem), index, problem.detail, self.data.bad_rows)
+            return None
+        room = self.recipe.engine.max_model_len - max_tokens
+        limit = room if self.data.max_prompt_tokens is None else min(self.data.max_prompt_tokens, room)
+        if len(prompt.token_ids) > limit:
+            detail = (f"prompt of {len(prompt.token_ids)} tokens is over the limit of {limit} "
+                      f"(engine.max_model_len {self.recipe.engine.max_model_len} - max_tokens {max_tokens}"
+                      + (f", data.max_prompt_tokens {self.data.max_prompt_tokens})" if self.data.max_prompt_tokens
+                         else ")"))
+            if self.data.over_limit != "truncate":
+                self._bad_row(OVER_LIMIT, index, detail, self.data.over_limit)
+                return None
+            prompt = self.renderer.truncate(row, prompt, limit) if limit >= 1 else None
+            if prompt is None:
+                self.stats.skip(OVER_LIMIT, index)
+                return None
+            self.stats.truncated += 1
+        if len(prompt.token_ids) < max(self.data.min_prompt_tokens, 1):
+            self.stats.skip(UNDER_MIN if prompt.token_ids else EMPTY_PROMPT, index)
+            return None
+        extra = {name: row[name] for name in self.data.columns.carry}
+        return PromptItem(index, row_id, prompt.text, list(prompt.token_ids), max_tokens, extra)
+
+
+def open_inputs(recipe: Recipe, tokenizer, *, replica: int = 0, num_replicas: int = 1,
+                announce: Callable[[str], None] = print) -> PromptSource:
+    """Load recipe.data (announcing a fallback) and return this replica's PromptSource."""
+    return PromptSource(recipe, tokenizer, load_source(recipe.data, tokenizer, announce), replica, num_replicas)

@@ -1,0 +1,237 @@
+"""Job output: a folder of parquet shards plus manifest.json, written so that a crash never leaves a partial shard.
+
+Layout of output.dir:
+    manifest.json                      fingerprint of the output-determining recipe parts, the recipe, the load call
+    part-r000-00000.parquet            replica 0, shard 0 (one row per finished input row)
+    part-r001-00000.parquet            replica 1, shard 0
+    .tmp-part-r000-00001.parquet.PID   a shard being written (ignored; removed when its replica restarts)
+
+Load the rows with (also `load_output(dir)`):
+    datasets.load_dataset("parquet", data_files=f"{dir}/part-*.parquet", split="train")
+
+NOTE: a shard appears only by `os.replace` of a fully written, fsynced temporary file in the same folder, so
+every `part-*.parquet` is complete; resume reads their `id` column and skips those rows.
+"""
+from __future__ import annotations
+
+import datetime
+import glob
+import hashlib
+import json
+import os
+import re
+from typing import Any, Mapping
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from seesaw_ds.jobs.recipe import OutputSection, Recipe
+from seesaw_ds.jobs.schema import RecipeError, flatten, to_plain
+
+MANIFEST_NAME = "manifest.json"
+SHARD_GLOB = "part-*.parquet"
+TMP_PREFIX = ".tmp-"
+_SHARD_RE = re.compile(r"^part-r(\d+)-(\d+)\.parquet$")
+FORMAT_VERSION = 1
+
+CORE_FIELDS = (
+    pa.field("id", pa.string()), pa.field("row_index", pa.int64()),
+    pa.field("prompt", pa.string()), pa.field("completion", pa.string()),
+    pa.field("prompt_tokens", pa.int32()), pa.field("completion_tokens", pa.int32()),
+    pa.field("finish_reason", pa.string()),
+    pa.field("temperature", pa.float64()), pa.field("top_k", pa.int32()), pa.field("top_p", pa.float64()),
+    pa.field("max_tokens", pa.int32()), pa.field("seed", pa.int64()),
+    pa.field("model", pa.string()), pa.field("layouts", pa.string()),
+)
+TOKEN_ID_FIELDS = (pa.field("prompt_token_ids", pa.list_(pa.int32())),
+                   pa.field("completion_token_ids", pa.list_(pa.int32())))
+# per output token: the chosen token and the top-N alternatives, as [{token_id, logprob}, ...]
+LOGPROBS_FIELD = pa.field("logprobs", pa.list_(pa.list_(pa.struct([("token_id", pa.int32()),
+                                                                   ("logprob", pa.float32())]))))
+RESERVED_COLUMNS = frozenset(f.name for f in CORE_FIELDS + TOKEN_ID_FIELDS + (LOGPROBS_FIELD,))
+
+
+class OutputError(RuntimeError):
+    pass
+
+
+def shard_name(replica: int, seq: int) -> str:
+    return f"part-r{replica:03d}-{seq:05d}.parquet"
+
+
+def output_schema(token_ids: bool, carry_types: Mapping[str, pa.DataType | None] = (),
+                  logprobs: bool = False) -> pa.Schema | None:
+    """The shard schema, or None when a carried column's type is only known from the first rows."""
+    carry_types = dict(carry_types)
+    if any(t is None for t in carry_types.values()):
+        return None
+    fields = list(CORE_FIELDS) + (list(TOKEN_ID_FIELDS) if token_ids else []) + ([LOGPROBS_FIELD] if logprobs else [])
+    return pa.schema(fields + [pa.field(name, t) for name, t in carry_types.items()])
+
+
+# ---- fingerprint -------------------------------------------------------------------------------------------
+def job_fingerprint(recipe: Recipe, source_used: str) -> dict[str, Any]:
+    """Flat {dotted key: value} of every recipe part that decides what the rows contain."""
+    data = to_plain(recipe.data)
+    for key in ("streaming", "fallback"):  # how rows are read, not which rows
+        data.pop(key)
+    data["source"] = source_used
+    tree = {"model": {"name": recipe.model.name, "dtype": recipe.model.dtype},
+            "sampling": to_plain(recipe.sampling), "data": data,
+            "engine": {"max_model_len": recipe.engine.max_model_len},
+            "output": {"token_ids": recipe.output.token_ids}}
+    return json.loads(json.dumps(flatten(tree), sort_keys=True))  # NOTE: JSON-normalised, as in the manifest
+
+
+def fingerprint_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        if old.get(key, "(unset)") != new.get(key, "(unset)"):
+            before, after = (json.dumps(d[key]) if key in d else "(unset)" for d in (old, new))
+            changes.append(f"{key} changed from {before} to {after}")
+    return changes
+
+
+def _hash(fingerprint: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---- atomic files --------------------------------------------------------------------------------------------
+def _fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(directory: str, name: str, write) -> str:
+    """write(file object) into a temporary file of `directory`, fsync it, rename it to `name`."""
+    final = os.path.join(directory, name)
+    tmp = os.path.join(directory, f"{TMP_PREFIX}{name}.{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        write(handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, final)
+    _fsync_dir(directory)
+    return final
+
+
+def existing_shards(directory: str) -> list[tuple[int, int, str]]:
+    """(replica, seq, path) of every complete shard, sorted."""
+    found = []
+    for path in glob.glob(os.path.join(directory, SHARD_GLOB)):
+        match = _SHARD_RE.match(os.path.basename(path))
+        if match:
+            found.append((int(match.group(1)), int(match.group(2)), path))
+    return sorted(found)
+
+
+def _remove_leftovers(directory: str, replica: int | None) -> int:
+    """Delete temporary files of `replica` (all replicas when None); returns how many."""
+    pattern = f"{TMP_PREFIX}part-r{replica:03d}-*" if replica is not None else f"{TMP_PREFIX}*"
+    paths = glob.glob(os.path.join(directory, pattern))
+    for path in paths:
+        os.remove(path)
+    return len(paths)
+
+
+# ---- preparing the folder (once per job) ---------------------------------------------------------------------
+def prepare_output_dir(output: OutputSection, fingerprint: Mapping[str, Any], recipe: Recipe) -> str:
+    """Create or check output.dir against the fingerprint; call once per job before replicas start writing."""
+    if not output.dir:
+        raise RecipeError("output.dir", "is required")
+    directory = os.path.abspath(os.path.expanduser(output.dir))
+    os.makedirs(directory, exist_ok=True)
+    manifest_path = os.path.join(directory, MANIFEST_NAME)
+    if output.overwrite:
+        for _, _, path in existing_shards(directory):
+            os.remove(path)
+        _remove_leftovers(directory, None)
+        if os.path.exists(manifest_path):
+            os.remove(manifest_path)
+    for path in glob.glob(os.path.join(directory, f"{TMP_PREFIX}{MANIFEST_NAME}.*")):
+        os.remove(path)  # a manifest write cut short
+    shards = existing_shards(directory)
+    if os.path.exists(manifest_path):
+        with open(manifest_path, encoding="utf-8") as handle:
+            manifest = json.load(handle)
+        changes = fingerprint_changes(manifest.get("fingerprint", {}), fingerprint)
+        if changes:
+            raise OutputError(f"output.dir {directory} holds rows made with a different recipe: "
+                              f"{'; '.join(changes)}; use a new output.dir or output.overwrite=true")
+        if shards and not output.resume:
+            raise OutputError(f"output.dir {directory} already has {len(shards)} shards and output.resume is "
+                              f"false; use a new output.dir or output.overwrite=true")
+        return directory
+    if shards:
+        raise OutputError(f"output.dir {directory} has {len(shards)} shards but no {MANIFEST_NAME}; "
+                          f"use a new output.dir or output.overwrite=true")
+    manifest = {
+        "format": FORMAT_VERSION, "fingerprint": dict(fingerprint), "fingerprint_hash": _hash(fingerprint),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "load": f'datasets.load_dataset("parquet", data_files="{directory}/{SHARD_GLOB}", split="train")',
+        "shard_pattern": "part-r{replica:03d}-{seq:05d}.parquet", "recipe": recipe.to_dict(),
+    }
+    text = json.dumps(manifest, indent=2, sort_keys=False).encode()
+    _atomic_write(directory, MANIFEST_NAME, lambda handle: handle.write(text))
+    return directory
+
+
+def read_completed_ids(directory: str) -> set[str]:
+    """Ids of every row in every complete shard of `directory` (all replicas)."""
+    done: set[str] = set()
+    for _, _, path in existing_shards(directory):
+        try:
+            ids = pq.read_table(path, columns=["id"]).column("id").to_pylist()
+        except (OSError, pa.ArrowException) as err:
+            raise OutputError(f"cannot read shard {path} ({err}); move it away and rerun to redo its rows") from None
+        done.update(ids)
+    return done
+
+
+class ShardWriter:
+    """Buffers rows of one replica and writes them as atomic parquet shards."""
+
+    def __init__(self, directory: str, replica: int = 0, schema: pa.Schema | None = None):
+        self.directory, self.replica = directory, replica
+        self.removed_leftovers = _remove_leftovers(directory, replica)
+        shards = existing_shards(directory)
+        own = [seq for rep, seq, _ in shards if rep == replica]
+        self.next_seq = max(own) + 1 if own else 0
+        self.schema = schema if schema is not None or not shards else pq.read_schema(shards[0][2])
+        self.done_ids = read_completed_ids(directory)
+        self.rows: list[dict[str, Any]] = []
+        self.rows_written = 0
+        self.shards_written = 0
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+
+    def flush(self, max_rows: int | None = None) -> str | None:
+        """Write the first `max_rows` buffered rows (all when None) as one shard; returns its path."""
+        rows = self.rows if max_rows is None else self.rows[:max_rows]
+        if not rows:
+            return None
+        table = pa.Table.from_pylist(rows, schema=self.schema)
+        if self.schema is None:
+            self.schema = table.schema
+        name = shard_name(self.replica, self.next_seq)
+        if os.path.exists(os.path.join(self.directory, name)):
+            raise OutputError(f"shard {name} already exists in {self.directory}; is another replica {self.replica} "
+                              f"writing here?")
+        path = _atomic_write(self.directory, name, lambda handle: pq.write_table(table, handle))
+        self.done_ids.update(row["id"] for row in rows)
+        self.next_seq += 1
+        self.rows_written += len(rows)
+        self.shards_written += 1
+        self.rows = self.rows[len(rows):]
+        return path
+
+
+def load_output(directory: str, cache_dir: str | None = None):
+    """All rows of a job folder as a `datasets.Dataset` (order: shard by shard; sort by row_index if needed)."""
+    import datasets
+    return datasets.load_dataset("parquet", data_files=os.path.join(directory, SHARD_GLOB), split="train",
+                                 cache_dir=cache_dir)

@@ -1,0 +1,156 @@
+"""The job loop: feed the engine from the prompt items, collect finished requests, write shards.
+
+    add requests until `engine.window` are in flight -> engine.step() -> finished rows to the writer
+    -> a shard every output.shard_rows rows or output.flush_seconds seconds
+
+NOTE: at most `recipe.engine.window` items are held at once, so a huge dataset never sits in memory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from typing import Any, Callable, Protocol
+
+from tqdm.auto import tqdm
+
+from seesaw_ds.jobs.inputs import PromptItem, PromptSource
+from seesaw_ds.jobs.outputs import ShardWriter
+from seesaw_ds.jobs.recipe import Recipe
+
+
+class Engine(Protocol):
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: Any) -> None: ...
+    def step(self) -> list[Any]: ...
+    def has_unfinished(self) -> bool: ...
+
+
+def row_seed(base_seed: int | None, row_id: str) -> int | None:
+    """Per-row sampling seed: the same row gets the same seed in every run, batch and replica."""
+    if base_seed is None:
+        return None
+    return int.from_bytes(hashlib.sha256(f"{base_seed}:{row_id}".encode()).digest()[:4], "little") & 0x7FFFFFFF
+
+
+def build_row(item: PromptItem, output: Any, params: dict[str, Any], model: str, layouts: str,
+              token_ids: bool) -> dict[str, Any]:
+    """One output row from a finished request (RequestOutput: token_ids, text, finish_reason)."""
+    row = {"id": item.row_id, "row_index": item.row_index, "prompt": item.prompt_text, "completion": output.text,
+           "prompt_tokens": len(item.prompt_token_ids), "completion_tokens": len(output.token_ids),
+           "finish_reason": output.finish_reason, "temperature": params["temperature"], "top_k": params["top_k"],
+           "top_p": params["top_p"], "max_tokens": params["max_tokens"], "seed": params["seed"],
+           "model": model, "layouts": layouts}
+    if token_ids:
+        row["prompt_token_ids"] = list(item.prompt_token_ids)
+        row["completion_token_ids"] = list(output.token_ids)
+    if params.get("logprobs") is not None:  # per output token: [{token_id, logprob}, ...]
+        row["logprobs"] = [[{"token_id": t, "logprob": lp} for t, lp in sorted((entry or {}).items())]
+                           for entry in (output.logprobs or [])]
+    row.update(item.extra)
+    return row
+
+
+@dataclasses.dataclass
+class JobSummary:
+    replica: int = 0
+    num_replicas: int = 1
+    rows_written: int = 0
+    already_done: int = 0
+    skipped: dict[str, int] = dataclasses.field(default_factory=dict)
+    first_skipped_row: dict[str, int] = dataclasses.field(default_factory=dict)
+    truncated: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    wall_seconds: float = 0.0
+    shards_written: int = 0
+
+    @property
+    def requests_per_second(self) -> float:
+        return self.rows_written / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return (self.prompt_tokens + self.completion_tokens) / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+    @property
+    def output_tokens_per_second(self) -> float:
+        return self.completion_tokens / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+    def table(self) -> str:
+        lines = [("rows written", f"{self.rows_written}"), ("rows done earlier", f"{self.already_done}")]
+        for reason, count in sorted(self.skipped.items()):
+            lines.append((f"skipped: {reason}", f"{count} (first at row {self.first_skipped_row.get(reason)})"))
+        lines += [("truncated prompts", f"{self.truncated}"), ("shards written", f"{self.shards_written}"),
+                  ("prompt tokens", f"{self.prompt_tokens}"), ("output tokens", f"{self.completion_tokens}"),
+                  ("wall time", f"{self.wall_seconds:.1f} s"), ("requests/s", f"{self.requests_per_second:.2f}"),
+                  ("tokens/s (prompt+output)", f"{self.tokens_per_second:.1f}"),
+                  ("output tokens/s", f"{self.output_tokens_per_second:.1f}")]
+        width = max(len(k) for k, _ in lines)
+        head = f"job summary (replica {self.replica} of {self.num_replicas})"
+        return "\n".join([head] + [f"  {k:<{width}}  {v}" for k, v in lines])
+
+
+def run_job(recipe: Recipe, source: PromptSource, engine: Engine, writer: ShardWriter, *,
+            params_factory: Callable[..., Any], model_label: str, layouts_label: str,
+            show_progress: bool = True, log_fn: Callable[[dict], None] | None = None,
+            print_fn: Callable[[str], None] | None = print, clock: Callable[[], float] = time.monotonic) -> JobSummary:
+    """Run every not-yet-written row of `source` through `engine`; returns the summary (printed if print_fn)."""
+    base = recipe.sampling_kwargs()
+    summary = JobSummary(replica=source.replica, num_replicas=source.num_replicas)
+    items = source.items(skip_ids=writer.done_ids)
+    pending: dict[str, tuple[PromptItem, dict[str, Any]]] = {}
+    window, shard_rows = recipe.engine.window, recipe.output.shard_rows
+    start = last_flush = last_postfix = clock()
+    bar = tqdm(total=source.rows_for_replica(), disable=not show_progress, unit="row", dynamic_ncols=True)
+    finished_rows = 0
+    exhausted = False
+    try:
+        while True:
+            while not exhausted and len(pending) < window:
+                item = next(items, None)
+                if item is None:
+                    exhausted = True
+                    break
+                params = base | {"max_tokens": item.max_tokens, "seed": row_seed(base["seed"], item.row_id)}
+                engine.add_request(item.row_id, item.prompt_token_ids, params_factory(**params))
+                pending[item.row_id] = (item, params)
+            if not pending:
+                break
+            if not engine.has_unfinished():
+                raise RuntimeError(f"the engine has no unfinished requests while {len(pending)} rows are pending "
+                                   f"(e.g. id {next(iter(pending))!r})")
+            for output in engine.step():
+                item, params = pending.pop(output.request_id)
+                writer.add(build_row(item, output, params, model_label, layouts_label, recipe.output.token_ids))
+                summary.prompt_tokens += len(item.prompt_token_ids)
+                summary.completion_tokens += len(output.token_ids)
+                finished_rows += 1
+            now = clock()
+            while len(writer.rows) >= shard_rows:
+                writer.flush(shard_rows)
+                last_flush = now
+            if writer.rows and now - last_flush >= recipe.output.flush_seconds:
+                writer.flush()
+                last_flush = now
+            bar.n = source.stats.already_done + sum(source.stats.skipped.values()) + finished_rows
+            if now - last_postfix >= 0.5:
+                rate = (summary.prompt_tokens + summary.completion_tokens) / max(now - start, 1e-9)
+                bar.set_postfix(stage=getattr(engine, "stage", "run"), tok_s=f"{rate:.0f}", refresh=False)
+                bar.refresh()
+                last_postfix = now
+                if log_fn is not None:
+                    log_fn({"rows": finished_rows, "tokens_per_s": rate, "shards": writer.shards_written})
+        writer.flush()
+    finally:
+        bar.n = source.stats.handled - len(pending)
+        bar.close()
+    summary.wall_seconds = clock() - start
+    summary.rows_written = writer.rows_written
+    summary.shards_written = writer.shards_written
+    summary.already_done = source.stats.already_done
+    summary.skipped = dict(source.stats.skipped)
+    summary.first_skipped_row = dict(source.stats.first_skipped_row)
+    summary.truncated = source.stats.truncated
+    if print_fn is not None and show_progress:
+        print_fn(summary.table())
+    return summary

@@ -1,0 +1,138 @@
+"""Describe this machine as a ClusterSpec by micro-benchmarks over the real backend (gloo ranks).
+
+Each of N ranks is a process with one thread (as a seesaw_ds rank runs). All ranks measure at once, so
+shared resources (memory bus, caches) are measured under the load a real run puts on them:
+- matmul FLOP/s per dtype (float32, bfloat16), 1024^2 x 1024^2; the slowest rank counts;
+- memory copy bandwidth, bytes read + written per second, 64 MiB buffers; the slowest rank counts;
+- all-reduce latency (1 KiB) and bandwidth (4 MiB) at each degree 2..N over ranks 0..k-1;
+- point-to-point latency and bandwidth (ping-pong between ranks 0 and 1).
+Memory split (an assumption: on a CPU the "device" and the host tier share RAM): `DEVICE_MEMORY_SHARE`
+of RAM is the ranks' device memory, the rest the host tier, each divided evenly among the ranks. The
+host link is the memory copy bandwidth.
+
+Results are cached as JSON under $SEESAW_CACHE (or ~/.cache/seesaw_ds/) and reused unless recalibrating.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+import warnings
+
+import psutil
+
+from seesaw_ds.planner import calibration_rank
+from seesaw_ds.planner.clusters import ClusterSpec, DeviceSpec
+
+CACHE_VERSION = 1
+DEVICE_MEMORY_SHARE = 0.5
+_MEASURE_SECONDS = 0.25      # per measurement loop
+_RANK_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "calibration_rank.py")
+_RANK_TIMEOUT = 300
+
+
+def cache_dir() -> str:
+    return os.environ.get("SEESAW_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "seesaw_ds")
+
+
+def calibration_path(num_ranks: int) -> str:
+    return os.path.join(cache_dir(), f"calibration_local_{num_ranks}ranks.json")
+
+
+def default_num_ranks() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def measure(num_ranks: int, seconds: float = _MEASURE_SECONDS) -> dict:
+    """Spawn `num_ranks` gloo ranks, run the micro-benchmarks (each loop about `seconds`), return the
+    merged measurements."""
+    import runpy
+
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory(prefix="seesaw_calib_") as tmp:
+        args = dict(world=num_ranks, init_file=os.path.join(tmp, "rendezvous"), out_dir=tmp,
+                    spawned_at=time.perf_counter(), seconds=seconds)
+        procs = [context.Process(target=runpy.run_path, args=(_RANK_SCRIPT,),
+                                 kwargs=dict(init_globals={"RANK_ARGS": dict(args, rank=rank)},
+                                             run_name=calibration_rank.RUN_NAME))
+                 for rank in range(num_ranks)]
+        for proc in procs:
+            proc.start()
+        deadline = time.monotonic() + _RANK_TIMEOUT
+        for proc in procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+        failed = [rank for rank, proc in enumerate(procs) if proc.exitcode != 0]
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+                proc.join()
+        if failed:
+            raise RuntimeError(f"calibration rank(s) {failed} failed or timed out after {_RANK_TIMEOUT}s")
+        ranks = []
+        for r in range(num_ranks):
+            with open(os.path.join(tmp, f"rank{r}.json")) as f:
+                ranks.append(json.load(f))
+    return {
+        "matmul_flops": {k: min(r["matmul_flops"][k] for r in ranks) for k in ranks[0]["matmul_flops"]},
+        "copy_bandwidth": min(r["copy_bandwidth"] for r in ranks),
+        "allreduce": ranks[0]["allreduce"],
+        "p2p": ranks[0].get("p2p"),
+        "phase_seconds": ranks[0]["phase_seconds"],
+    }
+
+
+def cluster_from_measurements(measured: dict, num_ranks: int, total_memory: float) -> ClusterSpec:
+    degrees = sorted(int(k) for k in measured["allreduce"])
+    copy_bw = measured["copy_bandwidth"]
+    p2p = measured.get("p2p") or {"latency": 0.0, "bandwidth": copy_bw}
+    device = DeviceSpec(name="local-cpu-rank", memory_bytes=total_memory * DEVICE_MEMORY_SHARE / num_ranks,
+                        memory_bandwidth=copy_bw, flops=tuple(measured["matmul_flops"].items()))
+    return ClusterSpec(
+        name="local", device=device, num_devices=num_ranks,
+        allreduce_bandwidth=tuple(measured["allreduce"][str(k)]["bandwidth"] for k in degrees),
+        allreduce_latency=tuple(measured["allreduce"][str(k)]["latency"] for k in degrees),
+        p2p_bandwidth=p2p["bandwidth"], p2p_latency=p2p["latency"], host_link_bandwidth=copy_bw,
+        host_memory_per_device=total_memory * (1 - DEVICE_MEMORY_SHARE) / num_ranks,
+        source=f"calibrated {measured.get('created', '')}".strip())
+
+
+def _machine_key(num_ranks: int) -> dict:
+    import torch
+    return {"version": CACHE_VERSION, "num_ranks": num_ranks, "host": platform.node(),
+            "cpu_count": os.cpu_count(), "torch": torch.__version__}
+
+
+def load_or_measure(num_ranks: int, recalibrate: bool = False, seconds: float = _MEASURE_SECONDS) -> dict:
+    """Cached measurements for this machine and rank count; measure (and cache) when absent or asked."""
+    path, key = calibration_path(num_ranks), _machine_key(num_ranks)
+    if not recalibrate and os.path.isfile(path):
+        with open(path) as f:
+            cached = json.load(f)
+        if cached.get("key") == key:
+            return cached["measured"]
+    load_before = os.getloadavg()[0]
+    if load_before > 0.5 * (os.cpu_count() or 1):
+        warnings.warn(f"calibrating while the machine is busy (1-min load {load_before:.1f}): the figures will "
+                      f"be low; re-run with recalibrate on a quiet machine", RuntimeWarning, stacklevel=2)
+    measured = measure(num_ranks, seconds)
+    measured["created"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    measured["load_average_before"] = load_before
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp_path = f"{path}.{os.getpid()}.tmp"
+    with open(tmp_path, "w") as f:
+        json.dump({"key": key, "measured": measured}, f, indent=1)
+    os.replace(tmp_path, path)
+    return measured
+
+
+def local_cluster(num_ranks: int | None = None, recalibrate: bool = False) -> ClusterSpec:
+    """This machine as `num_ranks` single-thread ranks (default: one per usable core)."""
+    num_ranks = num_ranks or default_num_ranks()
+    if num_ranks < 1:
+        raise ValueError(f"num_ranks must be >= 1, got {num_ranks}")
+    measured = load_or_measure(num_ranks, recalibrate)
+    return cluster_from_measurements(measured, num_ranks, float(psutil.virtual_memory().total))

@@ -1,0 +1,103 @@
+"""One calibration rank: micro-benchmarks over gloo, results written as JSON. See `calibrate.py`.
+
+NOTE: this file imports only the standard library and torch. `calibrate.measure` runs it by path in
+each spawned process (`runpy.run_path`), so a rank does not import the whole seesaw_ds package.
+NOTE: loops that communicate run the same number of iterations on every rank (agreed by an all-reduce
+MAX); a loop that stopped on each rank's own clock would leave a send or a collective unmatched.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+RUN_NAME = "__seesaw_calibration_rank__"
+MATMUL_N = 1024
+COPY_BYTES = 64 * 2 ** 20
+SMALL_BYTES = 1024
+LARGE_BYTES = 4 * 2 ** 20
+
+
+def timed_alone(fn, seconds: float, min_iters: int = 2) -> float:
+    """Seconds per call of `fn` (no communication), looping for about `seconds` after a warm-up call."""
+    fn()
+    iters, start = 0, time.perf_counter()
+    while iters < min_iters or time.perf_counter() - start < seconds:
+        fn()
+        iters += 1
+    return (time.perf_counter() - start) / iters
+
+
+def timed_together(fn, seconds: float, group, min_iters: int = 2) -> float:
+    """Seconds per call of a communicating `fn`; every member of `group` runs the same iteration count."""
+    fn()  # warm-up
+    start = time.perf_counter()
+    fn()
+    probe = time.perf_counter() - start
+    iters = torch.tensor([max(min_iters, int(seconds / max(probe, 1e-6)))])
+    dist.all_reduce(iters, op=dist.ReduceOp.MAX, group=group)
+    start = time.perf_counter()
+    for _ in range(int(iters)):
+        fn()
+    return (time.perf_counter() - start) / int(iters)
+
+
+def rank_main(rank: int, world: int, init_file: str, out_dir: str, spawned_at: float, seconds: float) -> None:
+    started = time.perf_counter()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    result: dict = {"matmul_flops": {}, "phase_seconds": {"spawn": started - spawned_at}}
+
+    def phase_done(name):  # seconds since the rank started, to keep calibration cheap
+        result["phase_seconds"][name] = time.perf_counter() - started
+
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(MATMUL_N, MATMUL_N).to(dtype)
+        b = torch.randn(MATMUL_N, MATMUL_N).to(dtype)
+        dist.barrier()
+        per_call = timed_alone(lambda: torch.mm(a, b), seconds)
+        result["matmul_flops"][str(dtype).replace("torch.", "")] = 2 * MATMUL_N ** 3 / per_call
+    phase_done("matmul")
+    src = torch.ones(COPY_BYTES // 4)
+    dst = torch.empty_like(src)
+    dist.barrier()
+    result["copy_bandwidth"] = 2 * COPY_BYTES / timed_alone(lambda: dst.copy_(src), seconds)
+    phase_done("copy")
+
+    small, large = torch.ones(SMALL_BYTES // 4), torch.ones(LARGE_BYTES // 4)
+    groups = {degree: dist.new_group(list(range(degree))) for degree in range(2, world + 1)}  # all ranks
+    result["allreduce"] = {}
+    for degree, group in groups.items():
+        if rank < degree:
+            latency = timed_together(lambda: dist.all_reduce(small, group=group), seconds, group, min_iters=10)
+            per_call = timed_together(lambda: dist.all_reduce(large, group=group), seconds, group)
+            result["allreduce"][str(degree)] = {
+                "latency": latency, "bandwidth": LARGE_BYTES / max(per_call - latency, 0.5 * per_call)}
+        dist.barrier()
+    phase_done("allreduce")
+
+    if world > 1 and rank < 2:
+        peer = 1 - rank
+
+        def ping_pong(buf):
+            if rank == 0:
+                dist.send(buf, peer)
+                dist.recv(buf, peer)
+            else:
+                dist.recv(buf, peer)
+                dist.send(buf, peer)
+        latency = timed_together(lambda: ping_pong(small), seconds, groups[2], min_iters=10) / 2
+        one_way = timed_together(lambda: ping_pong(large), seconds, groups[2]) / 2
+        result["p2p"] = {"latency": latency, "bandwidth": LARGE_BYTES / max(one_way - latency, 0.5 * one_way)}
+    dist.barrier()
+    phase_done("p2p")
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    dist.destroy_process_group()
+
+
+if __name__ == RUN_NAME:  # started by calibrate.measure with RANK_ARGS in the globals
+    rank_main(**RANK_ARGS)  # noqa: F821

@@ -1,0 +1,201 @@
+"""Hardware descriptions the throughput model reads: one device kind, its count, its links.
+
+Units: bytes, bytes/s, FLOP/s, seconds. Vendor datasheets quote decimal GB and GB/s (1e9); memory capacity
+is quoted in GB but is binary on the cards (a "24 GB" A10 holds 24 GiB), so capacities use GiB.
+
+A spec string "8xA10" picks 8 devices of kind A10; "local" (or "2xlocal") is this machine, described by
+micro-benchmarks (see `calibrate.py`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+GB = 1e9
+GIB = 1024 ** 3
+TFLOPS = 1e12
+
+_DTYPE_ALIASES = {"float16": "float16", "fp16": "float16", "half": "float16",
+                  "bfloat16": "bfloat16", "bf16": "bfloat16",
+                  "float32": "float32", "fp32": "float32", "float": "float32"}
+
+
+def canonical_dtype(dtype) -> str:
+    name = str(dtype).lower().replace("torch.", "")
+    try:
+        return _DTYPE_ALIASES[name]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPE_ALIASES)}") from None
+
+
+def dtype_bytes(dtype) -> int:
+    return 4 if canonical_dtype(dtype) == "float32" else 2
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceSpec:
+    """One accelerator (or one CPU rank for `local`)."""
+    name: str
+    memory_bytes: float                     # M: device memory capacity
+    memory_bandwidth: float                 # B_mem: bytes/s
+    flops: tuple[tuple[str, float], ...]    # (dtype, dense FLOP/s), e.g. (("bfloat16", 125e12), ...)
+
+    def __post_init__(self):
+        if not self.name:
+            raise ValueError("DeviceSpec.name must be non-empty")
+        for field in ("memory_bytes", "memory_bandwidth"):
+            if not getattr(self, field) > 0:
+                raise ValueError(f"DeviceSpec.{field} must be positive, got {getattr(self, field)}")
+        if not self.flops or any(v <= 0 for _, v in self.flops):
+            raise ValueError(f"DeviceSpec.flops must list positive FLOP/s per dtype, got {self.flops}")
+        object.__setattr__(self, "flops", tuple((canonical_dtype(k), float(v)) for k, v in self.flops))
+
+    def flops_for(self, dtype) -> float:
+        name = canonical_dtype(dtype)
+        for key, value in self.flops:
+            if key == name:
+                return value
+        raise ValueError(f"DeviceSpec.flops of {self.name} has no figure for {name}; "
+                         f"known: {[k for k, _ in self.flops]}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterSpec:
+    """`num_devices` identical devices on one node.
+
+    All-reduce costs are tabulated per degree 2..len+1 (degree 1 costs nothing): an all-reduce of a buffer of
+    `n` bytes at degree `k` takes `allreduce_latency[k-2] + n / allreduce_bandwidth[k-2]` (algorithm
+    bandwidth: buffer bytes per second, the ring's 2(k-1)/k traffic factor already folded in). Degrees above
+    the table reuse its last entry.
+    """
+    name: str
+    device: DeviceSpec
+    num_devices: int
+    allreduce_bandwidth: tuple[float, ...]   # index degree-2
+    allreduce_latency: tuple[float, ...]     # index degree-2, seconds per call
+    p2p_bandwidth: float                     # one direction between two devices (pipeline sends)
+    p2p_latency: float
+    host_link_bandwidth: float               # host <-> device, one direction, per device
+    host_memory_per_device: float            # host DRAM for the KV tier and the weight master copy
+    source: str = "datasheet"
+
+    def __post_init__(self):
+        if self.num_devices < 1:
+            raise ValueError(f"ClusterSpec.num_devices must be >= 1, got {self.num_devices}")
+        if len(self.allreduce_bandwidth) != len(self.allreduce_latency):
+            raise ValueError("ClusterSpec.allreduce_bandwidth and allreduce_latency must have equal length")
+        if self.num_devices > 1 and not self.allreduce_bandwidth:
+            raise ValueError("ClusterSpec.allreduce_bandwidth is empty but num_devices > 1")
+        if any(b <= 0 for b in self.allreduce_bandwidth) or any(t < 0 for t in self.allreduce_latency):
+            raise ValueError("ClusterSpec.allreduce_bandwidth must be positive and allreduce_latency >= 0")
+        for field in ("p2p_bandwidth", "host_link_bandwidth", "host_memory_per_device"):
+            if not getattr(self, field) > 0:
+                raise ValueError(f"ClusterSpec.{field} must be positive, got {getattr(self, field)}")
+        if self.p2p_latency < 0:
+            raise ValueError(f"ClusterSpec.p2p_latency must be >= 0, got {self.p2p_latency}")
+
+    def allreduce_seconds(self, nbytes: float, degree: int, calls: float = 1.0) -> float:
+        """`calls` all-reduces moving `nbytes` in total (latency paid per call)."""
+        if degree <= 1:
+            return 0.0
+        i = min(degree, len(self.allreduce_bandwidth) + 1) - 2
+        return calls * self.allreduce_latency[i] + nbytes / self.allreduce_bandwidth[i]
+
+    def p2p_seconds(self, nbytes: float, messages: float = 1.0) -> float:
+        return messages * self.p2p_latency + nbytes / self.p2p_bandwidth
+
+    def with_devices(self, num_devices: int) -> "ClusterSpec":
+        return dataclasses.replace(self, num_devices=num_devices)
+
+
+def ring_allreduce_table(link_bandwidth: float, hop_latency: float, max_degree: int = 64):
+    """Bandwidth and latency per degree for a ring on full-duplex links of `link_bandwidth` each way.
+
+    A ring all-reduce sends 2(k-1)/k of the buffer over each link, so the algorithm bandwidth is
+    link * k / (2(k-1)). Latency: 2*ceil(log2 k) hops (tree-like small-message protocols), an assumption,
+    not a datasheet figure.
+    """
+    degrees = range(2, max_degree + 1)
+    bandwidth = tuple(link_bandwidth * k / (2 * (k - 1)) for k in degrees)
+    latency = tuple(2 * math.ceil(math.log2(k)) * hop_latency for k in degrees)
+    return bandwidth, latency
+
+
+def _datasheet_cluster(name, device, link_bw, hop_latency, host_link_bw, host_mem) -> ClusterSpec:
+    bandwidth, latency = ring_allreduce_table(link_bw, hop_latency)
+    return ClusterSpec(name=name, device=device, num_devices=1, allreduce_bandwidth=bandwidth,
+                       allreduce_latency=latency, p2p_bandwidth=link_bw, p2p_latency=hop_latency,
+                       host_link_bandwidth=host_link_bw, host_memory_per_device=host_mem)
+
+
+# PCIe 4.0 x8 per GPU as on the A10/L4 machines of the Seesaw paper (16 GiB/s each way).
+_PCIE4_X8 = 16 * GIB
+# PCIe 4.0 x16: 32 GB/s each way (datasheets quote 64 GB/s counting both directions).
+_PCIE4_X16 = 32 * GB
+# PCIe 5.0 x16: 64 GB/s each way (H100 SXM datasheet: 128 GB/s both directions).
+_PCIE5_X16 = 64 * GB
+_PCIE_HOP = 5e-6     # assumed per-hop small-message latency over PCIe
+_NVLINK_HOP = 2e-6   # assumed per-hop small-message latency over NVLink/NVSwitch
+_PAPER_HOST_MEM = 80 * GIB  # host memory per GPU on the Seesaw paper's machines
+
+DEVICES = {
+    # NVIDIA A10 datasheet: 24 GB GDDR6, 600 GB/s, FP16/BF16 tensor 125 TFLOPS dense (250 sparse), FP32 31.2.
+    "A10": DeviceSpec("A10", 24 * GIB, 600 * GB, (("float16", 125 * TFLOPS), ("bfloat16", 125 * TFLOPS),
+                                                  ("float32", 31.2 * TFLOPS))),
+    # NVIDIA L4 datasheet: 24 GB GDDR6, 300 GB/s, FP16/BF16 tensor 242 TFLOPS sparse -> 121 dense, FP32 30.3.
+    "L4": DeviceSpec("L4", 24 * GIB, 300 * GB, (("float16", 121 * TFLOPS), ("bfloat16", 121 * TFLOPS),
+                                                ("float32", 30.3 * TFLOPS))),
+    # NVIDIA A100 datasheet (40GB PCIe / SXM4): 40 GB HBM2, 1555 GB/s, BF16/FP16 tensor 312 TFLOPS dense, FP32 19.5.
+    "A100": DeviceSpec("A100", 40 * GIB, 1555 * GB, (("float16", 312 * TFLOPS), ("bfloat16", 312 * TFLOPS),
+                                                     ("float32", 19.5 * TFLOPS))),
+    # NVIDIA H100 datasheet (SXM5): 80 GB HBM3, 3.35 TB/s, BF16/FP16 tensor 1979 TFLOPS sparse -> 989 dense, FP32 67.
+    "H100": DeviceSpec("H100", 80 * GIB, 3350 * GB, (("float16", 989 * TFLOPS), ("bfloat16", 989 * TFLOPS),
+                                                     ("float32", 67 * TFLOPS))),
+}
+
+CLUSTERS = {
+    # GPUs talk over PCIe 4.0 x8 through the host, as in the paper's A10 machines.
+    "A10": _datasheet_cluster("A10", DEVICES["A10"], _PCIE4_X8, _PCIE_HOP, _PCIE4_X8, _PAPER_HOST_MEM),
+    # Same host setup as the paper's L4 machines.
+    "L4": _datasheet_cluster("L4", DEVICES["L4"], _PCIE4_X8, _PCIE_HOP, _PCIE4_X8, _PAPER_HOST_MEM),
+    # A100 40GB PCIe datasheet: PCIe 4.0 x16 (64 GB/s both directions); no NVLink bridge assumed.
+    "A100-PCIE": _datasheet_cluster("A100-PCIE", DEVICES["A100"], _PCIE4_X16, _PCIE_HOP, _PCIE4_X16,
+                                    _PAPER_HOST_MEM),
+    # A100 SXM4 datasheet: NVLink 600 GB/s both directions -> 300 GB/s each way, via NVSwitch (HGX).
+    # Host: DGX A100 datasheet, 1 TB system memory for 8 GPUs -> 128 GB per GPU.
+    "A100-NVLINK": _datasheet_cluster("A100-NVLINK", DEVICES["A100"], 300 * GB, _NVLINK_HOP, _PCIE4_X16,
+                                      128 * GB),
+    # H100 SXM5 datasheet: NVLink 900 GB/s both directions -> 450 GB/s each way; PCIe 5.0 x16 to the host.
+    # Host: DGX H100 datasheet, 2 TB system memory for 8 GPUs -> 256 GB per GPU.
+    "H100-SXM": _datasheet_cluster("H100-SXM", DEVICES["H100"], 450 * GB, _NVLINK_HOP, _PCIE5_X16, 256 * GB),
+}
+_ALIASES = {"A100": "A100-NVLINK", "A100-SXM": "A100-NVLINK", "H100": "H100-SXM", "A100PCIE": "A100-PCIE",
+            "A100NVLINK": "A100-NVLINK", "H100SXM": "H100-SXM"}
+
+_SPEC_RE = re.compile(r"^\s*(?:(\d+)\s*[x*]\s*)?([A-Za-z0-9_\-]+)\s*$")
+
+
+def parse_cluster(spec: str | ClusterSpec, num_devices: int | None = None, *,
+                  recalibrate: bool = False) -> ClusterSpec:
+    """"8xA10" -> 8 A10s; "local" / "2xlocal" -> this machine (calibrated, cached).
+
+    `num_devices`, when given, overrides the count in the string (a recipe's world size).
+    """
+    if isinstance(spec, ClusterSpec):
+        return spec.with_devices(num_devices) if num_devices else spec
+    match = _SPEC_RE.match(str(spec))
+    if not match:
+        raise ValueError(f"cluster spec {spec!r} is not of the form '<count>x<kind>' (e.g. '8xA10') or 'local'")
+    count = num_devices or (int(match.group(1)) if match.group(1) else None)
+    kind = match.group(2).upper()
+    if kind == "LOCAL":
+        from seesaw_ds.planner.calibrate import local_cluster
+        return local_cluster(num_ranks=count, recalibrate=recalibrate)
+    kind = _ALIASES.get(kind, kind)
+    if kind not in CLUSTERS:
+        raise ValueError(f"unknown device kind {match.group(2)!r} in cluster spec {spec!r}; "
+                         f"known: {', '.join(sorted(CLUSTERS))}, local")
+    if count is None:
+        raise ValueError(f"cluster spec {spec!r} needs a device count, e.g. '8x{kind}'")
+    return CLUSTERS[kind].with_devices(count)

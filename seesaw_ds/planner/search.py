@@ -1,0 +1,218 @@
+"""Pick the prefill and decode layouts: every static layout and every re-sharded pair, ranked.
+
+Workload model (means only):
+- Prefill pushes all `n * P` prompt tokens, decode produces `n * O` tokens; the two stages add up.
+- A stage runs at the batch the memory allows (`batch_limit` at the mean decode context P + O/2), capped
+  by the number of requests; decode steps see that mean context.
+- Static layout: KV stays on the device, no switches.
+- Re-sharded pair (Seesaw): same dp in both stages; by default the decode layout has no more pipeline
+  stages than the prefill one, as in the paper. Prefill writes each prompt's KV to the host tier; decode
+  reads it back. The host tier holds `host_kv_fraction` of the host memory minus one master copy of the
+  weights, so the workload needs ceil(prompt KV / capacity) prefill->decode cycles. Each switch re-loads
+  every device's new weight shard from the host copy over its host link (devices in parallel). KV host
+  traffic overlaps the stage that makes or consumes it; only the part longer than that stage counts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from seesaw_ds.models.config import ModelConfig
+from seesaw_ds.planner import roofline as rl
+from seesaw_ds.planner.clusters import ClusterSpec, canonical_dtype, dtype_bytes
+from seesaw_ds.planner.workload import WorkloadSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannerOptions:
+    dtype: str = "bfloat16"
+    memory_utilization: float = 0.9     # device memory share for weights + KV (rest: activations, runtime)
+    host_kv_fraction: float = 0.9       # host memory share for the KV tier + the weight master copy
+    overlap_host_transfers: bool = True  # KV host traffic hides behind compute (asynchronous pipelining)
+    decode_pp_at_most_prefill_pp: bool = True
+    max_tp: int | None = None           # None: num_kv_heads
+
+    def __post_init__(self):
+        object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
+        for field in ("memory_utilization", "host_kv_fraction"):
+            if not 0 < getattr(self, field) <= 1:
+                raise ValueError(f"PlannerOptions.{field} must be in (0, 1], got {getattr(self, field)}")
+        if self.max_tp is not None and self.max_tp < 1:
+            raise ValueError(f"PlannerOptions.max_tp must be >= 1 or None, got {self.max_tp}")
+
+
+@dataclasses.dataclass(frozen=True)
+class StageEstimate:
+    stage: str
+    degrees: rl.Degrees        # (tp, pp, dp)
+    batch: int                 # sequences per step used for the estimate
+    batch_limit: int           # memory bound b_max
+    seq_len: float             # tokens per prompt (prefill) or mean context (decode)
+    step: rl.TimeBreakdown     # seconds of one step
+
+    def __post_init__(self):
+        if self.stage not in rl.STAGES:
+            raise ValueError(f"StageEstimate.stage must be one of {rl.STAGES}, got {self.stage!r}")
+        if not 1 <= self.batch <= self.batch_limit:
+            raise ValueError(f"StageEstimate.batch={self.batch} must be in [1, batch_limit={self.batch_limit}]")
+
+    @property
+    def tokens_per_step(self) -> float:
+        return self.batch * (self.seq_len if self.stage == rl.PREFILL else 1)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_per_step / self.step.total
+
+
+@dataclasses.dataclass(frozen=True)
+class LayoutPlan:
+    """One candidate: a static layout (prefill.degrees == decode.degrees, no host tier) or a pair."""
+    prefill: StageEstimate
+    decode: StageEstimate
+    workload: WorkloadSpec
+    time: rl.TimeBreakdown     # whole workload, seconds by term
+    num_switches: int
+
+    def __post_init__(self):
+        if self.prefill.stage != rl.PREFILL or self.decode.stage != rl.DECODE:
+            raise ValueError("LayoutPlan.prefill/decode must be a prefill and a decode StageEstimate")
+        if self.prefill.degrees[2] != self.decode.degrees[2]:
+            raise ValueError(f"LayoutPlan: dp differs between stages {self.prefill.degrees} -> "
+                             f"{self.decode.degrees}")
+
+    @property
+    def is_static(self) -> bool:
+        return self.prefill.degrees == self.decode.degrees
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Prompt + output tokens per second."""
+        return self.workload.total_tokens / self.time.total
+
+    @property
+    def output_tokens_per_s(self) -> float:
+        return self.workload.output_tokens / self.time.total
+
+    @property
+    def label(self) -> str:
+        return (format_degrees(self.prefill.degrees) if self.is_static else
+                f"{format_degrees(self.prefill.degrees)} -> {format_degrees(self.decode.degrees)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    model: ModelConfig
+    cluster: ClusterSpec
+    workload: WorkloadSpec
+    options: PlannerOptions
+    ranked: tuple[LayoutPlan, ...]        # statics and pairs, fastest first
+    best_static: LayoutPlan
+    best_pair: LayoutPlan | None          # None when no re-sharded pair fits
+
+    @property
+    def best(self) -> LayoutPlan:
+        return self.ranked[0]
+
+    def speedup(self, candidate: LayoutPlan) -> float:
+        return candidate.tokens_per_s / self.best_static.tokens_per_s
+
+
+def format_degrees(degrees: rl.Degrees) -> str:
+    tp, pp, dp = degrees
+    return f"TP{tp}xPP{pp}xDP{dp}"
+
+
+def estimate_stage(cfg: ModelConfig, cluster: ClusterSpec, degrees: rl.Degrees, stage: str,
+                   workload: WorkloadSpec, options: PlannerOptions) -> StageEstimate | None:
+    """The stage at the memory-bound batch; None when the layout does not fit (weights or one sequence)."""
+    limit = rl.batch_limit(cfg, cluster, degrees, workload.decode_context_len, options.dtype,
+                           options.memory_utilization)
+    if limit < 1:
+        return None
+    batch = min(limit, workload.num_requests)
+    seq_len = workload.mean_prompt_len if stage == rl.PREFILL else workload.decode_context_len
+    step = rl.stage_step_time(cfg, cluster, degrees, stage, batch, seq_len, options.dtype)
+    return StageEstimate(stage, degrees, batch, limit, seq_len, step)
+
+
+def _stage_totals(prefill: StageEstimate, decode: StageEstimate, workload: WorkloadSpec):
+    prefill_time = prefill.step.scaled(workload.prompt_tokens / prefill.tokens_per_step)
+    decode_time = decode.step.scaled(workload.output_tokens / decode.tokens_per_step)
+    return prefill_time, decode_time
+
+
+def evaluate_static(prefill: StageEstimate, decode: StageEstimate, workload: WorkloadSpec) -> LayoutPlan:
+    prefill_time, decode_time = _stage_totals(prefill, decode, workload)
+    return LayoutPlan(prefill, decode, workload, prefill_time + decode_time, num_switches=0)
+
+
+def host_kv_capacity(cfg: ModelConfig, cluster: ClusterSpec, options: PlannerOptions) -> float:
+    """Bytes of KV the host tier holds: its share of host memory minus one master copy of the weights."""
+    host = cluster.host_memory_per_device * cluster.num_devices * options.host_kv_fraction
+    return host - cfg.num_params * dtype_bytes(options.dtype)
+
+
+def evaluate_pair(cfg: ModelConfig, cluster: ClusterSpec, prefill: StageEstimate, decode: StageEstimate,
+                  workload: WorkloadSpec, options: PlannerOptions) -> LayoutPlan | None:
+    """Seesaw: prefill under one layout, decode under another, KV through the host tier.
+    None when the host tier cannot hold even one prompt's KV."""
+    capacity = host_kv_capacity(cfg, cluster, options)
+    prompt_kv = cfg.kv_bytes_per_token(dtype_bytes(options.dtype)) * workload.mean_prompt_len
+    if capacity < prompt_kv:
+        return None
+    cycles = max(1, math.ceil(workload.num_requests * prompt_kv / capacity))
+    link = cluster.host_link_bandwidth
+    reload_decode = rl.weight_bytes_per_device(cfg, decode.degrees, options.dtype) / link
+    reload_prefill = rl.weight_bytes_per_device(cfg, prefill.degrees, options.dtype) / link
+    switch_weights = cycles * reload_decode + (cycles - 1) * reload_prefill
+
+    prefill_time, decode_time = _stage_totals(prefill, decode, workload)
+    # Every device writes (prefill) and later reads (decode) its share of all prompts' KV.
+    kv_host_seconds = workload.num_requests * prompt_kv / cluster.num_devices / link
+    if options.overlap_host_transfers:
+        exposed = (max(0.0, kv_host_seconds - prefill_time.total)
+                   + max(0.0, kv_host_seconds - decode_time.total))
+    else:
+        exposed = 2 * kv_host_seconds
+    switching = rl.TimeBreakdown(switch_weights=switch_weights, switch_kv=exposed)
+    return LayoutPlan(prefill, decode, workload, prefill_time + decode_time + switching,
+                      num_switches=2 * cycles - 1)
+
+
+def plan_layouts(cfg: ModelConfig, cluster: ClusterSpec, workload: WorkloadSpec,
+                 options: PlannerOptions | None = None) -> Plan:
+    """Rank every static layout and every re-sharded pair on `cluster.num_devices` devices."""
+    options = options or PlannerOptions()
+    all_degrees = rl.enumerate_degrees(cfg, cluster.num_devices, options.max_tp)
+    stages = {}
+    for degrees in all_degrees:
+        prefill = estimate_stage(cfg, cluster, degrees, rl.PREFILL, workload, options)
+        decode = estimate_stage(cfg, cluster, degrees, rl.DECODE, workload, options)
+        if prefill and decode:
+            stages[degrees] = (prefill, decode)
+    if not stages:
+        need = min(rl.weight_bytes_per_device(cfg, d, options.dtype) for d in all_degrees) if all_degrees else 0
+        raise ValueError(
+            f"no layout of {cluster.num_devices}x{cluster.name} fits the model: the smallest weight "
+            f"shard is {need / 2**30:.1f} GiB per device (plus one sequence of KV) against "
+            f"{cluster.device.memory_bytes * options.memory_utilization / 2**30:.1f} GiB usable")
+
+    statics = [evaluate_static(p, d, workload) for p, d in stages.values()]
+    pairs = []
+    for src, (prefill, _) in stages.items():
+        for dst, (_, decode) in stages.items():
+            if src == dst or src[2] != dst[2]:
+                continue
+            if options.decode_pp_at_most_prefill_pp and dst[1] > src[1]:
+                continue
+            pair = evaluate_pair(cfg, cluster, prefill, decode, workload, options)
+            if pair is not None:
+                pairs.append(pair)
+    ranked = tuple(sorted(statics + pairs, key=_slowest_last))
+    return Plan(cfg, cluster, workload, options, ranked, best_static=min(statics, key=_slowest_last),
+                best_pair=min(pairs, key=_slowest_last) if pairs else None)
+
+
+def _slowest_last(candidate: LayoutPlan) -> float:
+    return -candidate.tokens_per_s

@@ -1,0 +1,39 @@
+"""Calibration of the local machine: real gloo ranks, short loops, cached JSON re-used."""
+import json
+import time
+
+import pytest
+
+from seesaw_ds.models.config import ModelConfig
+from seesaw_ds.planner import calibrate, parse_cluster, parse_workload, plan_layouts
+
+# SmolLM2-135M's shape (the model the CPU benchmarks run)
+SMOLLM2 = {"model_type": "llama", "num_hidden_layers": 30, "hidden_size": 576, "intermediate_size": 1536,
+           "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152,
+           "rope_theta": 100000.0, "tie_word_embeddings": True}
+
+
+@pytest.mark.slow
+def test_local_calibration_smoke(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEESAW_CACHE", str(tmp_path))
+    start = time.perf_counter()
+    measured = calibrate.load_or_measure(2, seconds=0.05)
+    elapsed = time.perf_counter() - start
+    assert elapsed < 60, f"calibration took {elapsed:.0f}s"
+    assert set(measured["matmul_flops"]) == {"float32", "bfloat16"}
+    assert all(v > 1e8 for v in measured["matmul_flops"].values())        # > 0.1 GFLOP/s per rank
+    assert measured["copy_bandwidth"] > 1e8 and measured["p2p"]["bandwidth"] > 1e6
+    assert measured["allreduce"]["2"]["latency"] > 0 and measured["allreduce"]["2"]["bandwidth"] > 1e6
+
+    # the cache is written once and re-used: the second call spawns nothing and returns the same figures
+    with open(calibrate.calibration_path(2)) as f:
+        assert json.load(f)["measured"] == measured
+    start = time.perf_counter()
+    cluster = parse_cluster("2xlocal")
+    assert time.perf_counter() - start < 5
+    assert cluster.num_devices == 2 and cluster.device.flops_for("bf16") == measured["matmul_flops"]["bfloat16"]
+    assert cluster.allreduce_seconds(4 * 2 ** 20, 2) > cluster.allreduce_seconds(1024, 2) > 0
+
+    result = plan_layouts(ModelConfig.from_hf(SMOLLM2), cluster, parse_workload("sharegpt-small"))
+    assert result.best.tokens_per_s > 0 and {c.prefill.degrees for c in result.ranked} == {(1, 2, 1), (2, 1, 1),
+                                                                                         (1, 1, 2)}

@@ -1,0 +1,126 @@
+"""Layout search: the preferences the paper states, memory limits, and whole-workload bookkeeping."""
+import dataclasses
+import math
+
+import pytest
+
+from seesaw_ds.parallel.layout import Layout, StageLayouts
+from seesaw_ds.planner import (CLUSTERS, PlannerOptions, WorkloadSpec, load_model_config, parse_cluster,
+                               parse_workload, plan, plan_for, plan_layouts)
+from seesaw_ds.planner import roofline as rl
+from seesaw_ds.planner.clusters import GB, GIB
+from seesaw_ds.planner.search import estimate_stage
+
+OPTIONS = PlannerOptions()
+
+
+@pytest.fixture(scope="module")
+def llama70b():
+    return load_model_config("llama-2-70b")
+
+
+def _stage_speeds(cfg, cluster, stage, workload):
+    out = {}
+    for degrees in rl.enumerate_degrees(cfg, cluster.num_devices):
+        est = estimate_stage(cfg, cluster, degrees, stage, workload, OPTIONS)
+        if est is not None:
+            out[degrees] = est.tokens_per_s
+    return out
+
+
+def test_decode_prefers_tp_as_memory_bandwidth_drops(llama70b):
+    a10 = parse_cluster("8xA10")
+    workload = parse_workload("sharegpt")
+    chosen_tp, tp_over_pp = [], []
+    for bandwidth in (20000, 4000, 1000, 600, 150, 40):  # GB/s per device, falling
+        cluster = dataclasses.replace(a10, device=dataclasses.replace(a10.device, memory_bandwidth=bandwidth * GB))
+        speeds = _stage_speeds(llama70b, cluster, "decode", workload)
+        chosen_tp.append(max(speeds, key=speeds.get)[0])
+        tp_over_pp.append(speeds[(8, 1, 1)] / speeds[(1, 8, 1)])
+    assert chosen_tp == sorted(chosen_tp) and chosen_tp[0] < chosen_tp[-1] == 8, chosen_tp
+    assert all(a < b for a, b in zip(tp_over_pp, tp_over_pp[1:])), tp_over_pp
+
+
+@pytest.mark.parametrize("model,spec", [("llama-2-70b", "8xA10"), ("codellama-34b", "8xL4"),
+                                        ("llama-3-15b", "4xA10"), ("llama-2-70b", "8xA100-PCIE")])
+def test_prefill_prefers_pp_over_tp_on_pcie(model, spec):
+    cfg, cluster = load_model_config(model), parse_cluster(spec)
+    speeds = _stage_speeds(cfg, cluster, "prefill", parse_workload("arxiv"))
+    n = cluster.num_devices
+    assert speeds[(1, n, 1)] > speeds[(n, 1, 1)]
+    best = max(speeds, key=speeds.get)
+    assert best[1] >= best[0], best
+    result = plan(cfg, cluster, "arxiv")
+    assert result.best_pair.prefill.degrees[1] > result.best_pair.decode.degrees[1]
+
+
+def test_layouts_whose_weights_do_not_fit_are_excluded(llama70b):
+    result = plan(llama70b, "8xA10", "arxiv")
+    usable = 0.9 * 24 * GIB
+    for cand in result.ranked:
+        for est in (cand.prefill, cand.decode):
+            tp, pp, dp = est.degrees
+            assert dp == 1, est.degrees                       # a replica needs all 8 A10s
+            assert 2 * llama70b.num_params / (tp * pp) < usable
+    with pytest.raises(ValueError, match="no layout"):
+        plan(llama70b, "4xA10", "arxiv")
+
+
+@pytest.mark.parametrize("kind", sorted(CLUSTERS))
+@pytest.mark.parametrize("model,count", [("llama-2-70b", 8), ("codellama-34b", 8), ("llama-3-15b", 4)])
+def test_every_cluster_and_model_gets_a_plan(kind, model, count):
+    for workload in ("arxiv", "sharegpt"):
+        result = plan(model, f"{count}x{kind}", workload)
+        speeds = [c.tokens_per_s for c in result.ranked]
+        assert speeds == sorted(speeds, reverse=True) and speeds[-1] > 0
+        assert result.best_static.is_static and result.best.tokens_per_s >= result.best_static.tokens_per_s
+        pair = result.best_pair
+        assert pair is not None and not pair.is_static
+        assert pair.prefill.degrees[2] == pair.decode.degrees[2]
+        assert pair.decode.degrees[1] <= pair.prefill.degrees[1]
+        assert math.isclose(sum(pair.time.as_dict().values()), pair.time.total)
+
+
+def test_static_workload_time_adds_the_two_stages(llama70b):
+    workload = WorkloadSpec("w", mean_prompt_len=1000, mean_output_len=100, num_requests=500)
+    result = plan(llama70b, "8xA10", workload)
+    static = result.best_static
+    prefill_s = 500 * 1000 / static.prefill.tokens_per_s
+    decode_s = 500 * 100 / static.decode.tokens_per_s
+    assert static.time.total == pytest.approx(prefill_s + decode_s, rel=1e-9)
+    assert static.tokens_per_s == pytest.approx(500 * 1100 / (prefill_s + decode_s), rel=1e-9)
+    assert static.num_switches == 0 and static.time.switch_weights == 0
+
+
+def test_switch_cost_counts_host_tier_cycles(llama70b):
+    # Host tier of 8 x 40 GiB * 0.9 minus the 138 GB weight copy; each prompt's KV is 1000 * 327,680 B.
+    cluster = dataclasses.replace(parse_cluster("8xA10"), host_memory_per_device=40 * GIB)
+    workload = WorkloadSpec("w", mean_prompt_len=1000, mean_output_len=100, num_requests=2000)
+    result = plan_layouts(llama70b, cluster, workload, PlannerOptions(dtype="float16"))
+    pair = next(c for c in result.ranked if c.prefill.degrees == (1, 8, 1) and c.decode.degrees == (8, 1, 1))
+    capacity = 8 * 40 * GIB * 0.9 - 2 * llama70b.num_params
+    cycles = math.ceil(2000 * 1000 * 2 * 80 * 8 * 128 * 2 / capacity)
+    assert cycles > 1 and pair.num_switches == 2 * cycles - 1
+    reload_decode = rl.weight_bytes_per_device(llama70b, (8, 1, 1), "float16") / (16 * GIB)
+    reload_prefill = rl.weight_bytes_per_device(llama70b, (1, 8, 1), "float16") / (16 * GIB)
+    assert pair.time.switch_weights == pytest.approx(cycles * reload_decode + (cycles - 1) * reload_prefill)
+
+
+def test_plan_for_returns_stage_layouts(llama70b):
+    layouts = plan_for(llama70b, 8, "8xA10", "arxiv")
+    assert isinstance(layouts, StageLayouts)
+    assert layouts.prefill == Layout(tp=1, pp=8, dp=1) and layouts.decode == Layout(tp=8, pp=1, dp=1)
+    layouts.validate(8, llama70b)
+
+
+def test_parsing():
+    assert parse_cluster("8xA10").num_devices == 8 and parse_cluster("4 x h100").device.name == "H100"
+    with pytest.raises(ValueError, match="unknown device kind"):
+        parse_cluster("8xB200")
+    with pytest.raises(ValueError, match="device count"):
+        parse_cluster("A10")
+    custom = parse_workload("1536/64/32")
+    assert (custom.mean_prompt_len, custom.mean_output_len, custom.num_requests) == (1536, 64, 32)
+    assert parse_workload("arxiv", num_requests=7).num_requests == 7
+    with pytest.raises(ValueError, match="num_requests"):
+        WorkloadSpec("bad", 10, 10, 0)
