@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence as Seq
 
 import torch
@@ -23,15 +24,47 @@ from seesaw_ds.models.runner import ModelRunner
 PromptLike = Any   # str | list[int] | list[{"role", "content"}] | {"prompt": str} | {"prompt_token_ids": [...]}
 
 
+def _launched_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 class LLM:
+    _calls = 0
+    """One process: the paged engine. Under a launcher (WORLD_SIZE > 1) or with `parallel=` given: the
+    distributed Seesaw engine (prefill and decode layouts, host KV tier); every rank constructs the LLM and
+    calls `generate` with the same prompts; outputs are complete on rank 0 (`is_main`)."""
+
     def __init__(self, model: str, dtype: str = "bfloat16", max_model_len: int = 2048, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 8192, kv_cache_gb: float = 2.0, block_size: int = 16,
-                 cache_dir: str | None = None):
-        loaded = load_model(model, dtype=dtype, cache_dir=cache_dir)
+                 cache_dir: str | None = None, parallel=None, kv_host_gb: float = 4.0,
+                 kv_threshold: float = 0.25):
         self.model_name = model
+        self.is_main = True
+        if parallel is not None or _launched_world_size() > 1:
+            self._setup_distributed(model, dtype, max_model_len, max_num_seqs, max_num_batched_tokens,
+                                    kv_cache_gb, block_size, cache_dir, parallel, kv_host_gb, kv_threshold)
+            return
+        loaded = load_model(model, dtype=dtype, cache_dir=cache_dir)
         self.model_folder = loaded.folder
+        self.layouts = None
         self._setup(loaded.hf_model, loaded.tokenizer, loaded.config, max_model_len, max_num_seqs,
                     max_num_batched_tokens, kv_cache_gb, block_size)
+
+    def _setup_distributed(self, model, dtype, max_model_len, max_num_seqs, max_num_batched_tokens,
+                           kv_device_gb, block_size, cache_dir, parallel, kv_host_gb, threshold):
+        from transformers import AutoTokenizer
+        from seesaw_ds.distributed.builder import build_engine
+        import torch.distributed as dist
+        self.engine = build_engine(model, dtype, parallel, max_model_len, max_num_seqs, max_num_batched_tokens,
+                                   block_size, kv_device_gb, kv_host_gb, threshold, cache_dir)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.engine.model_folder)
+        except (OSError, ValueError, TypeError, AttributeError):
+            self.tokenizer = None
+        if self.tokenizer is not None:
+            self.engine.detokenize = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)
+        self.config, self.model_folder, self.layouts = self.engine.config, self.engine.model_folder, self.engine.layouts
+        self.is_main = dist.get_rank() == 0
 
     @classmethod
     def from_hf(cls, hf_model, tokenizer=None, **kwargs) -> "LLM":
@@ -39,6 +72,7 @@ class LLM:
         self = cls.__new__(cls)
         self.model_name = getattr(hf_model.config, "_name_or_path", "") or "in-memory"
         self.model_folder = None
+        self.is_main, self.layouts = True, None
         self._setup(hf_model.eval(), tokenizer, ModelConfig.from_hf(hf_model.config), **kwargs)
         return self
 
@@ -102,13 +136,14 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
         texts: dict[str, str | None] = {}
-        base = f"gen{id(prompts)}-"
+        base = f"gen{self._calls}-"
+        self._calls += 1
         for i, (prompt, p) in enumerate(zip(prompts, params)):
             ids, text = self.encode_prompt(prompt)
             self.engine.add_request(f"{base}{i}", ids, p)
             texts[f"{base}{i}"] = text
         results: dict[str, RequestOutput] = {}
-        bar = tqdm(total=len(prompts), desc="generate", disable=not use_tqdm)
+        bar = tqdm(total=len(prompts), desc="generate", disable=not (use_tqdm and self.is_main))
         while self.engine.has_unfinished():
             for out in self.engine.step():
                 out.prompt = texts[out.request_id]
