@@ -120,7 +120,9 @@ class DistributedEngine:
         else:
             ex, kv = self.decode_executor, self.pool
             t1 = time.perf_counter()
-            for host_blocks, device_blocks in batch.onboard or []:
+            if batch.onboard:                                  # one gather/scatter for all newcomers
+                host_blocks = [b for h, _ in batch.onboard for b in h]
+                device_blocks = [b for _, d in batch.onboard for b in d]
                 self.stats.kv_bytes_moved += self.store.load_into(self.pool, host_blocks, device_blocks)
             self.stats.onboard_s += time.perf_counter() - t1
         n_mb = self.micro_batches or getattr(ex, "max_micro_batches", 1)

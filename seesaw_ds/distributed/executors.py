@@ -14,7 +14,28 @@ from seesaw_ds.engine.inputs import ModelInputs
 from seesaw_ds.models.config import ModelConfig
 from seesaw_ds.models.runner import ModelRunner
 from seesaw_ds.parallel.layout import Layout
-from seesaw_ds.parallel.weight_plan import tp_head_ranges
+from seesaw_ds.parallel.weight_plan import shard_entries, tp_head_ranges
+
+
+def bind_to_master(module: torch.nn.Module, entries, master: MasterWeights) -> int:
+    """Point every sharded parameter AutoTP materialised at the equal view of the master copy, so the node
+    keeps one copy of the weights whatever the layout. Returns the bytes released."""
+    params = dict(module.named_parameters(remove_duplicate=False))
+    released = 0
+    for entry in entries:
+        param = params.get(entry.name)
+        if param is None:
+            continue
+        view = master[entry.source_name][entry.source_slices]
+        if param.shape != view.shape or param.dtype != view.dtype:
+            raise RuntimeError(f"AutoTP shard {entry.name} {tuple(param.shape)} {param.dtype} does not match the "
+                               f"plan's {tuple(view.shape)} {view.dtype}")
+        if param.data_ptr() != view.data_ptr():
+            if not torch.equal(param.data, view):
+                raise RuntimeError(f"AutoTP shard {entry.name} differs from the master copy's slice")
+            released += param.numel() * param.element_size()
+            param.data = view
+    return released
 
 
 class LocalStageExecutor:
@@ -38,6 +59,7 @@ class TensorParallelExecutor(LocalStageExecutor):
                                           replace_with_kernel_inject=False)
         super().__init__(ModelRunner(engine.module), cfg)
         tp_rank = layout.coords(torch.distributed.get_rank()).tp_rank
+        self.bound_bytes = bind_to_master(engine.module, shard_entries(cfg, layout, 0, tp_rank), master)
         self.kv_heads = tp_head_ranges(cfg, layout.tp)[tp_rank][1]
         self.sampling_rank = layout.global_rank(layout.coords(torch.distributed.get_rank()).dp_index, 0, 0)
 

@@ -7,8 +7,14 @@
 Stages switch rarely:
   * prefill: admit waiting prompts into the host store until it is full or no prompt remains;
   * decode: continuous batching; stashed sequences are onboarded as device blocks free up;
-  * back to prefill once the host store has drained to `threshold` x capacity (and prompts wait).
-A request that could never fit either tier is rejected at admission, so the loop cannot deadlock.
+  * back to prefill once the next waiting prompt fits the store and either the store has drained to
+    `threshold` x capacity with enough waiting to fill it again, or the decode batch starves (nothing
+    left to onboard and room on the device). Recomputed leftovers thus ride along with a real refill
+    instead of costing a round trip each.
+Every step schedules at most `max_num_seqs` sequences and (one prefill prompt aside) at most
+`max_num_batched_tokens` tokens. A request that could never fit either tier is rejected at admission, so
+schedule() returns a batch whenever work remains. Preempted sequences are recomputed: their prompt and
+generated tokens are prefilled into the host store again.
 """
 from __future__ import annotations
 
@@ -31,9 +37,9 @@ class TierConfig:
     def __post_init__(self):
         if not 0.0 <= self.threshold < 1.0:
             raise ValueError(f"kv.threshold must be in [0, 1), got {self.threshold}")
-        if self.host_blocks <= 0 or self.device_blocks <= 0:
-            raise ValueError(f"KV budgets must hold at least one block (host={self.host_blocks}, "
-                             f"device={self.device_blocks})")
+        for name in ("host_blocks", "device_blocks"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"kv.{name} must hold at least one block, got {getattr(self, name)}")
 
 
 class SeesawScheduler:
@@ -73,20 +79,54 @@ class SeesawScheduler:
     def host_occupancy(self) -> float:
         return self.host.num_used / self.host.num_blocks
 
+    @property
+    def metrics(self) -> dict:
+        return {"stage": self.stage, "host_occupancy": self.host_occupancy, "host_used": self.host.num_used,
+                "device_used": self.device.num_used, "waiting": len(self.waiting),
+                "stashed": len(self.stashed), "running": len(self.running),
+                "num_switches": self.num_switches, "num_preemptions": self.num_preemptions}
+
+    def _max_batch_seqs(self) -> int:
+        return min(self.config.max_num_seqs, self.config.max_num_batched_tokens)
+
+    def _next_prompt_fits_host(self) -> bool:
+        return bool(self.waiting) and \
+            self.host.can_allocate(self.waiting[0].blocks_needed(self.config.block_size))
+
+    def _growth(self) -> int:
+        """Device blocks the runners need this step: one for each crossing a block boundary."""
+        return sum(len(s.block_table) < s.blocks_needed(self.config.block_size) for s in self.running)
+
     # ---- stage choice --------------------------------------------------------------------------------
     def _choose_stage(self) -> str:
         can_decode = bool(self.stashed or self.running)
-        if self.stage == PREFILL:
-            if self.waiting and self.host.can_allocate(self.waiting[0].blocks_needed(self.config.block_size)):
-                return PREFILL
-            return DECODE if can_decode else PREFILL
         if not can_decode:
-            return PREFILL
-        if self.waiting and self.host_occupancy <= self.tiers.threshold and not self.stashed:
-            return PREFILL
-        return DECODE
+            return PREFILL          # NOTE: both tiers are empty then, so the next prompt fits the store
+        if self.stage == PREFILL:
+            return PREFILL if self._next_prompt_fits_host() else DECODE
+        if not self._next_prompt_fits_host():
+            return DECODE
+        if self.host_occupancy <= self.tiers.threshold and self._waiting_fills_host():
+            return PREFILL          # refills the store from <= threshold up to its next misfit
+        return PREFILL if self._decode_starves() else DECODE
+
+    def _waiting_fills_host(self) -> bool:
+        need, free = 0, self.host.num_free
+        for seq in self.waiting:
+            need += seq.blocks_needed(self.config.block_size)
+            if need >= free:
+                return True
+        return False
+
+    def _decode_starves(self) -> bool:
+        """Nothing left to onboard and the decode batch has room: only a prefill can refill it."""
+        head = self._blocks(self.waiting[0].num_tokens + 1) if self.waiting else 0
+        return not self.stashed and len(self.running) < self._max_batch_seqs() and \
+            self.device.can_allocate(head + self._growth())
 
     def schedule(self) -> ScheduledBatch | None:
+        if not self.has_unfinished():
+            return None
         stage = self._choose_stage()
         if stage != self.stage:
             self.stage = stage
@@ -95,7 +135,7 @@ class SeesawScheduler:
 
     def _prefill(self) -> ScheduledBatch | None:
         cfg, picked, tokens = self.config, [], 0
-        while self.waiting:
+        while self.waiting and len(picked) < cfg.max_num_seqs:
             seq = self.waiting[0]
             if picked and tokens + seq.num_tokens > cfg.max_num_batched_tokens:
                 break
@@ -111,11 +151,14 @@ class SeesawScheduler:
 
     def _decode(self) -> ScheduledBatch | None:
         bs, onboard = self.config.block_size, []
-        while self.stashed and len(self.running) < self.config.max_num_seqs:
+        # NOTE: keep one block for every runner about to cross a block boundary, so onboarding never
+        # forces a preemption in the same step (that would discard the stashed KV it just read).
+        growth = self._growth()
+        while self.stashed and len(self.running) < self._max_batch_seqs():
             seq = self.stashed[0]
             # room for the KV it holds plus the token it will feed next
             need = self._blocks(seq.num_tokens)
-            if not self.device.can_allocate(need):
+            if not self.device.can_allocate(need + growth):
                 break
             self.stashed.popleft()
             held = -(-(seq.num_tokens - 1) // bs)            # blocks that hold stashed KV
@@ -140,7 +183,6 @@ class SeesawScheduler:
             scheduled.append(seq)
         if not scheduled:
             return None
-        onboard = [(h, d) for h, d in onboard if any(s.block_table[:len(d)] == d for s in scheduled)]
         return ScheduledBatch(False, scheduled, onboard=onboard)
 
     def _preempt(self, seq: Sequence) -> None:

@@ -17,7 +17,7 @@ def _generate(rank, prompts):
               kv_cache_gb=0.05, kv_host_gb=0.02, block_size=16)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True), use_tqdm=False)
-    return {"tokens": [o.token_ids for o in outs], "kv_heads": [llm.engine.decode_executor.kv_heads.start,
+    return {"bound": llm.engine.decode_executor.bound_bytes, "tokens": [o.token_ids for o in outs], "kv_heads": [llm.engine.decode_executor.kv_heads.start,
                                                               llm.engine.decode_executor.kv_heads.stop],
             "folder": llm.model_folder, "switches": len(llm.engine.stats.switches)}
 
@@ -34,3 +34,4 @@ def test_embedded_pp2_to_tp2_matches_hf(tmp_path):
         assert tokens == hf_greedy(ref, p, MAX_TOKENS)
     assert out["kv_heads"] == [0, 2]          # rank 0 holds KV heads 0-1 of 3 (uneven split)
     assert out["switches"] >= 3               # the small host store forces several cycles
+    assert out["bound"] > 0                   # AutoTP shards now alias the master copy
