@@ -3,6 +3,7 @@ stage executors and the device pool of the decode layout."""
 from __future__ import annotations
 
 import atexit
+import ctypes
 import glob
 import logging
 import os
@@ -53,6 +54,15 @@ def _open_host_store(cfg, blocks, block_size, dtype) -> HostKVStore:
     return store
 
 
+def release_freed_host_memory() -> None:
+    """AutoTP's temporary shard copies are freed once bound to the master copy, but glibc keeps freed heap
+    pages; hand them back so the node's footprint is the master copy, not master + shards."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def cleanup_deepspeed_shm() -> None:
     """DeepSpeed's CPU all-reduce leaves its shared buffers (`..._<addr>_<port>_<rank>`) behind at exit;
     each rank removes its own."""
@@ -83,6 +93,8 @@ def build_engine(model: str, dtype="float32", parallel=None, max_model_len=2048,
     prefill_ex = build_executor(layouts.prefill, folder, master, torch_dtype, cfg, full)
     decode_ex = prefill_ex if layouts.decode == layouts.prefill else \
         build_executor(layouts.decode, folder, master, torch_dtype, cfg, full)
+
+    release_freed_host_memory()
 
     host_spec = KVPoolSpec.from_budget(cfg, int(kv_host_gb * (1 << 30)), block_size, torch_dtype)
     store = _open_host_store(cfg, host_spec.num_blocks, block_size, torch_dtype)
