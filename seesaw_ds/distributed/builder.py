@@ -26,6 +26,18 @@ from seesaw_ds.parallel.layout import StageLayouts, resolve_layouts
 log = logging.getLogger("seesaw_ds")
 
 
+def check_kv_budget(cfg, name: str, gb: float, max_model_len: int, block_size: int, dtype,
+                    layers=None, kv_heads=None) -> None:
+    """Refuse, with numbers, a KV budget that cannot hold even one maximum-length sequence."""
+    spec = KVPoolSpec(layers or range(cfg.num_layers), kv_heads or range(cfg.num_kv_heads), 1, block_size,
+                      cfg.head_dim, dtype)
+    need = -(-max_model_len // block_size) * spec.bytes_per_block
+    if gb * (1 << 30) < need:
+        raise ValueError(f"{name}={gb:g} GB cannot hold one sequence of max_model_len={max_model_len} tokens: "
+                         f"that needs {need / (1 << 30):.4f} GB ({spec.bytes_per_block} bytes per block of "
+                         f"{block_size} tokens); raise {name} or lower engine.max_model_len")
+
+
 def init_distributed() -> None:
     if dist.is_initialized():
         return
@@ -96,6 +108,9 @@ def build_engine(model: str, dtype="float32", parallel=None, max_model_len=2048,
 
     release_freed_host_memory()
 
+    check_kv_budget(cfg, "kv.host_gb", kv_host_gb, max_model_len, block_size, torch_dtype)
+    check_kv_budget(cfg, "kv.device_gb", kv_device_gb, max_model_len, block_size, torch_dtype,
+                    decode_ex.layers, decode_ex.kv_heads)
     host_spec = KVPoolSpec.from_budget(cfg, int(kv_host_gb * (1 << 30)), block_size, torch_dtype)
     store = _open_host_store(cfg, host_spec.num_blocks, block_size, torch_dtype)
     dev_spec = KVPoolSpec.from_budget(cfg, int(kv_device_gb * (1 << 30)), block_size, torch_dtype,
@@ -106,7 +121,7 @@ def build_engine(model: str, dtype="float32", parallel=None, max_model_len=2048,
     dev_spec = KVPoolSpec(dev_spec.layers, dev_spec.kv_heads, int(n), block_size, cfg.head_dim, torch_dtype)
     pool = KVPool(dev_spec)
     sched = SeesawScheduler(SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len, block_size),
-                            TierConfig(host_spec.num_blocks, dev_spec.num_blocks, threshold))
+                            TierConfig(host_spec.num_blocks, dev_spec.num_blocks, threshold, prefetch=True))
     if dist.get_rank() == 0:
         log.info("layouts: prefill %s -> decode %s; host store %d blocks (%.2f GB), device pool %d blocks "
                  "per rank", layouts.prefill.describe(), layouts.decode.describe(), host_spec.num_blocks,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -34,7 +35,9 @@ class SeesawStats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     switch_s: float = 0.0
-    onboard_s: float = 0.0
+    onboard_s: float = 0.0          # synchronous host -> device copies (nothing to decode meanwhile)
+    prefetch_stall_s: float = 0.0   # time decode waited for background copies to land
+    prefetched_seqs: int = 0
     kv_bytes_moved: int = 0
     weight_bytes_moved: int = 0
     switches: list[dict] = field(default_factory=list)
@@ -79,6 +82,8 @@ class DistributedEngine:
         self.stats = SeesawStats()
         self._stage = None
         self._request_ids: set[str] = set()
+        self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="seesaw-prefetch")
+        self._in_flight = None          # the future of the last prefetch
 
     # same surface as LLMEngine
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -114,6 +119,8 @@ class DistributedEngine:
             self._switch(stage)
         t0 = time.perf_counter()
         bs = self.scheduler.config.block_size
+        if batch.wait_prefetch:
+            self._land_prefetch()
         if batch.is_prefill:
             ex, kv = self.prefill_executor, self.store
             self.store.layers, self.store.kv_heads = ex.layers, ex.kv_heads
@@ -125,6 +132,12 @@ class DistributedEngine:
                 device_blocks = [b for _, d in batch.onboard for b in d]
                 self.stats.kv_bytes_moved += self.store.load_into(self.pool, host_blocks, device_blocks)
             self.stats.onboard_s += time.perf_counter() - t1
+            if batch.prefetch:                                 # lands while this step decodes
+                host_blocks = [b for h, _ in batch.prefetch for b in h]
+                device_blocks = [b for _, d in batch.prefetch for b in d]
+                self.stats.prefetched_seqs += len(batch.prefetch)
+                self._in_flight = self._prefetcher.submit(self.store.load_into, self.pool, host_blocks,
+                                                          device_blocks)
         n_mb = self.micro_batches or getattr(ex, "max_micro_batches", 1)
         micro = [build_inputs(mb, bs, self.sliding_window) for mb in split_micro_batches(batch, n_mb)]
         logits = ex.run(micro, kv)
@@ -134,6 +147,14 @@ class DistributedEngine:
         for seq in finished:
             self._request_ids.discard(seq.request_id)
         return [self._output(s) for s in finished]
+
+    def _land_prefetch(self) -> None:
+        if self._in_flight is None:
+            return
+        t = time.perf_counter()
+        self.stats.kv_bytes_moved += self._in_flight.result()
+        self.stats.prefetch_stall_s += time.perf_counter() - t
+        self._in_flight = None
 
     def _sample_and_share(self, logits, batch: ScheduledBatch, src: int):
         tokens = torch.zeros(len(batch.seqs), dtype=torch.long)

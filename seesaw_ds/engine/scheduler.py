@@ -35,6 +35,9 @@ class ScheduledBatch:
     to_host: bool = False        # prefill writes KV to the host store (slots index host blocks)
     # decode: (host blocks, device blocks) to copy host -> device before the forward
     onboard: list[tuple[list[int], list[int]]] | None = None
+    # decode: copies to start in the background now; they land by the next step (two-phase protocol)
+    prefetch: list[tuple[list[int], list[int]]] | None = None
+    wait_prefetch: bool = False  # the previous step's prefetches must have landed before this forward
 
     @property
     def num_tokens(self) -> int:

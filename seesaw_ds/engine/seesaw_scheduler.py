@@ -33,6 +33,7 @@ class TierConfig:
     host_blocks: int
     device_blocks: int
     threshold: float = 0.25      # return to prefill when host occupancy <= threshold
+    prefetch: bool = False       # onboard one step ahead (two-phase), overlapping the copy with decode
 
     def __post_init__(self):
         if not 0.0 <= self.threshold < 1.0:
@@ -50,6 +51,7 @@ class SeesawScheduler:
         self.waiting: deque[Sequence] = deque()
         self.stashed: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.prefetching: list[Sequence] = []   # device blocks reserved, host blocks pinned, copy in flight
         self.stage = PREFILL
         self.num_switches = 0          # prefill -> decode and decode -> prefill, each counted
         self.num_preemptions = 0
@@ -73,7 +75,7 @@ class SeesawScheduler:
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.stashed or self.running)
+        return bool(self.waiting or self.stashed or self.running or self.prefetching)
 
     @property
     def host_occupancy(self) -> float:
@@ -99,7 +101,7 @@ class SeesawScheduler:
 
     # ---- stage choice --------------------------------------------------------------------------------
     def _choose_stage(self) -> str:
-        can_decode = bool(self.stashed or self.running)
+        can_decode = bool(self.stashed or self.running or self.prefetching)
         if not can_decode:
             return PREFILL          # NOTE: both tiers are empty then, so the next prompt fits the store
         if self.stage == PREFILL:
@@ -127,11 +129,33 @@ class SeesawScheduler:
     def schedule(self) -> ScheduledBatch | None:
         if not self.has_unfinished():
             return None
+        landed = self._complete_prefetch()        # phase 2 for last step's loads (the engine waits on them)
         stage = self._choose_stage()
         if stage != self.stage:
             self.stage = stage
             self.num_switches += 1
-        return self._prefill() if stage == PREFILL else self._decode()
+        batch = self._prefill() if stage == PREFILL else self._decode()
+        if batch is not None:
+            batch.wait_prefetch = landed
+        return batch
+
+    # ---- two-phase onboarding: prepare (reserve device blocks, pin host blocks) -> complete ------------
+    def _prepare_load(self, seq: Sequence, need: int) -> tuple[list[int], list[int]]:
+        held = -(-(seq.num_tokens - 1) // self.config.block_size)      # blocks that hold stashed KV
+        seq.block_table = self.device.allocate(need)
+        return seq.host_blocks[:held], seq.block_table[:held]
+
+    def _complete_load(self, seq: Sequence) -> None:
+        self.host.free(seq.host_blocks)
+        seq.host_blocks = []
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
+    def _complete_prefetch(self) -> bool:
+        landed, self.prefetching = self.prefetching, []
+        for seq in landed:
+            self._complete_load(seq)
+        return bool(landed)
 
     def _prefill(self) -> ScheduledBatch | None:
         cfg, picked, tokens = self.config, [], 0
@@ -154,20 +178,24 @@ class SeesawScheduler:
         # NOTE: keep one block for every runner about to cross a block boundary, so onboarding never
         # forces a preemption in the same step (that would discard the stashed KV it just read).
         growth = self._growth()
-        while self.stashed and len(self.running) < self._max_batch_seqs():
+        loads: list[Sequence] = []
+        while self.stashed and len(self.running) + len(loads) < self._max_batch_seqs():
             seq = self.stashed[0]
             # room for the KV it holds plus the token it will feed next
             need = self._blocks(seq.num_tokens)
             if not self.device.can_allocate(need + growth):
                 break
             self.stashed.popleft()
-            held = -(-(seq.num_tokens - 1) // bs)            # blocks that hold stashed KV
-            seq.block_table = self.device.allocate(need)
-            onboard.append((seq.host_blocks[:held], seq.block_table[:held]))
-            self.host.free(seq.host_blocks)
-            seq.host_blocks = []
-            seq.status = SequenceStatus.RUNNING
-            self.running.append(seq)
+            onboard.append(self._prepare_load(seq, need))
+            loads.append(seq)
+        prefetch: list[tuple[list[int], list[int]]] = []
+        if self.tiers.prefetch and self.running:   # decode goes on while these land (next step)
+            for seq in loads:
+                seq.status = SequenceStatus.PREFETCHING
+            self.prefetching, prefetch, onboard = loads, onboard, []
+        else:                                     # nothing to decode meanwhile: load now
+            for seq in loads:
+                self._complete_load(seq)
         scheduled, queue = [], list(self.running)
         while queue:
             seq = queue.pop(0)
@@ -183,7 +211,7 @@ class SeesawScheduler:
             scheduled.append(seq)
         if not scheduled:
             return None
-        return ScheduledBatch(False, scheduled, onboard=onboard)
+        return ScheduledBatch(False, scheduled, onboard=onboard, prefetch=prefetch)
 
     def _preempt(self, seq: Sequence) -> None:
         self.device.free(seq.block_table)

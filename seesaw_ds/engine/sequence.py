@@ -13,6 +13,7 @@ _seq_ids = itertools.count()
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"        # no KV anywhere: (re)prefill from scratch
     STASHED = "stashed"        # KV in the host store, waiting for room in the device pool
+    PREFETCHING = "prefetching"  # device blocks reserved, host blocks pinned, host -> device copy in flight
     RUNNING = "running"        # KV in the device pool, decoding
     FINISHED = "finished"
 

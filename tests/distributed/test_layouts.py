@@ -14,7 +14,8 @@ MAX_TOKENS = 10
 def _generate(rank, folder, parallel, kv_host_gb, kv_device_gb):
     from seesaw_ds.distributed.builder import build_engine
     engine = build_engine(folder, dtype="float32", parallel=parallel, kv_host_gb=kv_host_gb,
-                          kv_device_gb=kv_device_gb, block_size=8, max_num_batched_tokens=256)
+                          kv_device_gb=kv_device_gb, block_size=8, max_num_batched_tokens=256,
+                          max_model_len=160)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(2, 320, (n,), generator=g).tolist() for n in LENGTHS]
     for i, p in enumerate(prompts):
@@ -26,6 +27,7 @@ def _generate(rank, folder, parallel, kv_host_gb, kv_device_gb):
     stats = engine.stats
     return {"tokens": [out[str(i)] for i in range(len(prompts))], "prompts": prompts,
             "switches": [s["to"] for s in stats.switches], "kv_bytes": stats.kv_bytes_moved,
+            "prefetched": stats.prefetched_seqs,
             "layouts": [engine.layouts.prefill.describe(), engine.layouts.decode.describe()]}
 
 
@@ -58,3 +60,20 @@ def test_layout_matches_hf_generate(case, tmp_path):
     # at least two prefill -> decode -> prefill cycles
     assert out["switches"].count("decode") >= 2 and out["switches"].count("prefill") >= 2, out["switches"]
     assert out["kv_bytes"] > 0
+    assert out["prefetched"] > 0             # some sequences were onboarded in the background
+
+
+def test_budget_that_cannot_hold_one_sequence_is_refused_with_numbers(tmp_path):
+    model = tiny_hf_model("llama")
+    model.save_pretrained(tmp_path / "model")
+
+    def build(rank, folder):
+        from seesaw_ds.distributed.builder import build_engine
+        try:
+            build_engine(folder, dtype="float32", kv_host_gb=_bytes_for_tokens(model, 100), max_model_len=512)
+        except ValueError as e:
+            return {"error": str(e)}
+        return {"error": None}
+
+    out = run_ranks(1, build, str(tmp_path / "model"), out_dir=str(tmp_path))
+    assert out["error"] and "kv.host_gb" in out["error"] and "max_model_len=512" in out["error"]
