@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from seesaw_ds.engine.inputs import ModelInputs
-from seesaw_ds.kv.attention import AttentionMetadata, decode_visibility_mask
+from seesaw_ds.kv.attention import AttentionMetadata
 from seesaw_ds.models.runner import ModelRunner
 
 
@@ -50,9 +50,8 @@ class DecoderPipe(nn.Module):
         if bool(is_prefill[0]):
             meta = AttentionMetadata(True, slots, seq_info.tolist(), None, None)
         else:
-            mask = decode_visibility_mask(seq_info, block_tables.shape[1] * self.state.kv.spec.block_size,
-                                          self.state.sliding_window)
-            meta = AttentionMetadata(False, slots, [], block_tables, seq_info, mask)
+            meta = AttentionMetadata(False, slots, [], block_tables, seq_info,
+                                     sliding_window=self.state.sliding_window)
         h = self.state.runner.run_layers(h, positions, range(self.layer_idx, self.layer_idx + 1), meta,
                                          self.state.kv)
         return (h, positions, slots, seq_info, block_tables, logits_indices, is_prefill)

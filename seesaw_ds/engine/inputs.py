@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from seesaw_ds.engine.scheduler import ScheduledBatch
-from seesaw_ds.kv.attention import AttentionMetadata, decode_visibility_mask
+from seesaw_ds.kv.attention import AttentionMetadata
 
 
 @dataclass
@@ -45,8 +45,7 @@ def build_inputs(batch: ScheduledBatch, block_size: int, sliding_window: int | N
     context_lens = torch.tensor([s.num_tokens for s in batch.seqs], dtype=torch.long)
     positions = context_lens - 1
     slots = tables.gather(1, (positions // block_size)[:, None])[:, 0] * block_size + positions % block_size
-    mask = decode_visibility_mask(context_lens, max_blocks * block_size, sliding_window)
     meta = AttentionMetadata(False, slots.to(device), [], tables.to(device), context_lens.to(device),
-                             mask.to(device))
+                             sliding_window=sliding_window)
     ids = torch.tensor([s.last_token_id for s in batch.seqs], dtype=torch.long, device=device)
     return ModelInputs(ids, positions.to(device), torch.arange(b, device=device), meta)

@@ -32,7 +32,23 @@ class AttentionMetadata:
     cu_seqlens: list[int]               # prefill: B + 1 offsets into the packed tokens
     block_tables: torch.Tensor | None   # decode: [B, max_blocks] long (padded with 0)
     context_lens: torch.Tensor | None   # decode: [B] long, tokens in cache including the new one
-    decode_mask: torch.Tensor | None = None  # decode: [B, 1, 1, S] bool, True where a key is visible
+    sliding_window: int | None = None
+    _groups: list | None = None               # decode: length-sorted groups, built once per forward
+
+    def decode_groups(self, block_size: int, group: int = 16):
+        """Sequences sorted by context length, in groups of `group`: each group gathers only up to its own
+        longest context, so a batch mixing short and long sequences does not pay for the padding.
+        -> [(rows [b], block_tables [b, m], mask [b, 1, 1, m * block_size])]"""
+        if self._groups is None:
+            order = torch.argsort(self.context_lens)
+            self._groups = []
+            for start in range(0, len(order), group):
+                rows = order[start:start + group]
+                lens = self.context_lens[rows]
+                m = int(-(-int(lens.max()) // block_size))
+                mask = decode_visibility_mask(lens, m * block_size, self.sliding_window)
+                self._groups.append((rows, self.block_tables[rows, :m], mask))
+        return self._groups
 
 
 _CURRENT: contextvars.ContextVar[tuple[AttentionMetadata, KVPool] | None] = \
@@ -75,17 +91,19 @@ def _prefill(query, key, value, meta: AttentionMetadata, scaling: float, window:
 
 
 def _decode(query, pool: KVPool, layer: int, meta: AttentionMetadata, scaling: float):
-    # query: [1, H, B, D] (one new token per sequence) -> [B, H, 1, D]
+    # query: [1, H, B, D] (one new token per sequence) -> q: [B, H, 1, D]
     q = query[0].transpose(0, 1).unsqueeze(2)
     k_cache, v_cache = pool.layer(layer)                    # [num_blocks, block_size, Hkv, D]
-    b, max_blocks = meta.block_tables.shape
     bs, hkv, d = k_cache.shape[1:]
-    # gathered: [B, max_blocks * block_size, Hkv, D] -> [B, Hkv, S, D]
-    k = k_cache[meta.block_tables].view(b, max_blocks * bs, hkv, d).transpose(1, 2)
-    v = v_cache[meta.block_tables].view(b, max_blocks * bs, hkv, d).transpose(1, 2)
-    o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=meta.decode_mask,
-                                       scale=scaling, enable_gqa=True)
-    return o.transpose(1, 2).transpose(0, 1)                # [B, 1, H, D] -> [1, B, H, D]
+    out = torch.empty_like(q)
+    for rows, tables, mask in meta.decode_groups(bs):
+        b, m = tables.shape
+        # gathered: [b, m * block_size, Hkv, D] -> [b, Hkv, S, D]
+        k = k_cache[tables].view(b, m * bs, hkv, d).transpose(1, 2)
+        v = v_cache[tables].view(b, m * bs, hkv, d).transpose(1, 2)
+        out[rows] = F.scaled_dot_product_attention(q[rows], k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
+                                                   scale=scaling, enable_gqa=True)
+    return out.transpose(1, 2).transpose(0, 1)              # [B, 1, H, D] -> [1, B, H, D]
 
 
 def seesaw_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,

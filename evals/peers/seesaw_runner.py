@@ -1,0 +1,84 @@
+"""The seesaw_ds engine row: `seesaw_ds.LLM` on the same model folder and token ids.
+
+One process by default; the multi-rank layouts start this same file under a launcher
+(`deepspeed --num_gpus 2 evals/peers/seesaw_runner.py ...`, see `SEESAW_LAYOUTS` in evals/throughput.py) and
+pass the layout through `--llm-kwargs` (JSON keyword arguments for `LLM`). Only rank 0 writes the result.
+
+Run: python evals/peers/seesaw_runner.py --model DIR --workloads wl.json --out res.json [--llm-kwargs '{}']
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import common  # noqa: E402
+
+
+def output_token_ids(output) -> list[int]:
+    """`.token_ids` of a seesaw_ds RequestOutput (or `.outputs[0].token_ids`, vLLM's shape)."""
+    if hasattr(output, "token_ids"):
+        return list(output.token_ids)
+    return list(output.outputs[0].token_ids)
+
+
+def engine_metrics(llm) -> dict:
+    """Extra numbers the engine exposes (switch counts, stage times, ...) via `llm.metrics()`, if it has one."""
+    metrics = getattr(llm, "metrics", None)
+    if callable(metrics):
+        return dict(metrics())
+    return {}
+
+
+def run_seesaw(model_dir: str, workloads: list[dict], dtype: str, llm_kwargs: dict) -> tuple[float, list[dict]]:
+    """(setup seconds, one result row per workload); every rank calls this, rank 0 reports it."""
+    from seesaw_ds import LLM, SamplingParams
+    setup_start = time.perf_counter()
+    llm = LLM(model=model_dir, dtype=dtype, **llm_kwargs)
+    setup_s = time.perf_counter() - setup_start
+
+    def generate(requests):
+        prompts = [{"prompt_token_ids": r["prompt_token_ids"]} for r in requests]
+        params = [SamplingParams(temperature=0, max_tokens=r["output_len"], ignore_eos=True) for r in requests]
+        before = engine_metrics(llm)
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        after = engine_metrics(llm)
+        delta = {k: v - before.get(k, 0) if isinstance(v, (int, float)) else v for k, v in after.items()}
+        return [len(output_token_ids(o)) for o in outputs], delta
+
+    return setup_s, [common.timed_workload(wl["name"], wl["requests"], generate) for wl in workloads]
+
+
+def main() -> None:
+    parser = common.runner_arguments(__doc__.splitlines()[0])
+    parser.add_argument("--llm-kwargs", default="{}", help="JSON keyword arguments for seesaw_ds.LLM")
+    args = parser.parse_args()
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    base = {"engine": "seesaw", "dtype": args.dtype, "layout": args.layout, "world_size": world, "results": []}
+    try:
+        import seesaw_ds  # noqa: F401
+        from seesaw_ds import LLM, SamplingParams  # noqa: F401
+    except ImportError as e:
+        common.write_json_atomic(args.out, {**base, "skipped": f"seesaw_ds does not import: {e}"})
+        return
+    import torch
+    torch.set_num_threads(1 if world > 1 else args.threads)
+    workloads = common.read_workloads(args.workloads)
+    llm_kwargs = json.loads(args.llm_kwargs)
+    longest = max(len(r["prompt_token_ids"]) + r["output_len"] for wl in workloads for r in wl["requests"])
+    llm_kwargs.setdefault("max_model_len", max(2048, longest))
+    setup_s, results = run_seesaw(args.model, workloads, args.dtype, llm_kwargs)
+    for row in results:
+        print(f"[seesaw rank {rank}] {row['workload']}: {row['wall_s']:.1f} s", flush=True)
+    if rank == 0:
+        common.write_json_atomic(args.out, {**base, "setup_s": setup_s, "results": results,
+                                            "llm_kwargs": llm_kwargs, "notes": []})
+
+
+if __name__ == "__main__":
+    main()
