@@ -50,9 +50,9 @@ class SeesawLayout:
 # prefill/decode layouts and must match what seesaw_ds.LLM accepts.
 SEESAW_LAYOUTS = {
     "1proc": SeesawLayout("1proc", (sys.executable,), {}),
-    "TP2": SeesawLayout("TP2", DEEPSPEED_2, {"prefill_layout": "tp2", "decode_layout": "tp2"}),
-    "PP2": SeesawLayout("PP2", DEEPSPEED_2, {"prefill_layout": "pp2", "decode_layout": "pp2"}),
-    "PP2->TP2": SeesawLayout("PP2->TP2", DEEPSPEED_2, {"prefill_layout": "pp2", "decode_layout": "tp2"}),
+    "TP2": SeesawLayout("TP2", DEEPSPEED_2, {"parallel": {"tp": 2}}),
+    "PP2": SeesawLayout("PP2", DEEPSPEED_2, {"parallel": {"pp": 2}}),
+    "PP2->TP2": SeesawLayout("PP2->TP2", DEEPSPEED_2, {"parallel": {"prefill": {"pp": 2}, "decode": {"tp": 2}}}),
 }
 VLLM_LAYOUTS = {"TP1": (1, 1), "PP2": (1, 2)}   # label -> (tensor_parallel_size, pipeline_parallel_size)
 

@@ -37,10 +37,14 @@ class LLM:
     def __init__(self, model: str, dtype: str = "bfloat16", max_model_len: int = 2048, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 8192, kv_cache_gb: float = 2.0, block_size: int = 16,
                  cache_dir: str | None = None, parallel=None, kv_host_gb: float = 4.0,
-                 kv_threshold: float = 0.25):
+                 kv_threshold: float = 0.25, distributed: bool | None = None):
         self.model_name = model
         self.is_main = True
-        if parallel is not None or _launched_world_size() > 1:
+        if distributed is None:      # None: distributed under a launcher (WORLD_SIZE > 1) or with `parallel`
+            distributed = parallel is not None or _launched_world_size() > 1
+        elif not distributed and parallel is not None:
+            raise ValueError("LLM: parallel= needs distributed=True (or None)")
+        if distributed:
             self._setup_distributed(model, dtype, max_model_len, max_num_seqs, max_num_batched_tokens,
                                     kv_cache_gb, block_size, cache_dir, parallel, kv_host_gb, kv_threshold)
             return
@@ -90,6 +94,11 @@ class LLM:
         detok = (lambda ids: tokenizer.decode(ids, skip_special_tokens=True)) if tokenizer is not None else None
         self.engine = LLMEngine(sched, executor, executor, config.eos_token_ids or _tokenizer_eos(tokenizer),
                                 detok, config.sliding_window)
+
+    def metrics(self) -> dict:
+        """Cumulative engine numbers: steps, tokens and seconds per stage; switches and KV bytes moved under
+        the distributed engine."""
+        return _stats_summary(self.engine.stats)
 
     # ---- prompts -------------------------------------------------------------------------------------
     def encode_prompt(self, prompt: PromptLike) -> tuple[list[int], str | None]:
@@ -151,6 +160,14 @@ class LLM:
                 bar.update(1)
         bar.close()
         return [results[f"{base}{i}"] for i in range(len(prompts))]
+
+
+def _stats_summary(stats) -> dict:
+    if hasattr(stats, "summary"):
+        return stats.summary()
+    sizes = stats.decode_batch_sizes
+    return {k: v for k, v in vars(stats).items() if not isinstance(v, list)} | {
+        "mean_decode_batch": sum(sizes) / len(sizes) if sizes else 0.0}
 
 
 def _tokenizer_eos(tokenizer) -> tuple[int, ...]:
