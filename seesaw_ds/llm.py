@@ -98,7 +98,7 @@ class LLM:
     def metrics(self) -> dict:
         """Cumulative engine numbers: steps, tokens and seconds per stage; switches and KV bytes moved under
         the distributed engine."""
-        return _stats_summary(self.engine.stats)
+        return self.engine.stats.summary()
 
     # ---- prompts -------------------------------------------------------------------------------------
     def encode_prompt(self, prompt: PromptLike) -> tuple[list[int], str | None]:
@@ -160,14 +160,6 @@ class LLM:
                 bar.update(1)
         bar.close()
         return [results[f"{base}{i}"] for i in range(len(prompts))]
-
-
-def _stats_summary(stats) -> dict:
-    if hasattr(stats, "summary"):
-        return stats.summary()
-    sizes = stats.decode_batch_sizes
-    return {k: v for k, v in vars(stats).items() if not isinstance(v, list)} | {
-        "mean_decode_batch": sum(sizes) / len(sizes) if sizes else 0.0}
 
 
 def _tokenizer_eos(tokenizer) -> tuple[int, ...]:

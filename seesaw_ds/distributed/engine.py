@@ -16,7 +16,9 @@ import torch
 import torch.distributed as dist
 
 from seesaw_ds.distributed.host_kv import HostKVStore
+from seesaw_ds.distributed.stash import KVStasher
 from seesaw_ds.engine.inputs import build_inputs
+from seesaw_ds.engine.llm_engine import EngineStats, to_output
 from seesaw_ds.engine.sampler import sample
 from seesaw_ds.engine.sampling_params import SamplingParams
 from seesaw_ds.engine.scheduler import ScheduledBatch
@@ -27,13 +29,7 @@ log = logging.getLogger("seesaw_ds")
 
 
 @dataclass
-class SeesawStats:
-    prefill_steps: int = 0
-    decode_steps: int = 0
-    prefill_tokens: int = 0
-    decode_tokens: int = 0
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
+class SeesawStats(EngineStats):
     switch_s: float = 0.0
     onboard_s: float = 0.0          # synchronous host -> device copies (nothing to decode meanwhile)
     prefetch_stall_s: float = 0.0   # time decode waited for background copies to land
@@ -41,14 +37,10 @@ class SeesawStats:
     kv_bytes_moved: int = 0
     weight_bytes_moved: int = 0
     switches: list[dict] = field(default_factory=list)
-    decode_batch_sizes: list[int] = field(default_factory=list)
     host_occupancy: list[float] = field(default_factory=list)
 
     def summary(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if not isinstance(v, list)} | {
-            "num_switches": len(self.switches),
-            "mean_decode_batch": (sum(self.decode_batch_sizes) / len(self.decode_batch_sizes)
-                                  if self.decode_batch_sizes else 0.0)}
+        return super().summary() | {"num_switches": len(self.switches)}
 
 
 def split_micro_batches(batch: ScheduledBatch, n: int) -> list[ScheduledBatch]:
@@ -70,10 +62,12 @@ def split_micro_batches(batch: ScheduledBatch, n: int) -> list[ScheduledBatch]:
 
 class DistributedEngine:
     def __init__(self, scheduler: SeesawScheduler, prefill_executor, decode_executor, store: HostKVStore,
-                 pool, eos_token_ids=(), detokenize=None, sliding_window=None, micro_batches: int = 0):
+                 pool, eos_token_ids=(), detokenize=None, sliding_window=None, micro_batches: int = 0,
+                 stash_async: bool = True):
         self.scheduler = scheduler
         self.prefill_executor, self.decode_executor = prefill_executor, decode_executor
         self.store, self.pool = store, pool
+        self.stasher = KVStasher(store, asynchronous=stash_async)     # the prefill KV target
         self.eos_token_ids = tuple(eos_token_ids)
         self.detokenize = detokenize
         self.sliding_window = sliding_window
@@ -122,7 +116,7 @@ class DistributedEngine:
         if batch.wait_prefetch:
             self._land_prefetch()
         if batch.is_prefill:
-            ex, kv = self.prefill_executor, self.store
+            ex, kv = self.prefill_executor, self.stasher
             self.store.layers, self.store.kv_heads = ex.layers, ex.kv_heads
         else:
             ex, kv = self.decode_executor, self.pool
@@ -141,12 +135,20 @@ class DistributedEngine:
         n_mb = self.micro_batches or getattr(ex, "max_micro_batches", 1)
         micro = [build_inputs(mb, bs, self.sliding_window) for mb in split_micro_batches(batch, n_mb)]
         logits = ex.run(micro, kv)
+        if batch.is_prefill:
+            self._flush_stash()
         tokens, logprobs = self._sample_and_share(logits, batch, ex.sampling_rank)
         finished = self.scheduler.postprocess(batch, tokens, logprobs)
         self._account(batch, time.perf_counter() - t0)
         for seq in finished:
             self._request_ids.discard(seq.request_id)
         return [self._output(s) for s in finished]
+
+    def _flush_stash(self) -> None:
+        # NOTE: every rank flushes its prefill writes here, before the stage-switch barrier that precedes
+        # any decode onboarding, so no rank reads another rank's rectangle of the store mid-write.
+        self.stasher.flush()
+        self.stats.stash_s, self.stats.stash_wait_s = self.stasher.busy_s, self.stasher.wait_s
 
     def _land_prefetch(self) -> None:
         if self._in_flight is None:
@@ -170,22 +172,11 @@ class DistributedEngine:
         return tokens.tolist(), logprobs
 
     def _account(self, batch: ScheduledBatch, seconds: float) -> None:
-        s = self.stats
-        if batch.is_prefill:
-            s.prefill_steps += 1
-            s.prefill_tokens += batch.num_tokens
-            s.prefill_s += seconds
-        else:
-            s.decode_steps += 1
-            s.decode_tokens += batch.num_tokens
-            s.decode_s += seconds
-            s.decode_batch_sizes.append(len(batch.seqs))
-        s.host_occupancy.append(self.scheduler.host_occupancy)
+        self.stats.account(batch, seconds)
+        self.stats.host_occupancy.append(self.scheduler.host_occupancy)
 
     def _output(self, seq: Sequence) -> RequestOutput:
-        text = self.detokenize(seq.output_token_ids) if (self.detokenize and self.rank == 0) else ""
-        return RequestOutput(seq.request_id, seq.prompt_token_ids, list(seq.output_token_ids), text,
-                             seq.finish_reason, seq.logprobs)
+        return to_output(seq, self.detokenize if self.rank == 0 else None)
 
 
 __all__ = ["DistributedEngine", "SeesawStats", "split_micro_batches", "PREFILL"]

@@ -22,6 +22,22 @@ class EngineStats:
     decode_s: float = 0.0
     decode_batch_sizes: list[int] = field(default_factory=list)
 
+    def account(self, batch, seconds: float) -> None:
+        if batch.is_prefill:
+            self.prefill_steps += 1
+            self.prefill_tokens += batch.num_tokens
+            self.prefill_s += seconds
+        else:
+            self.decode_steps += 1
+            self.decode_tokens += batch.num_tokens
+            self.decode_s += seconds
+            self.decode_batch_sizes.append(len(batch.seqs))
+
+    def summary(self) -> dict:
+        sizes = self.decode_batch_sizes
+        return {k: v for k, v in vars(self).items() if not isinstance(v, list)} | {
+            "mean_decode_batch": sum(sizes) / len(sizes) if sizes else 0.0}
+
 
 class LLMEngine:
     def __init__(self, scheduler: Scheduler, prefill_executor: Executor, decode_executor: Executor,
@@ -62,18 +78,13 @@ class LLMEngine:
         return [self._output(s) for s in finished]
 
     def _account(self, batch, seconds: float) -> None:
-        s = self.stats
-        if batch.is_prefill:
-            s.prefill_steps += 1
-            s.prefill_tokens += batch.num_tokens
-            s.prefill_s += seconds
-        else:
-            s.decode_steps += 1
-            s.decode_tokens += batch.num_tokens
-            s.decode_s += seconds
-            s.decode_batch_sizes.append(len(batch.seqs))
+        self.stats.account(batch, seconds)
 
     def _output(self, seq: Sequence) -> RequestOutput:
-        text = self.detokenize(seq.output_token_ids) if self.detokenize else ""
-        return RequestOutput(seq.request_id, seq.prompt_token_ids, list(seq.output_token_ids), text,
-                             seq.finish_reason, seq.logprobs)
+        return to_output(seq, self.detokenize)
+
+
+def to_output(seq: Sequence, detokenize=None) -> RequestOutput:
+    text = detokenize(seq.output_token_ids) if detokenize else ""
+    return RequestOutput(seq.request_id, seq.prompt_token_ids, list(seq.output_token_ids), text,
+                         seq.finish_reason, seq.logprobs)

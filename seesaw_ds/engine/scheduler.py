@@ -58,6 +58,11 @@ class Scheduler:
 
     # ---- admission -----------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
+        self._admit(seq, (("pool", self.allocator.num_blocks),))
+        self.waiting.append(seq)
+
+    def _admit(self, seq: Sequence, tiers: tuple[tuple[str, int], ...]) -> None:
+        """Reject, with numbers, a request that could never run: the loop must never wait on it forever."""
         n, cfg = len(seq.prompt_token_ids), self.config
         if n == 0:
             raise RequestRejected(f"request {seq.request_id!r}: empty prompt")
@@ -65,11 +70,11 @@ class Scheduler:
             raise RequestRejected(f"request {seq.request_id!r}: prompt has {n} tokens; "
                                   f"max_model_len={cfg.max_model_len} leaves no room to generate")
         worst = min(n + seq.params.max_tokens, cfg.max_model_len)
-        if -(-worst // cfg.block_size) > self.allocator.num_blocks:
-            raise RequestRejected(
-                f"request {seq.request_id!r}: {worst} tokens need {-(-worst // cfg.block_size)} KV blocks; "
-                f"the pool has {self.allocator.num_blocks} (raise the KV budget or lower max_tokens)")
-        self.waiting.append(seq)
+        need = -(-worst // cfg.block_size)
+        for tier, have in tiers:
+            if need > have:
+                raise RequestRejected(f"request {seq.request_id!r}: {worst} tokens need {need} KV blocks; "
+                                      f"the {tier} has {have} (raise the KV budget or lower max_tokens)")
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -101,9 +106,13 @@ class Scheduler:
         return ScheduledBatch(True, picked)
 
     def _schedule_decode(self) -> ScheduledBatch | None:
-        bs = self.config.block_size
-        scheduled: list[Sequence] = []
-        queue = list(self.running)
+        scheduled = self._grow_running()
+        return ScheduledBatch(False, scheduled) if scheduled else None
+
+    def _grow_running(self) -> list[Sequence]:
+        """Give every running sequence the block its next token needs; when the pool is full, preempt the
+        youngest not yet scheduled (or the sequence itself). Returns the sequences to decode."""
+        bs, scheduled, queue = self.config.block_size, [], list(self.running)
         while queue:
             seq = queue.pop(0)
             while len(seq.block_table) < seq.blocks_needed(bs) and not self.allocator.can_allocate(1):
@@ -116,9 +125,7 @@ class Scheduler:
             if len(seq.block_table) < seq.blocks_needed(bs):
                 seq.block_table += self.allocator.allocate(1)
             scheduled.append(seq)
-        if not scheduled:
-            return None
-        return ScheduledBatch(False, scheduled)
+        return scheduled
 
     def _preempt(self, seq: Sequence) -> None:
         self.allocator.free(seq.block_table)
@@ -138,9 +145,19 @@ class Scheduler:
         for i, (seq, tok) in enumerate(zip(batch.seqs, token_ids)):
             seq.append(int(tok), logprobs[i] if logprobs else None)
             if seq.is_finished:
-                seq.status = SequenceStatus.FINISHED
-                self.allocator.free(seq.block_table)
-                seq.block_table = []
-                self.running.remove(seq)
+                self._release(seq)
                 finished.append(seq)
+            else:
+                self._keep(batch, seq)
         return finished
+
+    def _release(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.FINISHED
+        if seq.block_table:
+            self.allocator.free(seq.block_table)
+        seq.block_table = []
+        if seq in self.running:
+            self.running.remove(seq)
+
+    def _keep(self, batch: ScheduledBatch, seq: Sequence) -> None:
+        """An unfinished sequence after a step: here it simply keeps running."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from seesaw_ds.engine.scheduler import RequestRejected, ScheduledBatch, SchedulerConfig
+from seesaw_ds.engine.scheduler import RequestRejected, ScheduledBatch, Scheduler, SchedulerConfig  # noqa: F401
 from seesaw_ds.engine.sequence import Sequence, SequenceStatus
 from seesaw_ds.kv.allocator import BlockAllocator
 
@@ -43,35 +43,22 @@ class TierConfig:
                 raise ValueError(f"kv.{name} must hold at least one block, got {getattr(self, name)}")
 
 
-class SeesawScheduler:
+class SeesawScheduler(Scheduler):
     def __init__(self, config: SchedulerConfig, tiers: TierConfig):
-        self.config, self.tiers = config, tiers
+        super().__init__(config, tiers.device_blocks)
+        self.tiers = tiers
+        self.device = self.allocator            # the paged device pool
         self.host = BlockAllocator(tiers.host_blocks)
-        self.device = BlockAllocator(tiers.device_blocks)
-        self.waiting: deque[Sequence] = deque()
         self.stashed: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
         self.prefetching: list[Sequence] = []   # device blocks reserved, host blocks pinned, copy in flight
         self.stage = PREFILL
         self.num_switches = 0          # prefill -> decode and decode -> prefill, each counted
-        self.num_preemptions = 0
 
     def _blocks(self, n_tokens: int) -> int:
         return -(-n_tokens // self.config.block_size)
 
     def add(self, seq: Sequence) -> None:
-        n, cfg = len(seq.prompt_token_ids), self.config
-        if n == 0:
-            raise RequestRejected(f"request {seq.request_id!r}: empty prompt")
-        if n >= cfg.max_model_len:
-            raise RequestRejected(f"request {seq.request_id!r}: prompt has {n} tokens; "
-                                  f"max_model_len={cfg.max_model_len} leaves no room to generate")
-        worst = min(n + seq.params.max_tokens, cfg.max_model_len)
-        for tier, have, need in (("host store", self.host.num_blocks, self._blocks(worst)),
-                                 ("device pool", self.device.num_blocks, self._blocks(worst))):
-            if need > have:
-                raise RequestRejected(f"request {seq.request_id!r}: {worst} tokens need {need} KV blocks; "
-                                      f"the {tier} has {have} (raise kv budgets or lower max_tokens)")
+        self._admit(seq, (("host store", self.host.num_blocks), ("device pool", self.device.num_blocks)))
         self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
@@ -174,7 +161,7 @@ class SeesawScheduler:
         return ScheduledBatch(True, picked, to_host=True) if picked else None
 
     def _decode(self) -> ScheduledBatch | None:
-        bs, onboard = self.config.block_size, []
+        onboard = []
         # NOTE: keep one block for every runner about to cross a block boundary, so onboarding never
         # forces a preemption in the same step (that would discard the stashed KV it just read).
         growth = self._growth()
@@ -196,49 +183,18 @@ class SeesawScheduler:
         else:                                     # nothing to decode meanwhile: load now
             for seq in loads:
                 self._complete_load(seq)
-        scheduled, queue = [], list(self.running)
-        while queue:
-            seq = queue.pop(0)
-            while len(seq.block_table) < seq.blocks_needed(bs) and not self.device.can_allocate(1):
-                victim = queue.pop() if queue else seq
-                self._preempt(victim)
-                if victim is seq:
-                    break
-            if seq.status is not SequenceStatus.RUNNING:
-                continue
-            if len(seq.block_table) < seq.blocks_needed(bs):
-                seq.block_table += self.device.allocate(1)
-            scheduled.append(seq)
+        scheduled = self._grow_running()
         if not scheduled:
             return None
         return ScheduledBatch(False, scheduled, onboard=onboard, prefetch=prefetch)
 
-    def _preempt(self, seq: Sequence) -> None:
-        self.device.free(seq.block_table)
-        seq.block_table = []
-        seq.status = SequenceStatus.WAITING
-        self.running.remove(seq)
-        self.waiting.appendleft(seq)
-        self.num_preemptions += 1
-
     # ---- results -------------------------------------------------------------------------------------
-    def postprocess(self, batch: ScheduledBatch, token_ids: list[int],
-                    logprobs: list[dict[int, float] | None] | None = None) -> list[Sequence]:
-        if len(token_ids) != len(batch.seqs):
-            raise ValueError(f"{len(token_ids)} sampled tokens for {len(batch.seqs)} sequences")
-        finished = []
-        for i, (seq, tok) in enumerate(zip(batch.seqs, token_ids)):
-            seq.append(int(tok), logprobs[i] if logprobs else None)
-            if seq.is_finished:
-                seq.status = SequenceStatus.FINISHED
-                if seq.block_table:
-                    self.device.free(seq.block_table)
-                if seq.host_blocks:
-                    self.host.free(seq.host_blocks)
-                seq.block_table, seq.host_blocks = [], []
-                if seq in self.running:
-                    self.running.remove(seq)
-                finished.append(seq)
-            elif batch.is_prefill:
-                self.stashed.append(seq)
-        return finished
+    def _release(self, seq: Sequence) -> None:
+        if seq.host_blocks:
+            self.host.free(seq.host_blocks)
+        seq.host_blocks = []
+        super()._release(seq)
+
+    def _keep(self, batch: ScheduledBatch, seq: Sequence) -> None:
+        if batch.is_prefill:                      # its KV now waits in the host store
+            self.stashed.append(seq)
