@@ -151,7 +151,9 @@ def parse_args(argv=None):
     p.add_argument("--peers", default="", help="comma list of peer engines in their own env: vllm")
     p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma list of: {', '.join(WORKLOADS)}")
     p.add_argument("--scale", type=float, default=1.0, help="multiply request counts (e.g. 0.25 for a quick run)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="auto: bfloat16 where the CPU has native bf16 (AVX512-BF16/AMX) or on an accelerator, "
+                        "else float32; resolved once and given to every engine")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch threads for 1-process rows")
     p.add_argument("--seesaw-layouts", default="1proc", help=f"comma list of: {', '.join(SEESAW_LAYOUTS)}")
@@ -162,6 +164,9 @@ def parse_args(argv=None):
     p.add_argument("--out", default=str(REPO / "evals" / "results" / "throughput.json"))
     args = p.parse_args(argv)
     args.workload_names = parse_workload_names(args.workloads)
+    if args.dtype == "auto":
+        from seesaw_ds.models.config import parse_dtype
+        args.dtype = str(parse_dtype("auto")).replace("torch.", "")
     for label in args.seesaw_layouts.split(","):
         if label not in SEESAW_LAYOUTS:
             p.error(f"unknown seesaw layout {label!r}; choose from {', '.join(SEESAW_LAYOUTS)}")

@@ -34,7 +34,7 @@ class LLM:
     distributed Seesaw engine (prefill and decode layouts, host KV tier); every rank constructs the LLM and
     calls `generate` with the same prompts; outputs are complete on rank 0 (`is_main`)."""
 
-    def __init__(self, model: str, dtype: str = "bfloat16", max_model_len: int = 2048, max_num_seqs: int = 256,
+    def __init__(self, model: str, dtype: str = "auto", max_model_len: int = 2048, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 8192, kv_cache_gb: float = 2.0, block_size: int = 16,
                  cache_dir: str | None = None, parallel=None, kv_host_gb: float = 4.0,
                  kv_threshold: float = 0.25, distributed: bool | None = None):

@@ -16,13 +16,34 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
+def cpu_has_fast_bf16() -> bool:
+    """bf16 matmuls are only fast on CPUs with native bf16 dot products (AVX512-BF16 or AMX); elsewhere
+    they are emulated and run slower than fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def auto_dtype() -> torch.dtype:
+    """bfloat16 on accelerators and on CPUs with native bf16; float32 otherwise."""
+    from deepspeed.accelerator import get_accelerator
+    if get_accelerator().device_name() != "cpu":
+        return torch.bfloat16
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name
+    if str(name).lower() == "auto":
+        return auto_dtype()
     try:
         return _DTYPES[str(name).lower().replace("torch.", "")]
     except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}") from None
+        raise ValueError(f"unknown dtype {name!r}; expected auto or one of {sorted(_DTYPES)}") from None
 
 
 class UnsupportedArchitecture(ValueError):
