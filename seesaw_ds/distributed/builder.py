@@ -88,7 +88,8 @@ def cleanup_deepspeed_shm() -> None:
 
 def build_engine(model: str, dtype="float32", parallel=None, max_model_len=2048, max_num_seqs=256,
                  max_num_batched_tokens=8192, block_size=16, kv_device_gb=1.0, kv_host_gb=2.0,
-                 threshold=0.25, cache_dir=None, micro_batches=0, tokenizer=None):
+                 threshold=0.25, cache_dir=None, micro_batches=0, tokenizer=None, stash_async=True):
+    """`stash_async`: prefill K/V go into the host store from a background thread (see stash.py)."""
     init_distributed()
     torch_dtype = parse_dtype(dtype)
     cache_dir = cache_dir or default_cache_dir()
@@ -128,7 +129,7 @@ def build_engine(model: str, dtype="float32", parallel=None, max_model_len=2048,
                  store.nbytes / 1e9, dev_spec.num_blocks)
     detok = (lambda ids: tokenizer.decode(ids, skip_special_tokens=True)) if tokenizer is not None else None
     engine = DistributedEngine(sched, prefill_ex, decode_ex, store, pool, cfg.eos_token_ids, detok,
-                               cfg.sliding_window, micro_batches)
+                               cfg.sliding_window, micro_batches, stash_async)
     engine.layouts, engine.model_folder, engine.config = layouts, folder, cfg
     engine.master_path = master.path
     return engine

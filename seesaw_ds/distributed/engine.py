@@ -34,6 +34,8 @@ class SeesawStats(EngineStats):
     onboard_s: float = 0.0          # synchronous host -> device copies (nothing to decode meanwhile)
     prefetch_stall_s: float = 0.0   # time decode waited for background copies to land
     prefetched_seqs: int = 0
+    stash_s: float = 0.0            # prefill K/V writes into the host store (background when async)
+    stash_wait_s: float = 0.0       # time prefill was held up by those writes (all of stash_s when sync)
     kv_bytes_moved: int = 0
     weight_bytes_moved: int = 0
     switches: list[dict] = field(default_factory=list)

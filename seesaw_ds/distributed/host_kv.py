@@ -55,11 +55,16 @@ class HostKVStore:
             pass
 
     # ---- the attention hook's sink during prefill ---------------------------------------------------
-    def write(self, layer: int, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
-        """key/value: [1, Hkv_r, T, D] for this rank's heads -> store[layer, k/v, heads, slots, :]."""
-        h = slice(self.kv_heads.start, self.kv_heads.stop)
-        self.tensor[layer, 0, h].index_copy_(1, slots, key[0].to(self.tensor.dtype))
-        self.tensor[layer, 1, h].index_copy_(1, slots, value[0].to(self.tensor.dtype))
+    def write(self, layer: int, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor,
+              kv_heads: range | None = None) -> None:
+        """key/value: [1, Hkv_r, T, D] for `kv_heads` (default: this rank's `self.kv_heads`)
+        -> store[layer, k/v, heads, slots, :]. Safe from one background thread (see stash.py)."""
+        heads = self.kv_heads if kv_heads is None else kv_heads
+        h = slice(heads.start, heads.stop)
+        dev, dtype = self.tensor.device, self.tensor.dtype
+        slots = slots.to(dev)
+        self.tensor[layer, 0, h].index_copy_(1, slots, key[0].to(dev, dtype))
+        self.tensor[layer, 1, h].index_copy_(1, slots, value[0].to(dev, dtype))
 
     # ---- onboarding into a device pool ---------------------------------------------------------------
     def token_index(self, host_blocks: list[int]) -> torch.Tensor:

@@ -70,13 +70,21 @@ def output_schema(token_ids: bool, carry_types: Mapping[str, pa.DataType | None]
 
 
 # ---- fingerprint -------------------------------------------------------------------------------------------
+def resolved_dtype(name: str) -> str:
+    """`auto` as the dtype it picks on this machine (rows made in bf16 and in fp32 differ)."""
+    if name != "auto":
+        return name
+    from seesaw_ds.models.config import parse_dtype
+    return str(parse_dtype(name)).replace("torch.", "")
+
+
 def job_fingerprint(recipe: Recipe, source_used: str) -> dict[str, Any]:
     """Flat {dotted key: value} of every recipe part that decides what the rows contain."""
     data = to_plain(recipe.data)
     for key in ("streaming", "fallback"):  # how rows are read, not which rows
         data.pop(key)
     data["source"] = source_used
-    tree = {"model": {"name": recipe.model.name, "dtype": recipe.model.dtype},
+    tree = {"model": {"name": recipe.model.name, "dtype": resolved_dtype(recipe.model.dtype)},
             "sampling": to_plain(recipe.sampling), "data": data,
             "engine": {"max_model_len": recipe.engine.max_model_len},
             "output": {"token_ids": recipe.output.token_ids}}
@@ -105,7 +113,7 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def _atomic_write(directory: str, name: str, write) -> str:
+def atomic_write(directory: str, name: str, write) -> str:
     """write(file object) into a temporary file of `directory`, fsync it, rename it to `name`."""
     final = os.path.join(directory, name)
     tmp = os.path.join(directory, f"{TMP_PREFIX}{name}.{os.getpid()}")
@@ -175,7 +183,7 @@ def prepare_output_dir(output: OutputSection, fingerprint: Mapping[str, Any], re
         "shard_pattern": "part-r{replica:03d}-{seq:05d}.parquet", "recipe": recipe.to_dict(),
     }
     text = json.dumps(manifest, indent=2, sort_keys=False).encode()
-    _atomic_write(directory, MANIFEST_NAME, lambda handle: handle.write(text))
+    atomic_write(directory, MANIFEST_NAME, lambda handle: handle.write(text))
     return directory
 
 
@@ -221,7 +229,7 @@ class ShardWriter:
         if os.path.exists(os.path.join(self.directory, name)):
             raise OutputError(f"shard {name} already exists in {self.directory}; is another replica {self.replica} "
                               f"writing here?")
-        path = _atomic_write(self.directory, name, lambda handle: pq.write_table(table, handle))
+        path = atomic_write(self.directory, name, lambda handle: pq.write_table(table, handle))
         self.done_ids.update(row["id"] for row in rows)
         self.next_seq += 1
         self.rows_written += len(rows)
@@ -235,3 +243,23 @@ def load_output(directory: str, cache_dir: str | None = None):
     import datasets
     return datasets.load_dataset("parquet", data_files=os.path.join(directory, SHARD_GLOB), split="train",
                                  cache_dir=cache_dir)
+
+
+class DiscardWriter:
+    """ShardWriter's surface for a rank that steps its replica's engine but does not write (not the writer).
+
+    NOTE: it must see the same completed ids as its writer: build it after the folder is prepared and before
+    the replica's first engine step (the writer cannot write before every rank of the replica has stepped)."""
+
+    def __init__(self, directory: str, replica: int = 0):
+        self.directory, self.replica = directory, replica
+        self.done_ids = read_completed_ids(directory)
+        self.rows: list[dict[str, Any]] = []
+        self.rows_written = 0
+        self.shards_written = 0
+
+    def add(self, row: dict[str, Any]) -> None:
+        pass
+
+    def flush(self, max_rows: int | None = None) -> None:
+        return None

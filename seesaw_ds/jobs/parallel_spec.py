@@ -2,6 +2,7 @@
 
 Accepted forms:
     "auto"                                          the planner chooses
+    "seesaw" (or null)                              PP over all ranks for prefill -> TP over them for decode
     {tp: 1, pp: 1, dp: 1}                           one static layout (missing degrees are 1)
     {prefill: {pp: 2}, decode: {tp: 2}, dp: 1}      Seesaw: one layout per stage, same devices per replica
 """
@@ -28,11 +29,13 @@ def _degrees(raw: Any, key: str, allowed: tuple[str, ...]) -> dict[str, int]:
 
 
 def validate_parallel(raw: Any) -> str | dict:
-    """Return "auto" or a normalised mapping; raise RecipeError naming the bad `parallel.*` key."""
-    if raw is None or raw == "auto":
+    """Return "auto", "seesaw" or a normalised mapping; raise RecipeError naming the bad `parallel.*` key."""
+    if raw is None or raw == "seesaw":
+        return "seesaw"
+    if raw == "auto":
         return "auto"
     if not isinstance(raw, Mapping):
-        raise RecipeError("parallel", f"must be auto or a mapping, got {raw!r}")
+        raise RecipeError("parallel", f"must be auto, seesaw or a mapping, got {raw!r}")
     if "prefill" in raw or "decode" in raw:
         for stage in ("prefill", "decode"):
             if stage not in raw:
@@ -51,14 +54,14 @@ def validate_parallel(raw: Any) -> str | dict:
 
 
 def data_parallel_size(parallel: str | Mapping) -> int | None:
-    """Replica count fixed by the recipe, or None when the planner decides (`auto`)."""
-    return None if parallel == "auto" else int(parallel["dp"])
+    """Replica count fixed by the recipe, or None when it follows the world size (`auto`, `seesaw`)."""
+    return None if parallel in ("auto", "seesaw") else int(parallel["dp"])
 
 
 def describe_layouts(parallel: str | Mapping) -> str:
     """A short label for output rows, e.g. 'prefill=tp1pp2 decode=tp2pp1 dp=1'."""
-    if parallel == "auto":
-        return "auto"
+    if parallel in ("auto", "seesaw"):
+        return parallel
     if "prefill" in parallel:
         stage = lambda d: f"tp{d['tp']}pp{d['pp']}"  # noqa: E731
         return f"prefill={stage(parallel['prefill'])} decode={stage(parallel['decode'])} dp={parallel['dp']}"

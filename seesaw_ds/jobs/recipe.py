@@ -14,13 +14,14 @@ import yaml
 from seesaw_ds.jobs.parallel_spec import validate_parallel
 from seesaw_ds.jobs.schema import RecipeError, build, check, describe, option, to_plain
 
-_DTYPES = ("bfloat16", "bf16", "float32", "fp32", "float16", "fp16")
+_DTYPES = ("auto", "bfloat16", "bf16", "float32", "fp32", "float16", "fp16")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
     name: str = option("embedded:smollm2", "model: hub id, local folder, or embedded:NAME")
-    dtype: str = option("bfloat16", "compute dtype: bfloat16 | float32 | float16")
+    dtype: str = option("auto", "compute dtype: auto (bfloat16 where the hardware has native bf16, else float32) "
+                                "| bfloat16 | float32 | float16")
     cache_dir: str | None = option(None, "folder for downloaded or converted weights (null: default cache)")
 
     def __post_init__(self):
@@ -111,13 +112,14 @@ class SamplingSection:
 @dataclasses.dataclass(frozen=True)
 class KvSection:
     device_gb: float = option(2.0, "device KV cache size per rank, GiB")
-    host_gb: float | None = option(None, "host-memory KV store size per node, GiB (null: automatic)")
-    threshold: float = option(0.9, "host store fill fraction that switches prefill to decode")
+    host_gb: float = option(4.0, "host-memory KV store size per node, GiB (several ranks only)")
+    threshold: float = option(0.25, "decode hands back to prefill once the host store has drained to this "
+                                    "fill fraction (several ranks only)")
 
     def __post_init__(self):
         check(self.device_gb > 0, "device_gb", f"must be > 0, got {self.device_gb}")
-        check(self.host_gb is None or self.host_gb > 0, "host_gb", f"must be > 0 or null, got {self.host_gb}")
-        check(0 < self.threshold <= 1, "threshold", f"must be in (0, 1], got {self.threshold}")
+        check(self.host_gb > 0, "host_gb", f"must be > 0, got {self.host_gb}")
+        check(0 <= self.threshold < 1, "threshold", f"must be in [0, 1), got {self.threshold}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,7 +158,12 @@ class OutputSection:
 class WandbSection:
     project: str | None = option(None, "wandb project (null: no tracking)")
     name: str | None = option(None, "wandb run name")
-    mode: Literal["online", "offline", "disabled"] = option("disabled", "online | offline | disabled")
+    mode: Literal["online", "offline", "disabled"] = option(
+        "online", "online (offline when no API key is set) | offline | disabled; WANDB_MODE overrides it")
+    samples: int = option(16, "sample generations logged as a table")
+
+    def __post_init__(self):
+        check(self.samples >= 0, "samples", f"must be >= 0, got {self.samples}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,7 +177,8 @@ class Recipe:
     data: DataSection = option(None, "")
     sampling: SamplingSection = option(SamplingSection(), "")
     engine: EngineSection = option(EngineSection(), "")
-    parallel: Any = option("auto", "auto | {tp: 1, pp: 1, dp: 1} | {prefill: {pp: 2}, decode: {tp: 2}, dp: 1}")
+    parallel: Any = option("seesaw", "auto (planner) | seesaw (prefill pp=N -> decode tp=N on N ranks) | "
+                                      "{tp: 1, pp: 1, dp: 1} | {prefill: {pp: 2}, decode: {tp: 2}, dp: 1}")
     output: OutputSection = option(OutputSection(), "")
     tracking: TrackingSection = option(TrackingSection(), "")
 
@@ -181,7 +189,8 @@ class Recipe:
         """Keyword arguments for `seesaw_ds.LLM(...)`."""
         return dict(model=self.model.name, dtype=self.model.dtype, max_model_len=self.engine.max_model_len,
                     max_num_seqs=self.engine.max_num_seqs, max_num_batched_tokens=self.engine.max_num_batched_tokens,
-                    kv_cache_gb=self.engine.kv.device_gb, cache_dir=self.model.cache_dir)
+                    kv_cache_gb=self.engine.kv.device_gb, cache_dir=self.model.cache_dir,
+                    kv_host_gb=self.engine.kv.host_gb, kv_threshold=self.engine.kv.threshold)
 
     def sampling_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `seesaw_ds.SamplingParams(...)` (per-row max_tokens/seed are set later)."""

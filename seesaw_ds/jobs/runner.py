@@ -90,11 +90,27 @@ class JobSummary:
         return "\n".join([head] + [f"  {k:<{width}}  {v}" for k, v in lines])
 
 
+def _stage(engine: Any) -> str:
+    return getattr(engine, "stage", None) or getattr(getattr(engine, "scheduler", None), "stage", None) or "run"
+
+
+def _throughput(rows: int, summary: JobSummary, seconds: float, shards: int) -> dict[str, float]:
+    seconds = max(seconds, 1e-9)
+    return {"rows": rows, "requests_per_s": rows / seconds,
+            "tokens_per_s": (summary.prompt_tokens + summary.completion_tokens) / seconds,
+            "output_tokens_per_s": summary.completion_tokens / seconds, "shards": shards}
+
+
 def run_job(recipe: Recipe, source: PromptSource, engine: Engine, writer: ShardWriter, *,
             params_factory: Callable[..., Any], model_label: str, layouts_label: str,
             show_progress: bool = True, log_fn: Callable[[dict], None] | None = None,
-            print_fn: Callable[[str], None] | None = print, clock: Callable[[], float] = time.monotonic) -> JobSummary:
-    """Run every not-yet-written row of `source` through `engine`; returns the summary (printed if print_fn)."""
+            on_row: Callable[[dict], None] | None = None, print_fn: Callable[[str], None] | None = print,
+            clock: Callable[[], float] = time.monotonic) -> JobSummary:
+    """Run every not-yet-written row of `source` through `engine`; returns the summary (printed if print_fn).
+
+    `log_fn(metrics)` gets throughput about twice a second and once at the end; `on_row(row)` sees each row.
+    Every rank of a replica runs this loop with the same source (the engine steps in lockstep); only the
+    replica's writer gets a real `writer`."""
     base = recipe.sampling_kwargs()
     summary = JobSummary(replica=source.replica, num_replicas=source.num_replicas)
     items = source.items(skip_ids=writer.done_ids)
@@ -121,7 +137,10 @@ def run_job(recipe: Recipe, source: PromptSource, engine: Engine, writer: ShardW
                                    f"(e.g. id {next(iter(pending))!r})")
             for output in engine.step():
                 item, params = pending.pop(output.request_id)
-                writer.add(build_row(item, output, params, model_label, layouts_label, recipe.output.token_ids))
+                row = build_row(item, output, params, model_label, layouts_label, recipe.output.token_ids)
+                writer.add(row)
+                if on_row is not None:
+                    on_row(row)
                 summary.prompt_tokens += len(item.prompt_token_ids)
                 summary.completion_tokens += len(output.token_ids)
                 finished_rows += 1
@@ -135,12 +154,14 @@ def run_job(recipe: Recipe, source: PromptSource, engine: Engine, writer: ShardW
             bar.n = source.stats.already_done + sum(source.stats.skipped.values()) + finished_rows
             if now - last_postfix >= 0.5:
                 rate = (summary.prompt_tokens + summary.completion_tokens) / max(now - start, 1e-9)
-                bar.set_postfix(stage=getattr(engine, "stage", "run"), tok_s=f"{rate:.0f}", refresh=False)
+                bar.set_postfix(stage=_stage(engine), tok_s=f"{rate:.0f}", refresh=False)
                 bar.refresh()
                 last_postfix = now
                 if log_fn is not None:
-                    log_fn({"rows": finished_rows, "tokens_per_s": rate, "shards": writer.shards_written})
+                    log_fn(_throughput(finished_rows, summary, now - start, writer.shards_written))
         writer.flush()
+        if log_fn is not None:
+            log_fn(_throughput(finished_rows, summary, clock() - start, writer.shards_written))
     finally:
         bar.n = source.stats.handled - len(pending)
         bar.close()

@@ -39,7 +39,7 @@ def test_unknown_key_names_full_dotted_key_and_suggests():
     ("sampling", {"stop_token_ids": 5}, "sampling.stop_token_ids must be a list"),
     ("sampling", {"stop_token_ids": [1, "a"]}, "sampling.stop_token_ids[1] must be int"),
     ("sampling", {"top_p": 0}, "sampling.top_p must be in (0, 1]"),
-    ("engine", {"kv": {"threshold": 1.5}}, "engine.kv.threshold must be in (0, 1]"),
+    ("engine", {"kv": {"threshold": 1.5}}, "engine.kv.threshold must be in [0, 1)"),
     ("output", {"shard_rows": 0}, "output.shard_rows must be >= 1"),
     ("tracking", {"wandb": {"mode": "loud"}}, "tracking.wandb.mode must be one of online, offline, disabled"),
     ("model", {"dtype": "int3"}, "model.dtype must be one of"),
@@ -79,7 +79,7 @@ def test_overrides_are_yaml_typed_and_checked():
 
 
 @pytest.mark.parametrize("value, expected", [
-    ("auto", "auto"), (None, "auto"), ({"tp": 2}, {"tp": 2, "pp": 1, "dp": 1}),
+    ("auto", "auto"), (None, "seesaw"), ("seesaw", "seesaw"), ({"tp": 2}, {"tp": 2, "pp": 1, "dp": 1}),
     ({"prefill": {"pp": 2}, "decode": {"tp": 2}, "dp": 2}, {"prefill": {"tp": 1, "pp": 2},
                                                            "decode": {"tp": 2, "pp": 1}, "dp": 2}),
 ])
@@ -89,7 +89,7 @@ def test_parallel_forms(value, expected):
 
 @pytest.mark.parametrize("value, needle", [
     ({"tp": 0}, "parallel.tp must be an int >= 1"), ({"tq": 2}, "parallel.tq is unknown"),
-    ({"prefill": {"pp": 2}}, "parallel.decode is required"), ("fast", "parallel must be auto or a mapping"),
+    ({"prefill": {"pp": 2}}, "parallel.decode is required"), ("fast", "parallel must be auto, seesaw or a mapping"),
     ({"prefill": {"pp": 2}, "decode": {"tp": 4}}, "prefill uses 2 devices per replica but decode uses 4"),
     ({"prefill": {"dp": 2}, "decode": {"tp": 2}}, "parallel.prefill.dp is unknown"),
 ])
@@ -113,7 +113,7 @@ def test_help_lists_every_key_with_default_and_description():
     assert len(lines) > 40
     for key, line in lines.items():
         assert "default: " in line and len(line.split("[")[0].split(None, 1)) == 2, line  # key + description
-    assert "default: 0.9" in lines["engine.kv.threshold"] and "default: 'skip'" in lines["data.over_limit"]
+    assert "default: 0.25" in lines["engine.kv.threshold"] and "default: 'skip'" in lines["data.over_limit"]
 
 
 def test_malformed_yaml_is_one_line_with_file_and_line(tmp_path):
@@ -154,4 +154,4 @@ def test_command_line(capsys):
     with pytest.raises(SystemExit):
         recipe_from_argv(["--help"])
     out = capsys.readouterr().out
-    assert "engine.kv.threshold" in out and "default: 0.9" in out and "--config" in out
+    assert "engine.kv.threshold" in out and "default: 0.25" in out and "--config" in out

@@ -1,0 +1,209 @@
+"""The offline generation job behind `launch/generate.py`: recipe -> layouts -> engine(s) -> output folder.
+
+    python launch/generate.py --config recipes/arxiv.yaml data.limit=64           # one process
+    deepspeed --num_gpus 2 launch/generate.py --config recipes/arxiv.yaml         # PP2 prefill -> TP2 decode
+
+Every rank runs `main`. Set-up order (so bad input fails before weights load):
+    recipe -> model folder + config + tokenizer -> layouts (planner when `auto`) -> this rank's inputs
+    -> engine -> rows -> gathered report (rank 0 prints it, writes job_summary.json, finishes wandb)
+A bad input ends every rank with one `error:` line (printed by rank 0) and exit status 2.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+import traceback
+from typing import Any, Callable, Sequence
+
+from seesaw_ds.jobs.cli import recipe_from_argv
+from seesaw_ds.jobs.recipe import Recipe
+from seesaw_ds.jobs.schema import RecipeError
+
+PROG = "launch/generate.py"
+PLANNER_SAMPLE_ROWS = 64
+
+
+def bad_input_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input (recipe, data, model path, layouts): one line, exit status 2."""
+    from seesaw_ds.engine.scheduler import RequestRejected
+    from seesaw_ds.jobs.inputs import InputError
+    from seesaw_ds.jobs.outputs import OutputError
+    return RecipeError, InputError, OutputError, FileNotFoundError, RequestRejected
+
+
+class Comm:
+    """The few collectives a job needs, over all ranks; trivial for one process."""
+
+    def __init__(self, world):
+        self.world = world
+        if world.is_multi_rank:
+            from seesaw_ds.distributed.builder import init_distributed
+            init_distributed()
+
+    def barrier(self) -> None:
+        if self.world.is_multi_rank:
+            import torch.distributed as dist
+            dist.barrier()
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        if not self.world.is_multi_rank:
+            return [obj]
+        import torch.distributed as dist
+        out: list[Any] = [None] * self.world.size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def from_rank0(self, fn: Callable[[], Any]) -> Any:
+        """fn() on rank 0, its result on every rank; a bad input on rank 0 is raised on every rank."""
+        box: list[Any] = [None]
+        if self.world.rank == 0:
+            try:
+                box = [("ok", fn())]
+            except bad_input_errors() as err:
+                box = [("error", str(err))]
+                if not self.world.is_multi_rank:
+                    raise
+        if self.world.is_multi_rank:
+            import torch.distributed as dist
+            dist.broadcast_object_list(box, src=0)
+        status, value = box[0]
+        if status == "error":
+            raise RecipeError("", value)
+        return value
+
+    def close(self) -> None:
+        if self.world.is_multi_rank:
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.barrier()
+                dist.destroy_process_group()
+
+
+def _set_threads(world) -> None:
+    import torch
+    if world.is_multi_rank:   # NOTE: oversubscribed cores make small matmuls 10-40x slower
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(max(1, cores // world.local_size))
+
+
+def _load_model_meta(recipe: Recipe, comm: Comm):
+    """(folder, ModelConfig, tokenizer or None); rank 0 resolves (converts) the model first."""
+    from transformers import AutoTokenizer
+    from seesaw_ds.models.loader import default_cache_dir, load_model_config, resolve_model_folder
+    cache_dir = recipe.model.cache_dir or default_cache_dir()
+    folder = comm.from_rank0(lambda: resolve_model_folder(recipe.model.name, cache_dir))
+    cfg = load_model_config(folder)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError, AttributeError):
+        tokenizer = None
+    return folder, cfg, tokenizer
+
+
+def _auto_planner(recipe: Recipe, tokenizer) -> Callable:
+    """plan_auto(world, cfg): the best planned layouts that one launch can run, for a workload measured on
+    the first rows of the source."""
+    def plan_auto(world_size: int, cfg):
+        from seesaw_ds.jobs.inputs import open_inputs
+        from seesaw_ds.jobs.outputs import resolved_dtype
+        from seesaw_ds.jobs.world import supported
+        from seesaw_ds.planner import PlannerOptions, plan, stage_layouts
+        probe = open_inputs(recipe, tokenizer, announce=lambda _: None)
+        items = list(itertools.islice(probe.items(), PLANNER_SAMPLE_ROWS))
+        if items:
+            prompt = sum(len(i.prompt_token_ids) for i in items) / len(items)
+            output = sum(i.max_tokens for i in items) / len(items)
+            workload = f"{max(prompt, 1):.0f}/{max(output, 1):.0f}/{probe.loaded.num_rows or len(items)}"
+        else:
+            workload = "sharegpt-small"
+        result = plan(cfg, "local", workload, PlannerOptions(dtype=resolved_dtype(recipe.model.dtype)), num_devices=world_size)
+        for candidate in result.ranked:
+            layouts = stage_layouts(candidate)
+            if supported(layouts):
+                return layouts
+        raise RecipeError("parallel", f"auto found no layouts for {world_size} ranks that one launch can run")
+    return plan_auto
+
+
+def _engine_report(engine: Any) -> dict[str, Any]:
+    from seesaw_ds.jobs.tracking import scalar_fields
+    stats = getattr(engine, "stats", None)
+    if stats is None:
+        return {}
+    out = stats.summary() if hasattr(stats, "summary") else scalar_fields(stats)
+    out = {k: v for k, v in out.items() if isinstance(v, (int, float, str))}
+    out["switches"] = [dict(s) for s in getattr(stats, "switches", []) or []]
+    return out
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def run(recipe: Recipe, world, announce: Callable[[str], None] = print) -> dict[str, Any]:
+    """The whole job on this rank; returns the combined report (every rank gets it)."""
+    from seesaw_ds import LLM
+    from seesaw_ds.jobs.inputs import open_inputs
+    from seesaw_ds.jobs.job import run_recipe, summary_dict
+    from seesaw_ds.jobs.report import combine, format_report, write_report
+    from seesaw_ds.jobs.tracking import Tracker, engine_metrics
+    from seesaw_ds.jobs.world import describe, recipe_layouts, replica_role, row_label
+    comm = Comm(world)
+    main_rank = world.rank == 0
+    say = announce if main_rank else (lambda _: None)
+    _set_threads(world)
+    if not main_rank:
+        import datasets
+        datasets.disable_progress_bars()
+    folder, cfg, tokenizer = _load_model_meta(recipe, comm)
+    plan_auto = _auto_planner(recipe, tokenizer)
+    layouts = comm.from_rank0(lambda: recipe_layouts(recipe.parallel, world.size, cfg, plan_auto))
+    role = replica_role(layouts, world.rank)
+    say(f"layouts: {describe(layouts)} ({_count(world.size, 'rank')}, {_count(role.num_replicas, 'replica')} of "
+        f"{_count(len(role.ranks), 'rank')}; model {recipe.model.name} -> {folder})")
+    source = open_inputs(recipe, tokenizer, replica=role.replica, num_replicas=role.num_replicas, announce=say)
+    if role.single_process_engine:
+        llm = LLM(**recipe.llm_kwargs(), distributed=False)
+    else:
+        llm = LLM(**recipe.llm_kwargs(), parallel=layouts)
+    tracker = Tracker.for_recipe(recipe, enabled=main_rank, announce=say,
+                                 extra_config={"layouts": describe(layouts), "world_size": world.size})
+    tracker.attach(llm.engine)
+    summary = run_recipe(recipe, llm, replica=role.replica, num_replicas=role.num_replicas, is_main=main_rank,
+                         is_writer=role.is_writer, layouts=row_label(layouts), barrier=comm.barrier,
+                         source=source, tracker=tracker, print_summary=False)
+    mine = {"summary": summary_dict(summary), "engine": _engine_report(llm.engine), "writer": role.is_writer}
+    gathered = [r for r in comm.all_gather(mine) if r["writer"]]
+    report = combine(gathered, describe(layouts), world.size)
+    if main_rank:
+        announce(format_report(report))
+        report["wandb_run_id"] = tracker.run_id
+        report["wandb_dir"] = getattr(tracker.run, "dir", None)
+        path = write_report(os.path.abspath(os.path.expanduser(recipe.output.dir)), report)
+        announce(f"summary written to {path}")
+        tracker.finish({k: v for k, v in report["total"].items() if isinstance(v, (int, float, str))}
+                       | engine_metrics(llm.engine))
+    comm.close()  # NOTE: success only: a rank that failed alone must not wait in a barrier
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        recipe, _ = recipe_from_argv(argv, prog=PROG)
+    except SystemExit as exit_:  # --help, or a bad recipe (already printed)
+        return int(exit_.code or 0)
+    from seesaw_ds.jobs.world import JobWorld
+    world = JobWorld.from_env()
+    try:
+        run(recipe, world)
+    except bad_input_errors() as err:
+        if world.rank == 0:
+            print(f"{PROG}: error: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception:  # noqa: BLE001 - a crash: the full story, from every rank
+        traceback.print_exc()
+        return 1
+    return 0

@@ -1,0 +1,122 @@
+"""Where a rank of a job stands: the launcher's world, the recipe's layouts, and this rank's replica role.
+
+Pure functions; the launch script supplies the environment and the planner.
+
+    world = JobWorld.from_env()                            # RANK / WORLD_SIZE / LOCAL_SIZE of the launcher
+    layouts = recipe_layouts(recipe.parallel, world.size, cfg, plan_auto)
+    role = replica_role(layouts, world.rank)               # replica index, writer or not
+
+One engine spans the `tp * pp` consecutive ranks of a replica; replicas split the rows (row i goes to replica
+i mod dp). The writer of a replica is its first rank; its other ranks step the engine in lockstep and drop rows.
+
+    world 2, {prefill: {pp: 2}, decode: {tp: 2}}:   rank 0 1 | replica 0 0 | writer yes no
+    world 2, {dp: 2}:                               rank 0 1 | replica 0 1 | writer yes yes
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Mapping
+
+from seesaw_ds.jobs.schema import RecipeError
+from seesaw_ds.models.config import ModelConfig
+from seesaw_ds.parallel.layout import Layout, StageLayouts, auto_layouts
+
+
+@dataclasses.dataclass(frozen=True)
+class JobWorld:
+    rank: int = 0
+    size: int = 1
+    local_size: int = 1      # ranks on this node
+
+    def __post_init__(self):
+        if self.size < 1 or not 0 <= self.rank < self.size:
+            raise ValueError(f"JobWorld.rank {self.rank} is outside a world of {self.size}")
+        if self.local_size < 1:
+            raise ValueError(f"JobWorld.local_size must be >= 1, got {self.local_size}")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> "JobWorld":
+        size = int(env.get("WORLD_SIZE", "1"))
+        return cls(rank=int(env.get("RANK", "0")), size=size, local_size=int(env.get("LOCAL_SIZE", str(size))))
+
+    @property
+    def is_multi_rank(self) -> bool:
+        return self.size > 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicaRole:
+    replica: int             # which replica this rank serves (its rows: index mod num_replicas == replica)
+    num_replicas: int
+    ranks: tuple[int, ...]   # global ranks of the replica; ranks[0] writes
+    rank: int
+
+    @property
+    def is_writer(self) -> bool:
+        return self.rank == self.ranks[0]
+
+    @property
+    def single_process_engine(self) -> bool:
+        return len(self.ranks) == 1
+
+
+def replica_role(layouts: StageLayouts, rank: int) -> ReplicaRole:
+    coords = layouts.prefill.coords(rank)
+    return ReplicaRole(coords.dp_index, layouts.prefill.dp, tuple(layouts.prefill.replica_ranks(coords.dp_index)),
+                       rank)
+
+
+def _layout(degrees: Mapping[str, int], dp: int) -> Layout:
+    return Layout(tp=degrees["tp"], pp=degrees["pp"], dp=dp)
+
+
+def supported(layouts: StageLayouts) -> bool:
+    """One engine spans the whole world (dp = 1), or every rank runs its own engine (tp = pp = 1)."""
+    return layouts.prefill.dp == 1 or layouts.prefill.ranks_per_replica == 1
+
+
+def recipe_layouts(parallel: str | Mapping[str, Any], world_size: int, cfg: ModelConfig,
+                   plan_auto: Callable[[int, ModelConfig], StageLayouts] | None = None) -> StageLayouts:
+    """The recipe's `parallel` (validated by the recipe) as StageLayouts checked against the world and model.
+
+    `auto`: one rank -> tp=pp=dp=1; several -> `plan_auto(world_size, cfg)`. `seesaw`: prefill PP -> decode TP
+    over the largest replica the model allows (`auto_layouts`; one rank -> tp=pp=dp=1). Misfits raise RecipeError."""
+    if parallel == "seesaw":
+        layouts = auto_layouts(world_size, cfg)
+    elif parallel == "auto":
+        if world_size == 1:
+            return StageLayouts.static(Layout())
+        if plan_auto is None:
+            raise RecipeError("parallel", "is auto but no planner is at hand; give the layouts")
+        layouts = plan_auto(world_size, cfg)
+    elif "prefill" in parallel:
+        dp = parallel["dp"]
+        layouts = StageLayouts(_layout(parallel["prefill"], dp), _layout(parallel["decode"], dp))
+    else:
+        layouts = StageLayouts.static(_layout(parallel, parallel["dp"]))
+    try:
+        layouts.validate(world_size, cfg)
+    except ValueError as err:
+        raise RecipeError("parallel", f"does not fit: {err} (launch with `deepspeed --num_gpus "
+                                      f"{layouts.world_size}` or change the layouts)") from None
+    if not supported(layouts):
+        raise RecipeError("parallel", f"{describe(layouts)} runs {layouts.prefill.dp} replicas of "
+                                      f"{layouts.prefill.ranks_per_replica} ranks; one launch runs either one "
+                                      f"replica over all ranks (dp: 1) or one rank per replica (tp = pp = 1)")
+    return layouts
+
+
+def describe(layouts: StageLayouts) -> str:
+    """'prefill tp=1 pp=2 dp=1 -> decode tp=2 pp=1 dp=1', or one layout when both stages share it."""
+    if layouts.is_static:
+        return layouts.prefill.describe()
+    return f"prefill {layouts.prefill.describe()} -> decode {layouts.decode.describe()}"
+
+
+def row_label(layouts: StageLayouts) -> str:
+    """The `layouts` column of the output rows, e.g. 'prefill=tp1pp2 decode=tp2pp1 dp=1'."""
+    stage = lambda layout: f"tp{layout.tp}pp{layout.pp}"  # noqa: E731
+    if layouts.is_static:
+        return f"{stage(layouts.prefill)} dp={layouts.prefill.dp}"
+    return f"prefill={stage(layouts.prefill)} decode={stage(layouts.decode)} dp={layouts.prefill.dp}"

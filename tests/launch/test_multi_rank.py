@@ -1,0 +1,104 @@
+"""`deepspeed --num_gpus 2 launch/generate.py`, the real launcher: data parallel (every row once, split by
+row index), and PP2 prefill -> TP2 decode killed with SIGKILL at a random moment then resumed (exactly one
+row per input, equal to HF greedy generate, which the uninterrupted one-process run also matches)."""
+import glob
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from seesaw_ds.jobs.outputs import existing_shards
+from tests.launch.conftest import (NUM_ROWS, REPO, deepspeed_command, free_port, job_env, recipe_dict, run_checked,
+                                   write_recipe)
+
+pytestmark = pytest.mark.slow
+
+
+def output_rows(directory):
+    return [r for _, _, path in existing_shards(str(directory)) for r in pq.read_table(path).to_pylist()]
+
+
+def shm_files(port=None):
+    names = os.listdir("/dev/shm") if os.path.isdir("/dev/shm") else []
+    return {n for n in names if (port is None and n.startswith("seesaw-kv-")) or (port and f"_{port}_" in n)}
+
+
+def assert_rows_match(rows, reference_rows):
+    assert len(rows) == NUM_ROWS and len({r["id"] for r in rows}) == NUM_ROWS
+    for row in rows:
+        want = reference_rows[row["id"]]
+        assert row["prompt_token_ids"] == want["prompt_token_ids"], row["id"]
+        assert row["completion_token_ids"] == want["completion_token_ids"], row["id"]
+        assert row["abstract"] == want["abstract"]
+
+
+def test_data_parallel_two_ranks_write_every_row_once(tiny_model, articles, reference_rows, tmp_path):
+    port, kv_before = free_port(), shm_files()
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tiny_model[0], articles, str(tmp_path / "out"),
+                                                           parallel={"dp": 2}))
+    proc = run_checked(deepspeed_command(2, port, recipe), job_env(tmp_path))
+    rows = output_rows(tmp_path / "out")
+    assert_rows_match(rows, reference_rows)
+    assert all(row["layouts"] == "tp1pp1 dp=2" for row in rows)
+    row_parity_by_replica = {}   # the shard name says which replica wrote it: replica r writes rows r, r + 2, ...
+    for replica, _, path in existing_shards(str(tmp_path / "out")):
+        indices = pq.read_table(path)["row_index"].to_pylist()
+        row_parity_by_replica.setdefault(replica, set()).update(i % 2 for i in indices)
+    assert row_parity_by_replica == {0: {0}, 1: {1}}
+    assert "layouts: tp=1 pp=1 dp=2" in proc.stdout and "2 replicas of 1 rank" in proc.stdout
+    total = json.load(open(tmp_path / "out" / "job_summary.json"))["total"]
+    assert total["rows_written"] == NUM_ROWS and total["num_replicas"] == 2
+    assert not shm_files(port) and not (shm_files() - kv_before)
+
+
+def start_job(cmd, env):
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)     # its own process group: launcher + both ranks
+
+
+def test_pp2_tp2_killed_at_a_random_moment_then_resumed(tiny_model, articles, reference_rows, tmp_path):
+    rng = random.Random()
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tiny_model[0], articles, str(out),
+                                                           parallel={"prefill": {"pp": 2}, "decode": {"tp": 2}}))
+    env = job_env(tmp_path)
+    killed_port = free_port()
+    job = start_job(deepspeed_command(2, killed_port, recipe), env)
+    deadline = time.monotonic() + 400
+    while not (out.is_dir() and existing_shards(str(out))):
+        assert job.poll() is None, f"the job ended before its first shard:\n{job.stdout.read()[-3000:]}"
+        assert time.monotonic() < deadline, "no shard within 400 s"
+        time.sleep(0.01)
+    delay = rng.uniform(0.0, 0.3)
+    time.sleep(delay)
+    alive = job.poll() is None
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+    job.stdout.close()
+    for name in shm_files(killed_port):   # a SIGKILLed DeepSpeed rank leaves its all-reduce buffer behind
+        os.unlink(os.path.join("/dev/shm", name))
+    interrupted = output_rows(out)
+    assert len({r["id"] for r in interrupted}) == len(interrupted), f"duplicates after a kill {delay:.3f} s in"
+    print(f"killed {delay:.3f} s after the first shard ({'running' if alive else 'already finished'}); "
+          f"{len(interrupted)} of {NUM_ROWS} rows were written")
+    if alive:
+        assert 0 < len(interrupted) < NUM_ROWS, f"kill {delay:.3f} s after the first shard"
+
+    port, kv_before = free_port(), shm_files()
+    proc = run_checked(deepspeed_command(2, port, recipe), env)
+    rows = output_rows(out)
+    assert_rows_match(rows, reference_rows)
+    assert {r["id"] for r in interrupted} <= {r["id"] for r in rows}
+    assert "layouts: prefill tp=1 pp=2 dp=1 -> decode tp=2 pp=1 dp=1" in proc.stdout
+    report = json.load(open(out / "job_summary.json"))
+    assert report["total"]["already_done"] == len(interrupted)
+    assert report["total"]["rows_written"] == NUM_ROWS - len(interrupted)
+    if report["total"]["rows_written"]:
+        assert report["replicas"][0]["engine"]["num_switches"] >= 2
+    assert not glob.glob(str(out / ".tmp-*"))
+    assert not shm_files(port) and not (shm_files() - kv_before)

@@ -1,0 +1,80 @@
+"""Pure job planning: replica roles tile the world, recipe layouts resolve or fail by name, reports add up."""
+import pytest
+
+from seesaw_ds.jobs.parallel_spec import validate_parallel
+from seesaw_ds.jobs.report import combine, format_report
+from seesaw_ds.jobs.schema import RecipeError
+from seesaw_ds.jobs.world import JobWorld, recipe_layouts, replica_role, row_label
+from seesaw_ds.models.config import ModelConfig
+from seesaw_ds.parallel.layout import Layout, StageLayouts
+
+
+def cfg():
+    from transformers import LlamaConfig
+    return ModelConfig.from_hf(LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                           num_attention_heads=4, num_key_value_heads=2))
+
+
+@pytest.mark.parametrize("layouts", [StageLayouts(Layout(pp=2), Layout(tp=2)), StageLayouts.static(Layout(dp=4)),
+                                     StageLayouts.static(Layout(tp=2, dp=1)), StageLayouts.static(Layout())])
+def test_replica_roles_tile_the_world(layouts):
+    roles = [replica_role(layouts, rank) for rank in range(layouts.world_size)]
+    writers = [r.rank for r in roles if r.is_writer]
+    assert len(writers) == layouts.prefill.dp                               # one writer per replica
+    assert sorted(rank for r in roles if r.is_writer for rank in r.ranks) == list(range(layouts.world_size))
+    for role in roles:
+        assert role.rank in role.ranks and role.num_replicas == layouts.prefill.dp
+        assert all(replica_role(layouts, other).replica == role.replica for other in role.ranks)
+
+
+def test_recipe_layouts_forms():
+    two = recipe_layouts(validate_parallel({"prefill": {"pp": 2}, "decode": {"tp": 2}}), 2, cfg())
+    assert two == StageLayouts(Layout(pp=2), Layout(tp=2)) and row_label(two) == "prefill=tp1pp2 decode=tp2pp1 dp=1"
+    assert recipe_layouts(validate_parallel({"dp": 2}), 2, cfg()) == StageLayouts.static(Layout(dp=2))
+    assert recipe_layouts("auto", 1, cfg()) == StageLayouts.static(Layout())
+    assert recipe_layouts("seesaw", 1, cfg()) == StageLayouts.static(Layout())
+    assert recipe_layouts("seesaw", 2, cfg()) == StageLayouts(Layout(pp=2), Layout(tp=2))
+    planned = StageLayouts(Layout(pp=2), Layout(tp=2))
+    assert recipe_layouts("auto", 2, cfg(), lambda world, _: planned) == planned
+
+
+@pytest.mark.parametrize("parallel, world, message", [
+    ({"tp": 2}, 1, "world size is 1"),
+    ({"dp": 2}, 3, "covers 2 ranks; world size is 3"),
+    ({"tp": 4}, 4, "exceeds the model's 2 KV heads"),
+    ({"tp": 2, "dp": 2}, 4, "one launch runs either one replica"),
+])
+def test_recipe_layouts_misfits_name_parallel(parallel, world, message):
+    with pytest.raises(RecipeError, match="parallel") as err:
+        recipe_layouts(validate_parallel(parallel), world, cfg())
+    assert message in str(err.value)
+
+
+def test_job_world_from_env():
+    assert JobWorld.from_env({}) == JobWorld(0, 1, 1)
+    assert JobWorld.from_env({"RANK": "1", "WORLD_SIZE": "2"}) == JobWorld(1, 2, 2)
+    with pytest.raises(ValueError, match="outside"):
+        JobWorld.from_env({"RANK": "2", "WORLD_SIZE": "2"})
+
+
+def test_combine_adds_counts_and_takes_the_slowest_wall_time():
+    def replica(rows, wall, skipped=0):
+        return {"summary": {"rows_written": rows, "already_done": 1, "truncated": 0, "prompt_tokens": 10 * rows,
+                            "completion_tokens": 2 * rows, "shards_written": 1, "wall_seconds": wall,
+                            "skipped/empty prompt": skipped}, "engine": {"num_switches": 3}}
+    report = combine([replica(6, 2.0, 1), replica(4, 4.0)], "tp=1 pp=1 dp=2", 2)
+    total = report["total"]
+    assert total["rows_written"] == 10 and total["already_done"] == 2 and total["skipped/empty prompt"] == 1
+    assert total["wall_seconds"] == 4.0 and total["requests_per_s"] == 2.5 and total["tokens_per_s"] == 30.0
+    text = format_report(report)
+    assert "empty prompt: 1" in text and "engine, replica 1" in text and "switches 3" in text
+
+
+def test_wandb_mode_resolution():
+    from seesaw_ds.jobs.tracking import resolve_mode
+    key, no_key = (lambda: True), (lambda: False)
+    assert resolve_mode("online", {}, no_key) == "offline"      # no API key: logged offline
+    assert resolve_mode("online", {}, key) == "online"
+    assert resolve_mode("online", {"WANDB_MODE": "disabled"}, key) == "disabled"
+    assert resolve_mode("disabled", {"WANDB_MODE": "dryrun"}, key) == "offline"
+    assert resolve_mode("offline", {}, key) == "offline"
