@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from seesaw_ds.kv.native import paged_decode_op
 from seesaw_ds.kv.pool import KVPool
 
 ATTN_IMPLEMENTATION = "seesaw_paged"
@@ -91,9 +92,14 @@ def _prefill(query, key, value, meta: AttentionMetadata, scaling: float, window:
 
 
 def _decode(query, pool: KVPool, layer: int, meta: AttentionMetadata, scaling: float):
-    # query: [1, H, B, D] (one new token per sequence) -> q: [B, H, 1, D]
-    q = query[0].transpose(0, 1).unsqueeze(2)
+    # query: [1, H, B, D] (one new token per sequence)
     k_cache, v_cache = pool.layer(layer)                    # [num_blocks, block_size, Hkv, D]
+    op = paged_decode_op() if query.device.type == "cpu" else None
+    if op is not None:                                      # reads the pool in place: no gather
+        out = op(query[0].transpose(0, 1), k_cache, v_cache, meta.block_tables, meta.context_lens,
+                 float(scaling), meta.sliding_window or 0)  # [B, H, D]
+        return out.unsqueeze(0)                             # [1, B, H, D]
+    q = query[0].transpose(0, 1).unsqueeze(2)               # [B, H, 1, D]
     bs, hkv, d = k_cache.shape[1:]
     out = torch.empty_like(q)
     for rows, tables, mask in meta.decode_groups(bs):

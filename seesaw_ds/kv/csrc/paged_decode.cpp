@@ -1,0 +1,282 @@
+// Paged decode attention for CPUs: one new query token per sequence, read straight from the paged pool.
+//
+//   q            [B, H, D]              the new token's queries (any float dtype, contiguous)
+//   k_cache      [N, bs, Hkv, D]        one layer of the pool (same dtype as v_cache)
+//   v_cache      [N, bs, Hkv, D]
+//   block_tables [B, M] int64           block ids of each sequence (only the first ceil(n / bs) are read)
+//   context_lens [B] int64              n: tokens in cache, the new one included
+//   -> out       [B, H, D]              q's dtype
+//
+// Query head h attends with KV head h / (H / Hkv) (transformers' repeat_kv order). A sequence sees keys
+// [max(0, n - window), n) when window > 0, else [0, n). Work is split over (sequence, KV head) pairs; each
+// pair reads its keys and values once for all the query heads that share them. Softmax is exact (two
+// passes over the scores, fp32), so results match a reference attention up to summation order.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+inline float to_float(float x) { return x; }
+inline float to_float(c10::BFloat16 x) {
+  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+inline float to_float(c10::Half x) { return static_cast<float>(x); }
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+constexpr int64_t kLanes = 16;
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {  // bf16 -> fp32 is a 16-bit left shift
+  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+// exp(x) for x <= 0 (Cephes expf polynomial, ~1 ulp), 16 lanes
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+  __m512 y = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(y, n);
+}
+#endif
+
+// scores[g * len + t] = q_g . k_t for t in [0, len)
+template <typename T, typename KeyPtr>
+void score_pass_scalar(const float* qf, KeyPtr key, float* scores, int64_t G, int64_t D, int64_t len) {
+  for (int64_t t = 0; t < len; ++t) {
+    const T* k = key(t);
+    for (int64_t g = 0; g < G; ++g) {
+      float acc = 0.f;
+      for (int64_t i = 0; i < D; ++i) acc += qf[g * D + i] * to_float(k[i]);
+      scores[g * len + t] = acc;
+    }
+  }
+}
+
+#if defined(__AVX512F__)
+// Lane j of the result is the sum of v[kSlot[j]]'s lanes when token j's vector is put in slot kSlot[j]:
+// a 4-level shuffle tree, ~3 instructions per token instead of a full horizontal sum each.
+constexpr int kSlot[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
+inline __m512 hsum16(const __m512* v) {
+  __m512 w[8], x[4], y[2];
+  for (int k = 0; k < 8; ++k)
+    w[k] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  for (int k = 0; k < 4; ++k)
+    x[k] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * k], w[2 * k + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(w[2 * k], w[2 * k + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  for (int k = 0; k < 2; ++k)
+    y[k] = _mm512_add_ps(_mm512_unpacklo_ps(x[2 * k], x[2 * k + 1]), _mm512_unpackhi_ps(x[2 * k], x[2 * k + 1]));
+  const __m512d y0 = _mm512_castps_pd(y[0]), y1 = _mm512_castps_pd(y[1]);
+  return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(y0, y1)), _mm512_castpd_ps(_mm512_unpackhi_pd(y0, y1)));
+}
+
+// C = D / 16 vectors per row; 16 tokens at a time, one vector of 16 scores per query head
+template <typename T, int C, typename KeyPtr>
+void score_pass_avx512(const float* qf, KeyPtr key, float* scores, int64_t G, int64_t len) {
+  const T* rows[16];
+  __m512 acc[16];
+  for (int64_t t0 = 0; t0 < len; t0 += 16) {
+    const int n = static_cast<int>(std::min<int64_t>(16, len - t0));
+    for (int j = 0; j < 16; ++j) rows[j] = key(t0 + (j < n ? j : 0));
+    for (int64_t g = 0; g < G; ++g) {
+      __m512 qv[C];
+      for (int c = 0; c < C; ++c) qv[c] = _mm512_loadu_ps(qf + g * C * kLanes + c * kLanes);
+      for (int j = 0; j < 16; ++j) {
+        const T* k = rows[j];
+        __m512 a = _mm512_mul_ps(qv[0], load16(k));
+        for (int c = 1; c < C; ++c) a = _mm512_fmadd_ps(qv[c], load16(k + c * kLanes), a);
+        acc[kSlot[j]] = a;
+      }
+      _mm512_mask_storeu_ps(scores + g * len + t0, static_cast<__mmask16>((1u << n) - 1), hsum16(acc));
+    }
+  }
+}
+
+// acc[g] += sum_t p[g * len + t] * v_t, for GB query heads at a time (accumulators stay in registers)
+template <typename T, int C, int GB, typename ValuePtr>
+void value_pass_avx512(const float* p, ValuePtr value, float* out, int64_t len) {
+  __m512 acc[GB][C];
+  for (int g = 0; g < GB; ++g)
+    for (int c = 0; c < C; ++c) acc[g][c] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < len; ++t) {
+    const T* v = value(t);
+    __m512 vv[C];
+    for (int c = 0; c < C; ++c) vv[c] = load16(v + c * kLanes);
+    for (int g = 0; g < GB; ++g) {
+      const __m512 w = _mm512_set1_ps(p[g * len + t]);
+      for (int c = 0; c < C; ++c) acc[g][c] = _mm512_fmadd_ps(w, vv[c], acc[g][c]);
+    }
+  }
+  for (int g = 0; g < GB; ++g)
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + g * C * kLanes + c * kLanes, acc[g][c]);
+}
+
+template <typename T, int C, typename ValuePtr>
+void value_pass_heads(const float* p, ValuePtr value, float* acc, int64_t G, int64_t len) {
+  constexpr int kMaxGroup = C >= 8 ? 2 : 4;    // GB * C accumulators + C values fit in 32 registers
+  int64_t g = 0;
+  for (; g + kMaxGroup <= G; g += kMaxGroup)
+    value_pass_avx512<T, C, kMaxGroup>(p + g * len, value, acc + g * C * kLanes, len);
+  for (; g < G; ++g) value_pass_avx512<T, C, 1>(p + g * len, value, acc + g * C * kLanes, len);
+}
+#endif
+
+template <typename T, typename KeyPtr>
+void score_pass(const float* qf, KeyPtr key, float* scores, int64_t G, int64_t D, int64_t len) {
+#if defined(__AVX512F__)
+  if (D == 64) return score_pass_avx512<T, 4>(qf, key, scores, G, len);
+  if (D == 128) return score_pass_avx512<T, 8>(qf, key, scores, G, len);
+#endif
+  score_pass_scalar<T>(qf, key, scores, G, D, len);
+}
+
+// s[t] = exp(s[t] - max s); returns 1 / sum
+inline float softmax_inplace(float* s, int64_t len) {
+  float m = -INFINITY;
+  for (int64_t t = 0; t < len; ++t) m = std::max(m, s[t]);
+  float sum = 0.f;
+  int64_t t = 0;
+#if defined(__AVX512F__)
+  __m512 vm = _mm512_set1_ps(m), vsum = _mm512_setzero_ps();
+  for (; t + kLanes <= len; t += kLanes) {
+    __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + t), vm));
+    _mm512_storeu_ps(s + t, e);
+    vsum = _mm512_add_ps(vsum, e);
+  }
+  sum = _mm512_reduce_add_ps(vsum);
+#endif
+  for (; t < len; ++t) {
+    s[t] = std::exp(s[t] - m);
+    sum += s[t];
+  }
+  return sum > 0.f ? 1.f / sum : 0.f;
+}
+
+// acc[g] += sum_t p[g * len + t] * v_t
+template <typename T, typename ValuePtr>
+void value_pass(const float* p, ValuePtr value, float* acc, int64_t G, int64_t D, int64_t len) {
+#if defined(__AVX512F__)
+  if (D == 64) return value_pass_heads<T, 4>(p, value, acc, G, len);
+  if (D == 128) return value_pass_heads<T, 8>(p, value, acc, G, len);
+#endif
+  for (int64_t t = 0; t < len; ++t) {
+    const T* v = value(t);
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t i = 0; i < D; ++i) acc[g * D + i] += p[g * len + t] * to_float(v[i]);
+  }
+}
+
+template <typename Q, typename T>
+void decode_kernel(const Q* q, const T* k_cache, const T* v_cache, const int64_t* tables, const int64_t* lens,
+                   Q* out, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t bs, int64_t M,
+                   float scale, int64_t window) {
+  const int64_t G = H / Hkv;
+  const int64_t token_stride = Hkv * D;          // between consecutive tokens of a block
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(G * D), acc(G * D), scores;
+    for (int64_t pair = begin; pair < end; ++pair) {
+      const int64_t b = pair / Hkv, h = pair % Hkv;
+      const int64_t n = lens[b];
+      const int64_t start = window > 0 ? std::max<int64_t>(0, n - window) : 0;
+      const int64_t len = n - start;
+      const int64_t* table = tables + b * M;
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t i = 0; i < D; ++i) qf[g * D + i] = to_float(q[(b * H + h * G + g) * D + i]) * scale;
+      scores.resize(G * std::max<int64_t>(len, 1));
+      auto row = [&](const T* cache) {
+        return [=](int64_t t) {
+          const int64_t pos = start + t;
+          return cache + ((table[pos / bs] * bs + pos % bs) * Hkv + h) * D;
+        };
+      };
+      score_pass<T>(qf.data(), row(k_cache), scores.data(), G, D, len);
+      std::vector<float> inv_sum(G);
+      for (int64_t g = 0; g < G; ++g) inv_sum[g] = softmax_inplace(&scores[g * len], len);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      value_pass<T>(scores.data(), row(v_cache), acc.data(), G, D, len);
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t i = 0; i < D; ++i)
+          out[(b * H + h * G + g) * D + i] = static_cast<Q>(acc[g * D + i] * inv_sum[g]);
+    }
+  });
+}
+
+// f(T{}) for T in float, bfloat16, half
+template <typename F>
+void dispatch_float(at::ScalarType type, F&& f) {
+  switch (type) {
+    case at::kFloat: f(float{}); break;
+    case at::kBFloat16: f(c10::BFloat16{}); break;
+    case at::kHalf: f(c10::Half{}); break;
+    default: TORCH_CHECK(false, "paged_decode supports float32, bfloat16 and float16, got ", type);
+  }
+}
+
+template <typename Q>
+void dispatch_cache(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                    const torch::Tensor& tables, const torch::Tensor& lens, torch::Tensor& out,
+                    float scale, int64_t window) {
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), bs = k.size(1), Hkv = k.size(2);
+  const int64_t M = tables.size(1);
+  dispatch_float(k.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    decode_kernel<Q, T>(q.data_ptr<Q>(), k.data_ptr<T>(), v.data_ptr<T>(), tables.data_ptr<int64_t>(),
+                        lens.data_ptr<int64_t>(), out.data_ptr<Q>(), B, H, Hkv, D, bs, M, scale, window);
+  });
+}
+
+torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                           torch::Tensor block_tables, torch::Tensor context_lens, double scale,
+                           int64_t window) {
+  TORCH_CHECK(q.dim() == 3, "q must be [B, H, D], got ", q.sizes());
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
+              "k_cache and v_cache must both be [N, block_size, Hkv, D]");
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "k_cache and v_cache dtypes differ");
+  TORCH_CHECK(k_cache.size(3) == q.size(2), "head_dim of q (", q.size(2), ") and cache (", k_cache.size(3),
+              ") differ");
+  TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "query heads (", q.size(1), ") not a multiple of KV heads (",
+              k_cache.size(2), ")");
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == q.size(0), "block_tables must be [B, M]");
+  TORCH_CHECK(context_lens.dim() == 1 && context_lens.size(0) == q.size(0), "context_lens must be [B]");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong,
+              "block_tables and context_lens must be int64");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
+  TORCH_CHECK(context_lens.numel() == 0 ||
+                  context_lens.max().item<int64_t>() <= block_tables.size(1) * k_cache.size(1),
+              "a context length exceeds its block table");
+  q = q.contiguous();
+  block_tables = block_tables.contiguous();
+  context_lens = context_lens.contiguous();
+  auto out = torch::empty_like(q);
+  const float s = static_cast<float>(scale);
+  dispatch_float(q.scalar_type(), [&](auto tag) {
+    dispatch_cache<decltype(tag)>(q, k_cache, v_cache, block_tables, context_lens, out, s, window);
+  });
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode", &paged_decode, "paged decode attention (CPU)");
+}
