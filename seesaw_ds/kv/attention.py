@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from seesaw_ds.kv.native import paged_decode_op
+from seesaw_ds.kv.native import paged_decode_op, prefill_attention_op
 from seesaw_ds.kv.pool import KVPool
 
 ATTN_IMPLEMENTATION = "seesaw_paged"
@@ -35,6 +35,12 @@ class AttentionMetadata:
     context_lens: torch.Tensor | None   # decode: [B] long, tokens in cache including the new one
     sliding_window: int | None = None
     _groups: list | None = None               # decode: length-sorted groups, built once per forward
+    _cu_tensor: torch.Tensor | None = None    # prefill: cu_seqlens as int64, built once per forward
+
+    def cu_seqlens_tensor(self) -> torch.Tensor:
+        if self._cu_tensor is None:
+            self._cu_tensor = torch.tensor(self.cu_seqlens, dtype=torch.long)
+        return self._cu_tensor
 
     def decode_groups(self, block_size: int, group: int = 16):
         """Sequences sorted by context length, in groups of `group`: each group gathers only up to its own
@@ -77,6 +83,12 @@ def decode_visibility_mask(context_lens: torch.Tensor, max_len: int, window: int
 
 def _prefill(query, key, value, meta: AttentionMetadata, scaling: float, window: int | None):
     # query: [1, H, T, D]; key/value: [1, Hkv, T, D]; each sequence attends causally to itself only.
+    op = prefill_attention_op() if query.device.type == "cpu" and query.dtype == torch.bfloat16 else None
+    longest = max(b - a for a, b in zip(meta.cu_seqlens[:-1], meta.cu_seqlens[1:]))
+    if op is not None and query.shape[-1] in (64, 128) and (window is None or longest <= window):
+        out = op(query[0], key[0].to(query.dtype), value[0].to(query.dtype), meta.cu_seqlens_tensor(),
+                 float(scaling))                             # [T, H, D]
+        return out.unsqueeze(0)                              # [1, T, H, D]
     outs = []
     for start, end in zip(meta.cu_seqlens[:-1], meta.cu_seqlens[1:]):
         q, k, v = query[:, :, start:end], key[:, :, start:end], value[:, :, start:end]

@@ -1,7 +1,9 @@
-"""The CPU paged-decode attention kernel (`csrc/paged_decode.cpp`), compiled once per machine on first use.
+"""The CPU attention kernels (`csrc/`), compiled once per machine on first use.
 
     op = paged_decode_op()          # None when it cannot be built here (then attention uses torch ops)
-    out = op(q, k_cache, v_cache, block_tables, context_lens, scale, window)   # see the .cpp header
+    out = op(q, k_cache, v_cache, block_tables, context_lens, scale, window)   # csrc/paged_decode.cpp
+    op = prefill_attention_op()     # None without AVX512-BF16 (then prefill uses torch's SDPA)
+    out = op(q, k, v, cu_seqlens, scale)                                      # csrc/prefill_attention.cpp
 
 The build goes through torch's extension builder into `TORCH_EXTENSIONS_DIR` (default
 `~/.cache/torch_extensions`); the module name carries a hash of the source, the torch version and the CPU's
@@ -19,7 +21,9 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger("seesaw_ds")
-SOURCE = Path(__file__).with_name("csrc") / "paged_decode.cpp"
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = ("bindings.cpp", "paged_decode.cpp", "prefill_attention.cpp")
+HEADERS = ("kernels.h", "vec.h")
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -36,34 +40,46 @@ def _cpu_flags() -> str:
 
 def extension_name() -> str:
     digest = hashlib.sha1()
-    for part in (SOURCE.read_bytes(), torch.__version__.encode(), _cpu_flags().encode()):
+    parts = [(CSRC / name).read_bytes() for name in SOURCES + HEADERS]
+    for part in parts + [torch.__version__.encode(), _cpu_flags().encode()]:
         digest.update(part)
-    return f"seesaw_ds_paged_decode_{digest.hexdigest()[:12]}"
+    return f"seesaw_ds_attention_{digest.hexdigest()[:12]}"
 
 
 def native_enabled() -> bool:
     return os.environ.get("SEESAW_DS_NATIVE", "1") not in ("0", "false", "no", "off")
 
 
-def paged_decode_op():
-    """The compiled `paged_decode` function, or None (disabled, or the build failed: logged once)."""
+def _module():
     if not native_enabled():
         return None
     with _lock:
-        if "op" not in _state:
-            _state["op"] = _build()
-    return _state["op"]
+        if "module" not in _state:
+            _state["module"] = _build()
+    return _state["module"]
+
+
+def paged_decode_op():
+    """The compiled `paged_decode` function, or None (disabled, or the build failed: logged once)."""
+    module = _module()
+    return module.paged_decode if module is not None else None
+
+
+def prefill_attention_op():
+    """The compiled bf16 `prefill_attention` function, or None (disabled, no build, or no AVX512-BF16)."""
+    module = _module()
+    return module.prefill_attention if module is not None and module.has_prefill_attention() else None
 
 
 def _build():
     try:
         from torch.utils.cpp_extension import load
-        module = load(name=extension_name(), sources=[str(SOURCE)],
+        module = load(name=extension_name(), sources=[str(CSRC / name) for name in SOURCES],
                       extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"],
                       extra_ldflags=["-fopenmp"], verbose=False)
-        return module.paged_decode
+        return module
     except Exception as err:  # noqa: BLE001 - any build problem means: use the torch path
         lines = [ln for ln in str(err).splitlines() if ln.strip()] or [type(err).__name__]
-        log.warning("seesaw_ds: the CPU paged-decode kernel could not be built (%s); decode attention "
+        log.warning("seesaw_ds: the CPU attention kernels could not be built (%s); attention "
                     "uses torch ops (slower)", lines[-1][:300])
         return None

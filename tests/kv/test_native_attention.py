@@ -1,4 +1,4 @@
-"""The CPU paged-decode kernel against a reference attention over gathered, unpaged K/V."""
+"""The CPU attention kernels (paged decode, bf16 prefill) against reference attention in fp32."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -65,3 +65,41 @@ def test_bad_shapes_are_refused(op):
         op(torch.zeros(1, 3, 64), k, k, torch.zeros(1, 2, dtype=torch.long), torch.ones(1, dtype=torch.long), 1.0, 0)
     with pytest.raises(RuntimeError, match="exceeds its block table"):
         op(torch.zeros(1, 4, 64), k, k, torch.zeros(1, 2, dtype=torch.long), torch.tensor([33]), 1.0, 0)
+
+
+# ---- the bf16 prefill kernel ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def prefill_op():
+    from seesaw_ds.kv.native import prefill_attention_op
+    op = prefill_attention_op()
+    if op is None:
+        pytest.skip("the bf16 prefill kernel needs AVX512-BF16")
+    return op
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,lengths", [
+    (9, 3, 64, [1536]), (9, 3, 64, [1, 2, 15, 16, 17, 33, 300]), (8, 2, 128, [700, 33]), (4, 4, 64, [63, 1])])
+def test_prefill_matches_fp32_causal_attention(prefill_op, heads, kv_heads, head_dim, lengths):
+    g = torch.Generator().manual_seed(sum(lengths))
+    T = sum(lengths)
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist())
+    # strided like transformers' [1, H, T, D] views of [1, T, H, D] projections
+    q = torch.randn(1, T, heads, head_dim, generator=g).to(torch.bfloat16).transpose(1, 2)[0]
+    k = torch.randn(1, T, kv_heads, head_dim, generator=g).to(torch.bfloat16).transpose(1, 2)[0]
+    v = torch.randn(1, T, kv_heads, head_dim, generator=g).to(torch.bfloat16).transpose(1, 2)[0]
+    out = prefill_op(q, k, v, cu, head_dim ** -0.5)                              # [T, H, D]
+    ref = torch.cat([F.scaled_dot_product_attention(q[None, :, a:b].float(), k[None, :, a:b].float(),
+                                                    v[None, :, a:b].float(), is_causal=True, enable_gqa=True,
+                                                    scale=head_dim ** -0.5)[0].transpose(0, 1)
+                     for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())])
+    assert out.shape == (T, heads, head_dim) and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
+
+
+def test_prefill_refuses_bad_input(prefill_op):
+    q = torch.zeros(4, 8, 64, dtype=torch.bfloat16)
+    kv = torch.zeros(2, 8, 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="cu_seqlens must run from 0"):
+        prefill_op(q, kv, kv, torch.tensor([0, 5]), 1.0)
+    with pytest.raises(RuntimeError, match="takes bfloat16"):
+        prefill_op(q.float(), kv, kv, torch.tensor([0, 8]), 1.0)

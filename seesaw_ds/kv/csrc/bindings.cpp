@@ -1,0 +1,7 @@
+#include "kernels.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode", &seesaw::paged_decode, "paged decode attention (CPU)");
+  m.def("prefill_attention", &seesaw::prefill_attention, "causal prefill attention over packed sequences (CPU, bf16)");
+  m.def("has_prefill_attention", &seesaw::has_prefill_attention, "prefill_attention was compiled in");
+}

@@ -1,0 +1,19 @@
+// The CPU attention kernels' entry points (bound to Python in bindings.cpp).
+#pragma once
+#include <torch/extension.h>
+
+namespace seesaw {
+
+// q [B, H, D], caches [N, bs, Hkv, D], block_tables [B, M] int64, context_lens [B] int64 -> [B, H, D]
+torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                           torch::Tensor block_tables, torch::Tensor context_lens, double scale,
+                           int64_t window);
+
+// q [H, T, D], k/v [Hkv, T, D] (bf16, last dim contiguous), cu_seqlens [B + 1] int64 -> [T, H, D]
+torch::Tensor prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor cu_seqlens,
+                                double scale);
+
+// whether prefill_attention was compiled in (needs AVX512-BF16)
+bool has_prefill_attention();
+
+}  // namespace seesaw
