@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from evals.throughput_report import format_table, plot_rows, result_rows  # noqa: E402
+from evals.throughput_report import format_stage_table, format_table, plot_rows, result_rows  # noqa: E402
 from evals.workloads import WORKLOADS, build_workloads, parse_workload_names, workload_file_payload  # noqa: E402
 from seesaw_ds.data import total_tokens  # noqa: E402
 
@@ -82,9 +82,14 @@ def planned_runs(args, model_dir: str, workload_file: Path, scratch: Path) -> li
         elif engine == "seesaw":
             for label in args.seesaw_layouts.split(","):
                 layout = SEESAW_LAYOUTS[label]
+                kwargs = dict(layout.llm_kwargs)
+                if len(layout.launcher) > 1:           # multi-rank rows: the host tier's settings
+                    for key, value in (("kv_host_gb", args.kv_host_gb), ("kv_threshold", args.kv_threshold)):
+                        if value is not None:
+                            kwargs[key] = value
                 runs.append(EngineRun("seesaw", label, (*layout.launcher, str(PEERS / "seesaw_runner.py"),
                                                         *common("seesaw", label),
-                                                        "--llm-kwargs", json.dumps(layout.llm_kwargs))))
+                                                        "--llm-kwargs", json.dumps(kwargs))))
         else:
             raise ValueError(f"unknown engine {engine!r}; engines: hf, seesaw (peers via --peers)")
     if "vllm" in args.peers.split(","):
@@ -158,6 +163,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2, help="torch threads for 1-process rows")
     p.add_argument("--seesaw-layouts", default="1proc", help=f"comma list of: {', '.join(SEESAW_LAYOUTS)}")
     p.add_argument("--vllm-layouts", default="TP1", help=f"comma list of: {', '.join(VLLM_LAYOUTS)}")
+    p.add_argument("--kv-host-gb", type=float, default=None, help="host KV store per node for multi-rank rows")
+    p.add_argument("--kv-threshold", type=float, default=None, help="host-store drain fraction that ends decode")
     p.add_argument("--hf-batch-size", type=int, default=None, help="fix the HF batch size (default: probe)")
     p.add_argument("--no-install", action="store_true", help="fail instead of installing the vLLM venv")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per engine row")
@@ -201,6 +208,9 @@ def main(argv=None) -> int:
 
     rows = result_rows(runs)
     print(format_table(rows) if rows else "no engine produced results")
+    stages = format_stage_table(rows)
+    if stages:
+        print("\nseesaw_ds stage times (timed run)\n" + stages)
     meta = {"model": args.model, "model_dir": model_dir, "dtype": args.dtype, "scale": args.scale, "seed": args.seed,
             "threads": args.threads, "load_average_before": load, "cpus": os.cpu_count(),
             "machine": platform.machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}

@@ -52,6 +52,30 @@ def format_table(rows: list[dict]) -> str:
                                enumerate(zip(line, widths))) for line in lines)
 
 
+STAGE_HEADER = ("workload", "layout", "switches", "prefill s", "decode s", "switch s", "stall % dec",
+                "mean batch")
+
+
+def format_stage_table(rows: list[dict]) -> str:
+    """Where the seesaw rows spent their time (from the engine's counters over the timed run)."""
+    lines = [STAGE_HEADER]
+    for r in sorted(rows, key=lambda r: (r["workload"], r["layout"])):
+        x = r.get("extra") or {}
+        if r["engine"] != "seesaw" or "decode_s" not in x:
+            continue
+        steps = x.get("decode_steps") or 0
+        decode = x.get("decode_s") or 0.0
+        lines.append((r["workload"], r["layout"], str(x.get("num_switches", 0)), f"{x.get('prefill_s', 0.0):.1f}",
+                      f"{decode:.1f}", f"{x.get('switch_s', 0.0):.2f}",
+                      f"{100 * x.get('prefetch_stall_s', 0.0) / decode:.1f}" if decode else "-",
+                      f"{x.get('decode_tokens', 0) / steps:.1f}" if steps else "-"))
+    if len(lines) == 1:
+        return ""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(STAGE_HEADER))]
+    return "\n".join("  ".join(cell.rjust(w) if i >= 2 else cell.ljust(w) for i, (cell, w) in
+                               enumerate(zip(line, widths))) for line in lines)
+
+
 def plot_rows(rows: list[dict], png: Path) -> bool:
     """Grouped bars of tokens/s per workload and engine row; False when matplotlib is absent."""
     try:

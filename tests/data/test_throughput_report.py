@@ -40,3 +40,14 @@ def test_workload_names_are_checked():
         parse_workload_names("arxiv,gsm8k")
     assert WORKLOADS["sharegpt"].scaled(0.25).num_requests == 32
     assert WORKLOADS["arxiv"].scaled(0.001).num_requests == 1
+
+
+def test_stage_table_reads_the_engine_counters():
+    from evals.throughput_report import format_stage_table
+    run = _run("seesaw", "PP2->TP2", {"a": 2.0})
+    run["results"][0]["extra"] = {"num_switches": 3, "prefill_s": 1.25, "decode_s": 4.0, "switch_s": 0.02,
+                                  "prefetch_stall_s": 0.2, "decode_steps": 10, "decode_tokens": 55}
+    table = format_stage_table(result_rows([run, _run("hf", "1proc", {"a": 1.0})]))
+    lines = table.splitlines()
+    assert len(lines) == 2 and "hf" not in table                          # header + the one seesaw row
+    assert lines[1].split() == ["a", "PP2->TP2", "3", "1.2", "4.0", "0.02", "5.0", "5.5"]
