@@ -36,3 +36,11 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
 def _one_thread_per_test_process():
     torch.set_num_threads(min(2, torch.get_num_threads()))
     yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _native_kernels_built_once():
+    """Build the CPU attention kernels before any test forks ranks or launches jobs that need them."""
+    from seesaw_ds.kv.native import paged_decode_op
+    paged_decode_op()
+    yield

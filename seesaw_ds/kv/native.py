@@ -16,6 +16,7 @@ import hashlib
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -71,9 +72,23 @@ def prefill_attention_op():
     return module.prefill_attention if module is not None and module.has_prefill_attention() else None
 
 
+def _clear_stale_lock(name: str, max_age_s: float = 900.0) -> None:
+    """A build killed mid-way (kill -9) leaves torch's build lock behind, and every later load would wait
+    on it forever: remove a lock older than any real build."""
+    from torch.utils.cpp_extension import _get_build_directory
+    lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+    try:
+        if time.time() - lock.stat().st_mtime > max_age_s:
+            lock.unlink()
+            log.warning("seesaw_ds: removed a stale build lock %s", lock)
+    except FileNotFoundError:
+        pass
+
+
 def _build():
     try:
         from torch.utils.cpp_extension import load
+        _clear_stale_lock(extension_name())
         module = load(name=extension_name(), sources=[str(CSRC / name) for name in SOURCES],
                       extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"],
                       extra_ldflags=["-fopenmp"], verbose=False)
