@@ -91,9 +91,16 @@ def job_fingerprint(recipe: Recipe, source_used: str) -> dict[str, Any]:
     return json.loads(json.dumps(flatten(tree), sort_keys=True))  # NOTE: JSON-normalised, as in the manifest
 
 
+# Policies whose values give the same rows: `error` stops the job at a row that `skip` would leave out, so
+# the rows written before the error are exactly the ones `skip` writes (a folder is resumable under either).
+SAME_ROWS_VALUES = {"data.bad_rows": frozenset({"skip", "error"}), "data.over_limit": frozenset({"skip", "error"})}
+
+
 def fingerprint_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     changes = []
     for key in sorted(set(old) | set(new)):
+        if key in SAME_ROWS_VALUES and {old.get(key), new.get(key)} <= SAME_ROWS_VALUES[key]:
+            continue
         if old.get(key, "(unset)") != new.get(key, "(unset)"):
             before, after = (json.dumps(d[key]) if key in d else "(unset)" for d in (old, new))
             changes.append(f"{key} changed from {before} to {after}")

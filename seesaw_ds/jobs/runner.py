@@ -94,6 +94,12 @@ def _stage(engine: Any) -> str:
     return getattr(engine, "stage", None) or getattr(getattr(engine, "scheduler", None), "stage", None) or "run"
 
 
+def _show_rate(bar: Any, engine: Any, summary: JobSummary, seconds: float) -> None:
+    """The bar's postfix: the engine's current stage and tokens/s (prompt + output) so far."""
+    rate = (summary.prompt_tokens + summary.completion_tokens) / max(seconds, 1e-9)
+    bar.set_postfix(stage=_stage(engine), tok_s=f"{rate:.0f}", refresh=False)
+
+
 def _throughput(rows: int, summary: JobSummary, seconds: float, shards: int) -> dict[str, float]:
     seconds = max(seconds, 1e-9)
     return {"rows": rows, "requests_per_s": rows / seconds,
@@ -153,8 +159,7 @@ def run_job(recipe: Recipe, source: PromptSource, engine: Engine, writer: ShardW
                 last_flush = now
             bar.n = source.stats.already_done + sum(source.stats.skipped.values()) + finished_rows
             if now - last_postfix >= 0.5:
-                rate = (summary.prompt_tokens + summary.completion_tokens) / max(now - start, 1e-9)
-                bar.set_postfix(stage=_stage(engine), tok_s=f"{rate:.0f}", refresh=False)
+                _show_rate(bar, engine, summary, now - start)
                 bar.refresh()
                 last_postfix = now
                 if log_fn is not None:
@@ -164,6 +169,7 @@ def run_job(recipe: Recipe, source: PromptSource, engine: Engine, writer: ShardW
             log_fn(_throughput(finished_rows, summary, clock() - start, writer.shards_written))
     finally:
         bar.n = source.stats.handled - len(pending)
+        _show_rate(bar, engine, summary, clock() - start)   # NOTE: a job under 0.5 s shows its rate too
         bar.close()
     summary.wall_seconds = clock() - start
     summary.rows_written = writer.rows_written

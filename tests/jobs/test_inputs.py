@@ -1,8 +1,10 @@
 """Input rows -> prompt items, checked against the tokenizer and chat template called directly."""
 import importlib.util
+import json
 import pathlib
 
 import datasets
+import pyarrow as pa
 import pytest
 
 from seesaw_ds.jobs.inputs import InputError, open_inputs
@@ -161,10 +163,22 @@ def test_duplicate_ids_are_refused(tmp_path, tokenizer):
         items_of(make_recipe({"source": path, "columns": {"prompt": "t", "id": "id"}}), tokenizer)
 
 
+def write_arrow(path, rows, ipc):
+    """An Arrow IPC file of `ipc` kind: "stream" (as `datasets` writes its cache files) or "file" (Feather v2)."""
+    table = pa.Table.from_pylist(rows)
+    with (pa.ipc.new_stream if ipc == "stream" else pa.ipc.new_file)(path, table.schema) as writer:
+        writer.write_table(table)
+    return str(path)
+
+
 def test_every_file_format_and_streaming_give_the_same_items(tmp_path, tokenizer):
     table = datasets.Dataset.from_list(ROWS)
-    paths = {"jsonl": write_jsonl(tmp_path / "in.jsonl", ROWS), "parquet": str(tmp_path / "in.parquet"),
-             "csv": str(tmp_path / "in.csv"), "disk": str(tmp_path / "saved")}
+    paths = {"jsonl": write_jsonl(tmp_path / "in.jsonl", ROWS),
+             "json lines": write_jsonl(tmp_path / "lines.json", ROWS), "json array": str(tmp_path / "array.json"),
+             "parquet": str(tmp_path / "in.parquet"), "csv": str(tmp_path / "in.csv"),
+             "arrow stream": write_arrow(tmp_path / "stream.arrow", ROWS, "stream"),
+             "arrow file": write_arrow(tmp_path / "file.arrow", ROWS, "file"), "disk": str(tmp_path / "saved")}
+    (tmp_path / "array.json").write_text(json.dumps(ROWS))   # one JSON array: [{...}, {...}, ...]
     table.to_parquet(paths["parquet"])
     table.to_csv(paths["csv"], index=False)
     table.save_to_disk(paths["disk"])
@@ -173,10 +187,15 @@ def test_every_file_format_and_streaming_give_the_same_items(tmp_path, tokenizer
         for streaming in (False, True):
             recipe = make_recipe({"source": path, "columns": {"prompt": "text", "id": "key", "max_tokens": "n"},
                                   "streaming": streaming, "limit": 7})
-            items, _ = items_of(recipe, tokenizer)
+            items, source = items_of(recipe, tokenizer)
             got = [(i.row_id, i.prompt_token_ids, i.max_tokens) for i in items]
             reference = reference or got
             assert got == reference, (name, streaming)
+            # streaming really streams: rows come from an IterableDataset (a file's length is then unknown)
+            assert isinstance(source.loaded.dataset, datasets.IterableDataset) == streaming, (name, streaming)
+            assert isinstance(source.loaded.dataset, datasets.Dataset) != streaming, (name, streaming)
+            if streaming and name != "disk":
+                assert source.rows_for_replica() is None, name
     assert len(reference) == 7
 
 

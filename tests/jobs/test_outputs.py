@@ -92,6 +92,10 @@ def test_changed_recipe_is_refused_with_what_changed(tmp_path):
         prepare_output_dir(recipe.output, job_fingerprint(recipe, "in.jsonl"), recipe)
     # the same job again is accepted; streaming and engine sizes do not change the rows
     prepared(tmp_path, data__streaming=True, engine__max_num_seqs=8)
+    # nor does `error` instead of `skip`: the job stops at the row that skip leaves out (truncate does change them)
+    prepared(tmp_path, data__bad_rows="error", data__over_limit="error")
+    with pytest.raises(OutputError, match=r"data.over_limit changed from \"skip\" to \"truncate\""):
+        prepared(tmp_path, data__over_limit="truncate")
 
 
 def test_overwrite_and_resume_false(tmp_path):

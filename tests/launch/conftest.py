@@ -1,6 +1,8 @@
 """A tiny random Llama folder with a one-char-per-token tokenizer, a jsonl of articles, and recipe files."""
+import glob
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -99,10 +101,27 @@ def job_env(tmp_path, **extra):
     return env
 
 
-def deepspeed_command(num_ranks, port, recipe_path, *overrides):
+def deepspeed_command(num_ranks, port, recipe_path, *overrides, rank_logs=None):
+    """rank_logs: a folder where each rank's stdout + stderr go (`*_rank{r}.log`) instead of the launcher's."""
     launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    per_rank = ["--enable_each_rank_log", str(rank_logs)] if rank_logs else []
     return [launcher if os.path.exists(launcher) else "deepspeed", "--num_gpus", str(num_ranks),
-            "--master_port", str(port), GENERATE, "--config", recipe_path, *overrides]
+            "--master_port", str(port), *per_rank, GENERATE, "--config", recipe_path, *overrides]
+
+
+def rank_log(rank_logs, rank):
+    [path] = glob.glob(os.path.join(str(rank_logs), f"*_rank{rank}.log"))
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        return handle.read()
+
+
+# one refresh of the job's tqdm bar: " 50%|█████     | 20/40 [00:51<00:51, 2.57s/row, stage=decode, tok_s=35]"
+JOB_BAR = re.compile(r"(\d+)/(\d+) \[[^\]\n]*?, stage=([\w-]+), tok_s=(\d+)\]")
+
+
+def job_bars(text):
+    """(rows done, rows total, stage, tokens/s) of every refresh of the job's progress bar in `text`."""
+    return [(int(done), int(total), stage, int(rate)) for done, total, stage, rate in JOB_BAR.findall(text)]
 
 
 def run_checked(cmd, env, timeout=600, **kwargs):

@@ -1,11 +1,13 @@
-"""Each bad input of a generation job ends with one `error:` line naming the problem and exit status 2.
+"""Each bad input of a generation job ends with one `error:` line naming the problem and exit status 2, and
+the shards written before a bad row stay valid: a rerun resumes from them.
 The CLI runs in this process (`seesaw_ds.jobs.generate.main`), as `launch/generate.py` calls it."""
+import glob
 import json
 
 import pytest
 
 from seesaw_ds.jobs.generate import main
-from tests.launch.conftest import recipe_dict, write_recipe
+from tests.launch.conftest import MAX_TOKENS, recipe_dict, write_recipe
 
 
 @pytest.fixture(autouse=True)
@@ -97,3 +99,52 @@ def test_layouts_that_do_not_fit_the_world(capsys, tmp_path, base):
     line = run_recipe_file(capsys, tmp_path, base, "parallel={prefill: {pp: 2}, decode: {tp: 2}}")
     assert "recipe key parallel does not fit" in line and "world size is 1" in line and "--num_gpus 2" in line
 
+
+
+def shard_rows(out_dir, tmp_path):
+    """Every row of the output folder, by id, read with the documented `datasets` call."""
+    import datasets
+    loaded = datasets.load_dataset("parquet", data_files=f"{out_dir}/part-*.parquet", split="train",
+                                   cache_dir=str(tmp_path / "load-cache"))
+    rows = {r["id"]: r for r in loaded}
+    assert len(rows) == len(loaded), "an id is written twice"
+    return rows
+
+
+def test_a_bad_row_after_written_shards_leaves_them_valid_and_resumable(capsys, tmp_path, base):
+    bad = 20
+    rows = [{"id": f"doc{i:03d}", "text": f"Summarize: article {i}: " + "lorem ipsum " * (1 + i % 3)}
+            for i in range(24)]
+    every_id = {r["id"] for r in rows}
+    source = rows_file(tmp_path, [dict(r, text="") if i == bad else r for i, r in enumerate(rows)])
+    out = tmp_path / "out"
+    # request_window 4: row 20 enters the engine only when <= 3 rows are in flight, i.e. after >= 17 rows have
+    # finished, and <= 3 of those wait for a full shard of 4, so >= 4 shards are on disk before the error
+    base["data"] = {"source": source, "columns": {"prompt": "text", "id": "id"}, "bad_rows": "error"}
+    base["engine"]["request_window"] = 4
+    recipe = write_recipe(tmp_path / "r.yaml", base)
+
+    line = error_of(capsys, ["--config", recipe])
+    assert f"data row {bad}" in line and "empty prompt" in line
+    written = shard_rows(out, tmp_path)
+    assert len(written) >= 16 and len(written) % 4 == 0 and set(written) < every_id - {f"doc{bad:03d}"}
+    assert all(r["completion_tokens"] == MAX_TOKENS for r in written.values())
+    assert not glob.glob(str(out / ".tmp-*"))
+
+    # the same folder under bad_rows=skip (the same rows, minus the bad one): resumes, writes the rest once
+    assert main(["--config", recipe, "data.bad_rows=skip"]) == 0
+    capsys.readouterr()
+    report = json.load(open(out / "job_summary.json"))["total"]
+    assert report["already_done"] == len(written) and report["skipped/empty prompt"] == 1
+    after_skip = shard_rows(out, tmp_path)
+    assert set(after_skip) == every_id - {f"doc{bad:03d}"}
+    assert all(after_skip[key] == row for key, row in written.items())   # earlier shards untouched
+
+    # the bad row fixed, the first command again: only that row is generated; one row per input id
+    rows_file(tmp_path, rows)
+    assert main(["--config", recipe]) == 0
+    capsys.readouterr()
+    report = json.load(open(out / "job_summary.json"))["total"]
+    assert report["rows_written"] == 1 and report["already_done"] == len(rows) - 1
+    final = shard_rows(out, tmp_path)
+    assert set(final) == every_id and final[f"doc{bad:03d}"]["prompt"] == rows[bad]["text"]

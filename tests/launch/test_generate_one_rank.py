@@ -1,5 +1,5 @@
-"""launch/generate.py as a user runs it, one process: rows equal HF greedy generate, the report, the wandb
-offline run (metrics, recipe, tables) and the ROUGE eval logged into the same run."""
+"""launch/generate.py as a user runs it, one process: rows equal HF greedy generate, the progress bar, the
+report, the wandb offline run (metrics, recipe, tables) and the ROUGE eval logged into the same run."""
 import glob
 import json
 import os
@@ -10,7 +10,7 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from tests.launch.conftest import GENERATE, NUM_ROWS, job_env, recipe_dict, run_checked, write_recipe
+from tests.launch.conftest import GENERATE, NUM_ROWS, job_bars, job_env, recipe_dict, run_checked, write_recipe
 from tests.launch.wandb_records import read_run
 
 
@@ -46,6 +46,18 @@ def test_rows_equal_hf_greedy_and_report(one_rank_run, reference_rows, tiny_mode
     assert total["rows_written"] == NUM_ROWS and total["completion_tokens"] == NUM_ROWS * 8
     assert total["prompt_tokens"] == sum(len(r["prompt_token_ids"]) for r in reference_rows.values())
     assert report["replicas"][0]["engine"]["decode_tokens"] > 0
+
+
+def test_progress_bar_shows_rows_tokens_per_s_and_stage(one_rank_run):
+    _, proc = one_rank_run
+    bars = job_bars(proc.stderr)   # (rows done, rows total, stage, tokens/s) per refresh
+    assert bars, f"no job progress bar on stderr:\n{proc.stderr[-3000:]}"
+    assert all(total == NUM_ROWS for _, total, _, _ in bars)
+    assert [done for done, *_ in bars] == sorted(done for done, *_ in bars)
+    done, _, stage, tokens_per_s = bars[-1]
+    assert done == NUM_ROWS and tokens_per_s > 0
+    assert stage == "run"   # a one-process engine has no prefill / decode stages
+    assert not job_bars(proc.stdout)   # stdout keeps the layouts line and the summary table
 
 
 def test_wandb_offline_run_holds_recipe_metrics_and_tables(one_rank_run):
