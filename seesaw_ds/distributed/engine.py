@@ -2,23 +2,24 @@
 the prefill layout, decode under the decode layout, and KV moves between them through the node's host
 store. Sampling happens once, on the rank that holds the logits, and the tokens are broadcast.
 
-    step: schedule -> [switch stage] -> (prefill: write host store | decode: onboard + read pool)
-          -> sample on one rank -> broadcast -> postprocess
+    step: schedule -> [land last step's prefetch] -> [switch stage] -> (prefill: write host store |
+          decode: swap out, onboard, start prefetch (kv_moves.py), read pool) -> sample on one rank
+          -> broadcast -> postprocess
 """
 from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from seesaw_ds.distributed.host_kv import HostKVStore
+from seesaw_ds.distributed.kv_moves import TierCopies
 from seesaw_ds.distributed.stash import KVStasher
+from seesaw_ds.distributed.stats import SeesawStats
 from seesaw_ds.engine.inputs import build_inputs
-from seesaw_ds.engine.llm_engine import EngineStats, to_output
+from seesaw_ds.engine.llm_engine import to_output
 from seesaw_ds.engine.sampler import sample
 from seesaw_ds.engine.sampling_params import SamplingParams
 from seesaw_ds.engine.scheduler import ScheduledBatch
@@ -26,23 +27,6 @@ from seesaw_ds.engine.seesaw_scheduler import PREFILL, SeesawScheduler
 from seesaw_ds.engine.sequence import RequestOutput, Sequence
 
 log = logging.getLogger("seesaw_ds")
-
-
-@dataclass
-class SeesawStats(EngineStats):
-    switch_s: float = 0.0
-    onboard_s: float = 0.0          # synchronous host -> device copies (nothing to decode meanwhile)
-    prefetch_stall_s: float = 0.0   # time decode waited for background copies to land
-    prefetched_seqs: int = 0
-    stash_s: float = 0.0            # prefill K/V writes into the host store (background when async)
-    stash_wait_s: float = 0.0       # time prefill was held up by those writes (all of stash_s when sync)
-    kv_bytes_moved: int = 0
-    weight_bytes_moved: int = 0
-    switches: list[dict] = field(default_factory=list)
-    host_occupancy: list[float] = field(default_factory=list)
-
-    def summary(self) -> dict:
-        return super().summary() | {"num_switches": len(self.switches)}
 
 
 def split_micro_batches(batch: ScheduledBatch, n: int) -> list[ScheduledBatch]:
@@ -75,11 +59,12 @@ class DistributedEngine:
         self.sliding_window = sliding_window
         self.micro_batches = micro_batches
         self.rank = dist.get_rank()
-        self.stats = SeesawStats()
+        self.stats = SeesawStats(device_blocks=scheduler.device.num_blocks)
+        self.copies = TierCopies(store, pool, self.stats)             # decode's host <-> device copies
         self._stage = None
+        self._t_start = time.perf_counter()
+        self._stage_mark = (0, 0.0)     # (kv bytes, copy seconds) at the start of the current stage
         self._request_ids: set[str] = set()
-        self._prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="seesaw-prefetch")
-        self._in_flight = None          # the future of the last prefetch
 
     # same surface as LLMEngine
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -92,48 +77,48 @@ class DistributedEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
-    def _switch(self, stage: str) -> None:
+    def _switch(self, stage: str) -> float:
+        """Enter `stage`; record a switch unless this is the run's first stage. Returns its seconds."""
+        previous, self._stage = self._stage, stage
+        moved, copy_s = self.stats.kv_copy_totals()
+        rank_bytes, rank_copy_s = moved - self._stage_mark[0], copy_s - self._stage_mark[1]
+        self._stage_mark = (moved, copy_s)
+        if previous is None:            # the first stage is a start, not a switch
+            return 0.0
         t0 = time.perf_counter()
-        # Weights: both topologies hold views of the node's master copy, so on a CPU nothing is copied;
-        # on an accelerator this is where the new layout's shards are materialised on the device.
-        dist.barrier()
+        # Weights: both topologies hold views of the node's master copy, so on a CPU nothing is copied
+        # (weight_bytes 0); on an accelerator this is where the new layout's shards would be materialised.
+        # NOTE: the all-reduce is also the barrier: every rank has flushed its prefill writes (end of each
+        # prefill step) before any rank onboards from the store.
+        kv_bytes = torch.tensor([rank_bytes], dtype=torch.long)
+        dist.all_reduce(kv_bytes)
         dt = time.perf_counter() - t0
         self.stats.switch_s += dt
-        self.stats.switches.append({"to": stage, "seconds": dt, "weight_bytes": 0,
-                                    "host_occupancy": self.scheduler.host_occupancy})
+        self.stats.switches.append({
+            "from": previous, "to": stage, "seconds": dt, "at_s": time.perf_counter() - self._t_start,
+            "weight_bytes": 0, "kv_bytes": int(kv_bytes), "kv_bytes_rank": rank_bytes,
+            "kv_copy_s": rank_copy_s, "host_occupancy": self.scheduler.host_occupancy})
         if self.rank == 0:
-            log.info("stage switch -> %s (%.3f s, host store %.0f%% full)", stage, dt,
-                     100 * self.scheduler.host_occupancy)
-        self._stage = stage
+            log.info("stage switch %s -> %s (%.3f s; the %s stage moved %.1f MB of KV; host store %.0f%% full)",
+                     previous, stage, dt, previous, int(kv_bytes) / 1e6, 100 * self.scheduler.host_occupancy)
+        return dt
 
     def step(self) -> list[RequestOutput]:
         batch = self.scheduler.schedule()
         if batch is None:
             return []
-        stage = self.scheduler.stage
-        if stage != self._stage:
-            self._switch(stage)
         t0 = time.perf_counter()
+        if batch.wait_prefetch:         # before a switch: those copies belong to the decode stage
+            self.copies.land()
+        switch_s = self._switch(self.scheduler.stage) if self.scheduler.stage != self._stage else 0.0
+        self.stats.device_blocks_peak = max(self.stats.device_blocks_peak, self.scheduler.device.num_used)
         bs = self.scheduler.config.block_size
-        if batch.wait_prefetch:
-            self._land_prefetch()
         if batch.is_prefill:
             ex, kv = self.prefill_executor, self.stasher
             self.store.layers, self.store.kv_heads = ex.layers, ex.kv_heads
         else:
             ex, kv = self.decode_executor, self.pool
-            t1 = time.perf_counter()
-            if batch.onboard:                                  # one gather/scatter for all newcomers
-                host_blocks = [b for h, _ in batch.onboard for b in h]
-                device_blocks = [b for _, d in batch.onboard for b in d]
-                self.stats.kv_bytes_moved += self.store.load_into(self.pool, host_blocks, device_blocks)
-            self.stats.onboard_s += time.perf_counter() - t1
-            if batch.prefetch:                                 # lands while this step decodes
-                host_blocks = [b for h, _ in batch.prefetch for b in h]
-                device_blocks = [b for _, d in batch.prefetch for b in d]
-                self.stats.prefetched_seqs += len(batch.prefetch)
-                self._in_flight = self._prefetcher.submit(self.store.load_into, self.pool, host_blocks,
-                                                          device_blocks)
+            self.copies.run(batch)      # swap-outs, then onboarding, then this step's prefetch
         n_mb = self.micro_batches or getattr(ex, "max_micro_batches", 1)
         micro = [build_inputs(mb, bs, self.sliding_window) for mb in split_micro_batches(batch, n_mb)]
         logits = ex.run(micro, kv)
@@ -141,24 +126,18 @@ class DistributedEngine:
             self._flush_stash()
         tokens, logprobs = self._sample_and_share(logits, batch, ex.sampling_rank)
         finished = self.scheduler.postprocess(batch, tokens, logprobs)
-        self._account(batch, time.perf_counter() - t0)
+        self._account(batch, time.perf_counter() - t0 - switch_s)
         for seq in finished:
             self._request_ids.discard(seq.request_id)
         return [self._output(s) for s in finished]
 
     def _flush_stash(self) -> None:
-        # NOTE: every rank flushes its prefill writes here, before the stage-switch barrier that precedes
-        # any decode onboarding, so no rank reads another rank's rectangle of the store mid-write.
-        self.stasher.flush()
-        self.stats.stash_s, self.stats.stash_wait_s = self.stasher.busy_s, self.stasher.wait_s
-
-    def _land_prefetch(self) -> None:
-        if self._in_flight is None:
-            return
-        t = time.perf_counter()
-        self.stats.kv_bytes_moved += self._in_flight.result()
-        self.stats.prefetch_stall_s += time.perf_counter() - t
-        self._in_flight = None
+        # NOTE: every rank flushes its prefill writes here, before the stage-switch collective that
+        # precedes any decode onboarding, so no rank reads another rank's rectangle of the store mid-write.
+        st = self.stasher
+        st.flush()
+        self.stats.add_copy("stash", st.bytes - self.stats.stash_bytes, st.busy_s - self.stats.stash_s)
+        self.stats.stash_wait_s = st.wait_s
 
     def _sample_and_share(self, logits, batch: ScheduledBatch, src: int):
         tokens = torch.zeros(len(batch.seqs), dtype=torch.long)

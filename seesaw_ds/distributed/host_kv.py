@@ -3,7 +3,8 @@
     store: [L, 2 (k/v), Hkv, host_blocks * block_size, D]
 
 Prefill ranks write the rectangle they own (a pipeline stage: its layers x all KV heads; a tensor-parallel
-rank: all layers x its KV heads). Decode ranks read theirs into their paged device pool. Head-major means a
+rank: all layers x its KV heads). Decode ranks read theirs into their paged device pool (`load_into`), and
+write a swapped-out sequence's KV back from it (`save_from`, the inverse). Head-major means a
 tensor-parallel rank's slice of a token range is contiguous per (layer, k/v).
 
 The backing file lives in /dev/shm under a per-job name and is unlinked as soon as every rank has mapped it,
@@ -67,20 +68,40 @@ class HostKVStore:
         self.tensor[layer, 1, h].index_copy_(1, slots, value[0].to(dev, dtype))
 
     # ---- onboarding into a device pool ---------------------------------------------------------------
-    def token_index(self, host_blocks: list[int]) -> torch.Tensor:
-        b = torch.tensor(host_blocks, dtype=torch.long)
-        return (b[:, None] * self.block_size + torch.arange(self.block_size)).reshape(-1)
+    def _rectangles(self, pool, host_blocks: list[int], device_blocks: list[int]):
+        """Yield (store view [Lr, 2, Hr, k, bs, D], pool view [2, Lr, k, bs, Hr, D]) for each run of k blocks
+        consecutive in both lists: this rank's rectangle (pool.spec: layers x KV heads) of those blocks.
+        One strided copy per run is ~4x faster than an index_select + index_copy_ of the whole list."""
+        if len(host_blocks) != len(device_blocks):
+            raise ValueError(f"{len(device_blocks)} device blocks for {len(host_blocks)} host blocks")
+        spec, bs = pool.spec, self.block_size
+        rect = self.tensor[spec.layers.start:spec.layers.stop, :, spec.kv_heads.start:spec.kv_heads.stop]
+        lr, _, hr, _, d = rect.shape
+        i = 0
+        while i < len(host_blocks):
+            k = 1
+            while i + k < len(host_blocks) and host_blocks[i + k] == host_blocks[i] + k and \
+                    device_blocks[i + k] == device_blocks[i] + k:
+                k += 1
+            h0, d0 = host_blocks[i], device_blocks[i]
+            host = rect[:, :, :, h0 * bs:(h0 + k) * bs].view(lr, 2, hr, k, bs, d)
+            yield host, pool.tensor[:, :, d0:d0 + k]
+            i += k
 
     def load_into(self, pool, host_blocks: list[int], device_blocks: list[int]) -> int:
         """Copy this rank's rectangle of `host_blocks` into `device_blocks` of `pool`; returns bytes moved."""
-        if not host_blocks:
-            return 0
-        spec = pool.spec
-        l = slice(spec.layers.start, spec.layers.stop)
-        h = slice(spec.kv_heads.start, spec.kv_heads.stop)
-        rows = self.tensor[l, :, h].index_select(3, self.token_index(host_blocks))   # [Lr, 2, Hr, n*bs, D]
-        lr, _, hr, _, d = rows.shape
-        rows = rows.view(lr, 2, hr, len(host_blocks), self.block_size, d).permute(1, 0, 3, 4, 2, 5)
-        dst = torch.tensor(device_blocks, dtype=torch.long, device=pool.tensor.device)
-        pool.tensor.index_copy_(2, dst, rows.to(pool.tensor.device, pool.tensor.dtype))  # [2, Lr, n, bs, Hr, D]
-        return rows.numel() * rows.element_size()
+        moved = 0
+        for host, device in self._rectangles(pool, host_blocks, device_blocks):
+            device.copy_(host.permute(1, 0, 3, 4, 2, 5))     # [Lr, 2, Hr, k, bs, D] -> [2, Lr, k, bs, Hr, D]
+            moved += device.numel() * device.element_size()
+        return moved
+
+    # ---- swap-out from a device pool (the inverse of load_into) -------------------------------------
+    def save_from(self, pool, device_blocks: list[int], host_blocks: list[int]) -> int:
+        """Copy this rank's rectangle (pool.spec: layers x KV heads) of `device_blocks` of `pool` into
+        `host_blocks` of the store; returns bytes moved. Every rank writes only its own rectangle."""
+        moved = 0
+        for host, device in self._rectangles(pool, host_blocks, device_blocks):
+            host.copy_(device.permute(1, 0, 4, 2, 3, 5))     # [2, Lr, k, bs, Hr, D] -> [Lr, 2, Hr, k, bs, D]
+            moved += device.numel() * device.element_size()
+        return moved

@@ -94,6 +94,7 @@ class KVStasher:
         self.asynchronous = asynchronous
         self.busy_s = 0.0        # time spent writing into the store (stash thread, or inline)
         self.wait_s = 0.0        # time the caller was held up: inline writes, a full queue, flush()
+        self.bytes = 0           # K/V bytes handed to the store (counted at write(), in the caller)
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -105,6 +106,7 @@ class KVStasher:
     def write(self, layer: int, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
         """key/value: [1, Hkv_r, T, D] for this rank's KV heads (`store.kv_heads`); slots: [T]."""
         heads = self.store.kv_heads
+        self.bytes += 2 * key.numel() * self.store.tensor.element_size()
         if not self.asynchronous:
             t0 = time.perf_counter()
             self._write(PendingWrite(layer, heads, key, value, slots))

@@ -38,6 +38,9 @@ class ScheduledBatch:
     # decode: copies to start in the background now; they land by the next step (two-phase protocol)
     prefetch: list[tuple[list[int], list[int]]] | None = None
     wait_prefetch: bool = False  # the previous step's prefetches must have landed before this forward
+    # decode: (device blocks, host blocks) to copy device -> host first, before any onboarding or forward:
+    # swapped-out runners (their device blocks are already free for this step's loads and growth)
+    swap_out: list[tuple[list[int], list[int]]] | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -1,8 +1,9 @@
 """Transition-minimising scheduling over a host KV tier. Pure bookkeeping: no tensors.
 
     WAITING --prefill--> STASHED (KV in the host store) --onboard--> RUNNING (device pool) --> FINISHED
-       ^                                                                 |
-       +---------------------- preempted (recompute) --------------------+
+       ^                        ^                                        |  |
+       |                        +------ preempted: swapped out ----------+  |
+       +--------------- preempted, the host store full: recompute ----------+
 
 Stages switch rarely:
   * prefill: admit waiting prompts into the host store until it is full or no prompt remains;
@@ -13,8 +14,20 @@ Stages switch rarely:
     instead of costing a round trip each.
 Every step schedules at most `max_num_seqs` sequences and (one prefill prompt aside) at most
 `max_num_batched_tokens` tokens. A request that could never fit either tier is rejected at admission, so
-schedule() returns a batch whenever work remains. Preempted sequences are recomputed: their prompt and
-generated tokens are prefilled into the host store again.
+schedule() returns a batch whenever work remains.
+
+A runner that must give up its device blocks during decode (the pool is full and others grow) is swapped
+out when the host store can hold its cached KV (num_tokens - 1 tokens): `ScheduledBatch.swap_out` lists
+(device blocks, host blocks) copies, the device blocks are freed at once, and the sequence goes back to the
+FRONT of `stashed`, to be onboarded again like any stashed sequence. Only when the store cannot hold it is it
+recomputed: its prompt and generated tokens are prefilled into the host store again.
+
+NOTE: the engine executes a decode step's copies in this order, which is what makes reusing freed blocks in
+the same step safe: wait for last step's prefetches (`wait_prefetch`) -> `swap_out` (device -> host) ->
+`onboard` (host -> device) -> start `prefetch` (background) -> forward. Loads in flight (PREFETCHING) are not
+in `running`, so they are never victims; their reserved device blocks and pinned host blocks stay allocated
+until they land. No step both loads and preempts: loading keeps one free block for every runner about to
+cross a block boundary (see _decode).
 """
 from __future__ import annotations
 
@@ -34,6 +47,7 @@ class TierConfig:
     device_blocks: int
     threshold: float = 0.25      # return to prefill when host occupancy <= threshold
     prefetch: bool = False       # onboard one step ahead (two-phase), overlapping the copy with decode
+    swap_out: bool = True        # preempted runners go to the host store when it has room (else recompute)
 
     def __post_init__(self):
         if not 0.0 <= self.threshold < 1.0:
@@ -53,6 +67,9 @@ class SeesawScheduler(Scheduler):
         self.prefetching: list[Sequence] = []   # device blocks reserved, host blocks pinned, copy in flight
         self.stage = PREFILL
         self.num_switches = 0          # prefill -> decode and decode -> prefill, each counted
+        self.num_swap_outs = 0         # preemptions that moved the KV to the host store
+        #                                (num_preemptions counts the recomputed ones)
+        self._swap_outs: list[tuple[list[int], list[int]]] = []   # this step's, collected by _preempt
 
     def _blocks(self, n_tokens: int) -> int:
         return -(-n_tokens // self.config.block_size)
@@ -73,7 +90,8 @@ class SeesawScheduler(Scheduler):
         return {"stage": self.stage, "host_occupancy": self.host_occupancy, "host_used": self.host.num_used,
                 "device_used": self.device.num_used, "waiting": len(self.waiting),
                 "stashed": len(self.stashed), "running": len(self.running),
-                "num_switches": self.num_switches, "num_preemptions": self.num_preemptions}
+                "num_switches": self.num_switches, "num_preemptions": self.num_preemptions,
+                "num_swap_outs": self.num_swap_outs}
 
     def _max_batch_seqs(self) -> int:
         return min(self.config.max_num_seqs, self.config.max_num_batched_tokens)
@@ -183,10 +201,30 @@ class SeesawScheduler(Scheduler):
         else:                                     # nothing to decode meanwhile: load now
             for seq in loads:
                 self._complete_load(seq)
-        scheduled = self._grow_running()
+        self._swap_outs = []
+        scheduled = self._grow_running()          # may preempt: swap-outs land in self._swap_outs
+        swap_out, self._swap_outs = self._swap_outs, []
         if not scheduled:
+            # NOTE: cannot happen after a preemption: the last runner alone always fits (admission)
+            if swap_out:
+                raise RuntimeError("internal: swap-outs scheduled in a step with nothing to decode")
             return None
-        return ScheduledBatch(False, scheduled, onboard=onboard, prefetch=prefetch)
+        return ScheduledBatch(False, scheduled, onboard=onboard, prefetch=prefetch, swap_out=swap_out)
+
+    # ---- preemption: swap out to the host store, or recompute ------------------------------------------
+    def _preempt(self, seq: Sequence) -> None:
+        held = self._blocks(seq.num_tokens - 1)          # blocks holding its cached KV
+        if not (self.tiers.swap_out and self.host.can_allocate(held)):
+            super()._preempt(seq)                        # recompute: back to waiting, KV discarded
+            return
+        host_blocks = self.host.allocate(held)
+        self._swap_outs.append((seq.block_table[:held], host_blocks))
+        self.device.free(seq.block_table)                # reusable this step: the copy runs first
+        seq.block_table, seq.host_blocks = [], host_blocks
+        seq.status = SequenceStatus.STASHED
+        self.running.remove(seq)
+        self.stashed.appendleft(seq)                     # resumed first
+        self.num_swap_outs += 1
 
     # ---- results -------------------------------------------------------------------------------------
     def _release(self, seq: Sequence) -> None:

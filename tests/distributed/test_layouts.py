@@ -1,5 +1,6 @@
 """Greedy tokens equal Hugging Face `generate` (fp32) under every parallel layout, with KV budgets far
-smaller than the workload (several prefill -> decode -> prefill cycles, waiting and onboarding)."""
+smaller than the workload: at least two prefill -> decode -> prefill cycles in one run, waiting, onboarding,
+and (PP2 -> TP2) a decode pool that fills up, so runners are swapped out to the host store and resumed."""
 import pytest
 import torch
 
@@ -26,8 +27,9 @@ def _generate(rank, folder, parallel, kv_host_gb, kv_device_gb):
             out[o.request_id] = o.token_ids
     stats = engine.stats
     return {"tokens": [out[str(i)] for i in range(len(prompts))], "prompts": prompts,
-            "switches": [s["to"] for s in stats.switches], "kv_bytes": stats.kv_bytes_moved,
-            "prefetched": stats.prefetched_seqs,
+            "switches": stats.switches, "summary": stats.summary(), "kv_bytes": stats.kv_bytes_moved,
+            "scheduler_switches": engine.scheduler.num_switches, "swap_outs": engine.scheduler.num_swap_outs,
+            "recomputes": engine.scheduler.num_preemptions, "host_blocks": engine.scheduler.host.num_blocks,
             "layouts": [engine.layouts.prefill.describe(), engine.layouts.decode.describe()]}
 
 
@@ -36,44 +38,72 @@ def _bytes_for_tokens(model, tokens: int) -> float:
     return tokens * 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4 / (1 << 30)
 
 
-CASES = {   # name: (world, parallel spec, model overrides)
-    "one-rank": (1, None, {}),
-    "tp2": (2, {"tp": 2}, {}),
-    "pp2": (2, {"pp": 2}, {}),
-    "pp2-tp2": (2, {"prefill": {"pp": 2}, "decode": {"tp": 2}}, {}),
+# (host store tokens, decode pool tokens per rank) -> host blocks of 8 tokens, pool blocks per rank
+BUDGET = (160, 200)
+CASES = {   # name: (world, parallel spec, model overrides, budget, its share of the KV per decode rank)
+    "one-rank": (1, None, {}, BUDGET, 1),
+    "tp2": (2, {"tp": 2}, {}, BUDGET, 1),
+    "pp2": (2, {"pp": 2}, {}, BUDGET, 1),
+    # a pool of 22 blocks per rank, barely wider than the longest request (20): it fills up, runners are
+    # swapped out (and once, with the store full, recomputed); 28 host blocks still give three cycles
+    "pp2-tp2": (2, {"prefill": {"pp": 2}, "decode": {"tp": 2}}, {}, (224, 176), 2),
     "pp3-tp3-odd-layers": (3, {"prefill": {"pp": 3}, "decode": {"tp": 3}},
-                           dict(num_hidden_layers=5, num_attention_heads=6, num_key_value_heads=3)),
+                           dict(num_hidden_layers=5, num_attention_heads=6, num_key_value_heads=3), BUDGET, 1),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_layout_matches_hf_generate(case, tmp_path):
-    world, parallel, overrides = CASES[case]
+    world, parallel, overrides, (host_tokens, device_tokens), kv_share = CASES[case]
     model = tiny_hf_model("llama", **overrides)
     model.save_pretrained(tmp_path / "model")
-    host_gb = _bytes_for_tokens(model, 160)          # ~1/4 of the workload's prompt KV
-    device_gb = _bytes_for_tokens(model, 200)
+    host_gb = _bytes_for_tokens(model, host_tokens)          # well under the workload's prompt KV
+    device_gb = _bytes_for_tokens(model, device_tokens) / kv_share
     out = run_ranks(world, _generate, str(tmp_path / "model"), parallel, host_gb, device_gb,
                     out_dir=str(tmp_path))
     for prompt, tokens in zip(out["prompts"], out["tokens"]):
         assert tokens == hf_greedy(model, prompt, MAX_TOKENS), f"{case}: prompt of {len(prompt)} diverged"
-    # at least two prefill -> decode -> prefill cycles
-    assert out["switches"].count("decode") >= 2 and out["switches"].count("prefill") >= 2, out["switches"]
-    assert out["kv_bytes"] > 0
-    assert out["prefetched"] > 0             # some sequences were onboarded in the background
+    # only real switches, alternating, counted alike by the scheduler, the records and the summary
+    switches = out["switches"]
+    moves = [(s["from"], s["to"]) for s in switches]
+    assert moves == [("prefill", "decode"), ("decode", "prefill")] * (len(moves) // 2) + \
+        [("prefill", "decode")] * (len(moves) % 2), moves
+    assert len(switches) == out["summary"]["num_switches"] == out["scheduler_switches"]
+    assert moves.count(("decode", "prefill")) >= 2, moves     # two prefill -> decode -> prefill cycles
+    for s in switches:              # each stage moved KV: prefill stashed it, decode onboarded it
+        assert s["weight_bytes"] == 0 and s["seconds"] >= 0 and s["kv_copy_s"] > 0, s
+        assert s["kv_bytes"] >= s["kv_bytes_rank"] > 0, s
+    assert sum(s["kv_bytes_rank"] for s in switches) <= out["kv_bytes"]
+    summary = out["summary"]
+    assert summary["kv_bytes_moved"] == sum(summary[f"{k}_bytes"] for k in ("stash", "onboard", "prefetch",
+                                                                           "swap_out"))
+    assert summary["prefetched_seqs"] > 0                # some sequences were onboarded in the background
+    assert out["host_blocks"] == host_tokens // 8
+    if case == "pp2-tp2":           # more sequences than the decode pool holds: it filled, runners swapped out
+        assert summary["device_blocks"] == device_tokens // 8
+        assert summary["device_blocks_peak"] == summary["device_blocks"]
+        assert out["swap_outs"] > 0 and summary["swapped_out_seqs"] == out["swap_outs"]
+        assert summary["swap_out_bytes"] > 0 and summary["swap_out_s"] > 0
 
 
 def test_budget_that_cannot_hold_one_sequence_is_refused_with_numbers(tmp_path):
     model = tiny_hf_model("llama")
     model.save_pretrained(tmp_path / "model")
+    small = _bytes_for_tokens(model, 100)             # max_model_len=512 needs 512 tokens in each tier
 
     def build(rank, folder):
         from seesaw_ds.distributed.builder import build_engine
-        try:
-            build_engine(folder, dtype="float32", kv_host_gb=_bytes_for_tokens(model, 100), max_model_len=512)
-        except ValueError as e:
-            return {"error": str(e)}
-        return {"error": None}
+        errors = {}
+        for name, budgets in (("host", dict(kv_host_gb=small)), ("device", dict(kv_device_gb=small))):
+            try:
+                build_engine(folder, dtype="float32", max_model_len=512, **budgets)
+                errors[name] = None
+            except ValueError as e:
+                errors[name] = str(e)
+        return errors
 
     out = run_ranks(1, build, str(tmp_path / "model"), out_dir=str(tmp_path))
-    assert out["error"] and "kv.host_gb" in out["error"] and "max_model_len=512" in out["error"]
+    need = f"{_bytes_for_tokens(model, 512):.4f} GB"      # 32 blocks of 16 tokens, all layers and heads
+    for name in ("host", "device"):
+        err = out[name]
+        assert err and f"kv.{name}_gb={small:g} GB" in err and "max_model_len=512" in err and need in err, err

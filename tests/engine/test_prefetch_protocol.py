@@ -6,7 +6,7 @@ import pytest
 
 from seesaw_ds.engine.seesaw_scheduler import SeesawScheduler, TierConfig
 from seesaw_ds.engine.sequence import SequenceStatus
-from tests.engine.test_seesaw_scheduler import random_workload, worst_blocks
+from tests.engine.seesaw_driver import random_workload, worst_blocks
 
 
 @pytest.mark.parametrize("seed", range(60))
@@ -38,6 +38,8 @@ def test_prefetch_never_reuses_blocks_in_flight(seed):
         assert len(reserved) == sum(len(s.block_table) for s in sched.prefetching)
         for host, device in batch.prefetch or []:
             assert set(device) <= reserved and set(host) <= pinned
+        for device, host in batch.swap_out or []:    # swap-outs never free or overwrite a load in flight
+            assert not set(device) & reserved and not set(host) & pinned
         sched.host.check_integrity()
         sched.device.check_integrity()
         in_flight = list(batch.prefetch or [])

@@ -9,123 +9,18 @@ import pytest
 from seesaw_ds.engine.sampling_params import SamplingParams
 from seesaw_ds.engine.scheduler import RequestRejected, SchedulerConfig
 from seesaw_ds.engine.seesaw_scheduler import PREFILL, SeesawScheduler, TierConfig
-from seesaw_ds.engine.sequence import Sequence, SequenceStatus
+from seesaw_ds.engine.sequence import Sequence
+from tests.engine.seesaw_driver import blocks, drive, expected_output, random_workload, worst_blocks
 
-EOS = 1
-
-
-def blocks(n_tokens: int, block_size: int) -> int:
-    return -(-n_tokens // block_size)
-
-
-def expected_output(seq: Sequence, script: list[int]) -> tuple[list[int], str]:
-    """Reference: the scripted tokens cut at the first EOS (unless ignored) or at the length limit."""
-    limit = min(seq.params.max_tokens, seq.max_model_len - len(seq.prompt_token_ids))
-    for i, tok in enumerate(script[:limit]):
-        if tok == EOS and not seq.params.ignore_eos:
-            return script[:i + 1], "stop"
-    return script[:limit], "length"
-
-
-def check_state(sched: SeesawScheduler, live: dict[int, Sequence], in_flight: list[Sequence]) -> None:
-    """Each live sequence sits in exactly one place; its blocks match that place; the tiers' used counts
-    equal the blocks the sequences own, with no block owned twice."""
-    places = [(sched.waiting, SequenceStatus.WAITING), (sched.stashed, SequenceStatus.STASHED),
-              (sched.running, SequenceStatus.RUNNING), (in_flight, SequenceStatus.STASHED)]
-    seen: list[int] = [s.seq_id for queue, _ in places for s in queue]
-    assert len(seen) == len(set(seen)), "a sequence is in two states"
-    assert set(seen) == set(live), "a live sequence is lost, or a finished one is still queued"
-    for queue, status in places:
-        for s in queue:
-            assert s.status is status, (s.request_id, s.status, status)
-            assert not (s.host_blocks and s.block_table), "KV held in both tiers"
-    host_owned = [b for s in [*sched.stashed, *in_flight] for b in s.host_blocks]
-    device_owned = [b for s in sched.running for b in s.block_table]
-    assert all(not s.host_blocks and not s.block_table for s in sched.waiting)
-    for tier, owned in ((sched.host, host_owned), (sched.device, device_owned)):
-        tier.check_integrity()
-        assert len(owned) == len(set(owned)) == tier.num_used <= tier.num_blocks
-        assert all(0 <= b < tier.num_blocks for b in owned)
-
-
-def drive(sched: SeesawScheduler, scripts: dict[int, list[int]]):
-    """Run to completion; check every step; return finished sequences and per-prefill-phase records."""
-    cfg, first_stage_prefill, switches_before = sched.config, sched.stage == PREFILL, sched.num_switches
-    live = {s.seq_id: s for q in (sched.waiting, sched.stashed, sched.running) for s in q}
-    admitted, finished, phases, kinds = set(), [], [], []
-    while sched.has_unfinished():
-        host_before = {s.seq_id: list(s.host_blocks) for s in sched.stashed}
-        occupancy_before, stashed_before = sched.host.num_used, len(sched.stashed)
-        batch = sched.schedule()
-        assert batch is not None, f"stalled with work left: {sched.metrics}"
-        assert batch.is_prefill == (sched.stage == PREFILL)
-        assert 1 <= len(batch.seqs) <= cfg.max_num_seqs
-        if batch.is_prefill:
-            assert len(batch.seqs) == 1 or batch.num_tokens <= cfg.max_num_batched_tokens
-            if not kinds or not kinds[-1]:       # a new prefill phase starts
-                phases.append({"blocks": 0, "largest": 0, "fresh": False, "start_used": occupancy_before,
-                               "start_stashed": stashed_before})
-            for s in batch.seqs:                 # host blocks for every token fed, nothing on the device
-                assert len(s.host_blocks) == blocks(s.num_tokens, cfg.block_size) and not s.block_table
-                phases[-1]["blocks"] += len(s.host_blocks)
-                phases[-1]["largest"] = max(phases[-1]["largest"], len(s.host_blocks))
-                phases[-1]["fresh"] |= s.seq_id not in admitted
-                admitted.add(s.seq_id)
-            check_state(sched, live, batch.seqs)
-        else:
-            assert batch.num_tokens <= cfg.max_num_batched_tokens
-            assert {s.seq_id for s in batch.seqs} == {s.seq_id for s in sched.running}, "a runner starved"
-            for s in batch.seqs:                 # device blocks for every token, the one fed now included
-                assert len(s.block_table) == blocks(s.num_tokens, cfg.block_size)
-            onboarded = [s for s in batch.seqs if s.seq_id in host_before]
-            copies = {tuple(device): host for host, device in batch.onboard or []}
-            assert len(copies) == len(batch.onboard or []) == len(onboarded), "onboard copies mismatch"
-            for s in onboarded:                  # all its stashed KV, from its own host blocks
-                held = s.block_table[:blocks(s.num_tokens - 1, cfg.block_size)]
-                assert copies.get(tuple(held)) == host_before[s.seq_id], "onboard reads foreign blocks"
-            check_state(sched, live, [])
-        kinds.append(batch.is_prefill)
-        tokens = [scripts[s.seq_id][len(s.output_token_ids)] for s in batch.seqs]
-        for s in sched.postprocess(batch, tokens):
-            assert not s.host_blocks and not s.block_table and s.status is SequenceStatus.FINISHED
-            finished.append(live.pop(s.seq_id))
-        check_state(sched, live, [])
-        assert len(kinds) < 100_000
-    transitions = sum(a != b for a, b in zip([first_stage_prefill, *kinds], kinds))
-    assert sched.num_switches - switches_before == transitions, "a switch without a batch of the new stage"
-    assert sched.host.num_used == 0 and sched.device.num_used == 0
-    return finished, phases, kinds
-
-
-def random_workload(rng: random.Random, n_requests: int):
-    block_size = rng.choice([1, 2, 4, 8, 16])
-    max_model_len = rng.randint(8, 200)
-    cfg = SchedulerConfig(max_num_seqs=rng.randint(1, 24), max_num_batched_tokens=rng.randint(1, 400),
-                          max_model_len=max_model_len, block_size=block_size)
-    seqs, scripts = [], {}
-    eos_rate = rng.choice([0.0, 0.02, 0.2])
-    for i in range(n_requests):
-        n = rng.randint(1, max_model_len - 1)
-        params = SamplingParams(max_tokens=rng.randint(1, 60), ignore_eos=rng.random() < 0.3)
-        seq = Sequence(f"r{i}", [rng.randint(2, 99)] * n, params, (EOS,), max_model_len)
-        scripts[seq.seq_id] = [EOS if rng.random() < eos_rate else rng.randint(2, 99)
-                               for _ in range(params.max_tokens)]
-        seqs.append(seq)
-    return cfg, seqs, scripts
-
-
-def worst_blocks(seq: Sequence, cfg: SchedulerConfig) -> int:
-    return blocks(min(len(seq.prompt_token_ids) + seq.params.max_tokens, cfg.max_model_len), cfg.block_size)
-
-
+@pytest.mark.parametrize("prefetch", [False, True])
 @pytest.mark.parametrize("seed", range(150))
-def test_random_workloads_keep_invariants_finish_once_and_bound_switches(seed):
+def test_random_workloads_keep_invariants_finish_once_and_bound_switches(seed, prefetch):
     rng = random.Random(seed)
     cfg, seqs, scripts = random_workload(rng, rng.randint(1, 40))
     widest = max(worst_blocks(s, cfg) for s in seqs)
     tiers = TierConfig(host_blocks=rng.randint(max(1, widest // 2), 4 * widest),
                        device_blocks=rng.randint(max(1, widest // 2), 4 * widest),
-                       threshold=rng.choice([0.0, 0.1, 0.25, 0.5, 0.9, rng.random() * 0.99]))
+                       threshold=rng.choice([0.0, 0.1, 0.25, 0.5, 0.9, rng.random() * 0.99]), prefetch=prefetch)
     sched = SeesawScheduler(cfg, tiers)
     accepted = []
     for s in seqs:      # rejected at admission exactly when one tier could never hold the request
@@ -163,8 +58,9 @@ def test_random_workloads_keep_invariants_finish_once_and_bound_switches(seed):
         assert admitted_blocks == fresh_prompt_blocks and recompute_only == 0
 
 
+@pytest.mark.parametrize("prefetch", [False, True])
 @pytest.mark.parametrize("seed", range(60))
-def test_switch_bound_of_the_issue_when_prompts_fill_whole_blocks_and_nothing_is_preempted(seed):
+def test_switch_bound_of_the_issue_when_prompts_fill_whole_blocks_and_nothing_is_preempted(seed, prefetch):
     """Prompts of one block each and a device pool that holds every request: the bound is exactly
     ceil(P / (C x (1 - threshold))) + 1 with P the prompts' blocks and C the host blocks."""
     rng = random.Random(1000 + seed)
@@ -173,12 +69,13 @@ def test_switch_bound_of_the_issue_when_prompts_fill_whole_blocks_and_nothing_is
                           block_size=cfg.max_model_len)
     threshold = rng.choice([0.0, 0.25, 0.5, 0.75, rng.random() * 0.99])
     tiers = TierConfig(host_blocks=rng.randint(1, 12),
-                       device_blocks=sum(worst_blocks(s, cfg) for s in seqs), threshold=threshold)
+                       device_blocks=sum(worst_blocks(s, cfg) for s in seqs), threshold=threshold,
+                       prefetch=prefetch)
     sched = SeesawScheduler(cfg, tiers)
     for s in seqs:
         sched.add(s)
     finished, _, kinds = drive(sched, scripts)
-    assert len(finished) == len(seqs) and sched.num_preemptions == 0
+    assert len(finished) == len(seqs) and sched.num_preemptions == 0 and sched.num_swap_outs == 0
     P = sum(blocks(len(s.prompt_token_ids), cfg.block_size) for s in seqs)
     switches = sum(a and not b for a, b in zip(kinds, kinds[1:]))
     assert switches <= math.ceil(P / (tiers.host_blocks * (1 - threshold))) + 1
@@ -222,15 +119,16 @@ def test_store_below_threshold_but_next_prompt_too_big_keeps_decoding_without_st
     assert sorted(s.request_id for s in finished) == ["r0", "r1", "r2"]
 
 
-def test_preempted_sequences_are_recomputed_through_the_store_and_finish():
+def test_preempted_sequences_are_recomputed_through_the_store_and_finish_when_swap_out_is_off():
     cfg = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=256, max_model_len=128, block_size=4)
-    sched = SeesawScheduler(cfg, TierConfig(host_blocks=30, device_blocks=20, threshold=0.25))
+    sched = SeesawScheduler(cfg, TierConfig(host_blocks=30, device_blocks=20, threshold=0.25, swap_out=False))
     seqs = [Sequence(f"r{i}", [3] * (5 + 3 * i), SamplingParams(max_tokens=40)) for i in range(12)]
     for s in seqs:
         sched.add(s)
     finished, phases, _ = drive(sched, {s.seq_id: [4] * 40 for s in seqs})
     prompt_blocks = sum(blocks(len(s.prompt_token_ids), 4) for s in seqs)
     assert sched.num_preemptions > 0 and sum(p["blocks"] for p in phases) > prompt_blocks
+    assert sched.num_swap_outs == 0
     assert sorted(len(s.output_token_ids) for s in finished) == [40] * 12
 
 

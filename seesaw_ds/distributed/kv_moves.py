@@ -1,0 +1,70 @@
+"""Execution of a decode step's KV copies between the host store and this rank's device pool, in the one
+order the scheduler's bookkeeping relies on, each copy timed (the prefetch thread's too) into SeesawStats.
+
+    land()     wait for last step's prefetch     (its device blocks reserved, host blocks pinned until now)
+    run(batch):
+      swap_out   device -> host, synchronous     (the victims' device blocks may be reused below)
+      onboard    host -> device, synchronous
+      prefetch   host -> device, background      (lands by the next step's land())
+    then the engine runs the forward.
+
+Each rank copies only its own rectangle (pool.spec: layers x KV heads) and reads back only what it wrote, so
+decode copies need no cross-rank synchronisation. What to copy is decided by the (pure) scheduler.
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from seesaw_ds.distributed.host_kv import HostKVStore
+from seesaw_ds.distributed.stats import SeesawStats
+from seesaw_ds.engine.scheduler import ScheduledBatch
+
+
+def _flatten(pairs: list[tuple[list[int], list[int]]]) -> tuple[list[int], list[int]]:
+    return [b for a, _ in pairs for b in a], [b for _, c in pairs for b in c]
+
+
+class TierCopies:
+    def __init__(self, store: HostKVStore, pool, stats: SeesawStats):
+        self.store, self.pool, self.stats = store, pool, stats
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="seesaw-prefetch")
+        self._in_flight: Future | None = None     # -> (bytes, seconds) of the last prefetch
+
+    def _timed(self, kind: str, fn, *args) -> None:
+        t = time.perf_counter()
+        nbytes = fn(*args)
+        self.stats.add_copy(kind, nbytes, time.perf_counter() - t)
+
+    def land(self) -> None:
+        """Block until last step's prefetch has landed; count its bytes and the thread's copy time."""
+        if self._in_flight is None:
+            return
+        t = time.perf_counter()
+        nbytes, seconds = self._in_flight.result()
+        self.stats.prefetch_stall_s += time.perf_counter() - t
+        self.stats.add_copy("prefetch", nbytes, seconds)
+        self._in_flight = None
+
+    def run(self, batch: ScheduledBatch) -> None:
+        if self._in_flight is not None:
+            raise RuntimeError("a prefetch is still in flight: land() it before the next step's copies")
+        if batch.swap_out:                    # one gather/scatter for every victim
+            device_blocks, host_blocks = _flatten(batch.swap_out)
+            self._timed("swap_out", self.store.save_from, self.pool, device_blocks, host_blocks)
+            self.stats.swapped_out_seqs += len(batch.swap_out)
+        if batch.onboard:                     # one gather/scatter for all newcomers
+            host_blocks, device_blocks = _flatten(batch.onboard)
+            self._timed("onboard", self.store.load_into, self.pool, host_blocks, device_blocks)
+        if batch.prefetch:                    # lands while this step decodes
+            host_blocks, device_blocks = _flatten(batch.prefetch)
+            self.stats.prefetched_seqs += len(batch.prefetch)
+            self._in_flight = self._thread.submit(self._background_load, host_blocks, device_blocks)
+
+    def _background_load(self, host_blocks: list[int], device_blocks: list[int]) -> tuple[int, float]:
+        t = time.perf_counter()
+        nbytes = self.store.load_into(self.pool, host_blocks, device_blocks)
+        return nbytes, time.perf_counter() - t
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True)
