@@ -8,6 +8,10 @@ flat tuple of tensors travels (DeepSpeed passes only tensors):
 
 Prefill writes each stage's layers x all KV heads to the KV target (the host store); decode reads the
 stage's own paged pool. The last stage returns last-token logits; other stages return None.
+
+NOTE: the head hands its logits to the executor through `StageState.logits`, and gives DeepSpeed a fixed
+[1] placeholder: the engine sums the last stage's outputs across micro-batches (as losses), which fails
+when a later micro-batch holds more sequences than the first.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ class StageState:
         self.runner = runner
         self.sliding_window = sliding_window
         self.kv = None                   # set by the executor before each pass
+        self.logits: list[torch.Tensor] = []   # last stage: [B_mb, V] per micro-batch of the current pass
 
 
 class EmbedPipe(nn.Module):
@@ -66,7 +71,8 @@ class HeadPipe(nn.Module):
 
     def forward(self, batch):
         h, _, _, _, _, logits_indices, _ = batch
-        return self.state.runner.head(h, logits_indices)
+        self.state.logits.append(self.state.runner.head(h, logits_indices))
+        return torch.zeros(1)
 
 
 def as_pipe_tuple(inputs: ModelInputs) -> tuple[torch.Tensor, ...]:
@@ -109,12 +115,13 @@ class PipelineExecutor:
 
     def run(self, micro_inputs: list[ModelInputs], kv) -> torch.Tensor | None:
         """Every rank passes the same micro-batches; returns [B, V] logits on the last stage only."""
-        self.state.kv = kv
+        self.state.kv, self.state.logits = kv, []
         batches = [(as_pipe_tuple(mb), torch.zeros(1)) for mb in micro_inputs]
         with torch.inference_mode(False), torch.no_grad():
-            out = self.engine.eval_batch(iter(batches), compute_loss=False, reduce_output=None,
+            self.engine.eval_batch(iter(batches), compute_loss=False, reduce_output=None,
                                          bcast_loss=False, num_micro_batches=len(batches))
         self.engine.reset_activation_shape()
         if not self.is_last:
             return None
-        return torch.cat([o.float() for o in out], dim=0)
+        logits, self.state.logits = self.state.logits, []
+        return torch.cat([o.float() for o in logits], dim=0)

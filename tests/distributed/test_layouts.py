@@ -107,3 +107,28 @@ def test_budget_that_cannot_hold_one_sequence_is_refused_with_numbers(tmp_path):
     for name in ("host", "device"):
         err = out[name]
         assert err and f"kv.{name}_gb={small:g} GB" in err and "max_model_len=512" in err and need in err, err
+
+
+def _generate_prompts(rank, folder, parallel, prompts):
+    from seesaw_ds.distributed.builder import build_engine
+    engine = build_engine(folder, dtype="float32", parallel=parallel, kv_host_gb=0.01, kv_device_gb=0.01,
+                          block_size=8, max_num_batched_tokens=1024, max_model_len=400)
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, SamplingParams(max_tokens=4, ignore_eos=True))
+    out = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            out[o.request_id] = o.token_ids
+    return [out[str(i)] for i in range(len(prompts))]
+
+
+def test_pipeline_micro_batches_of_unequal_sizes(tmp_path):
+    # one long prompt and nine short ones in one prefill step: the 8 micro-batches hold 1, 1, ..., 3
+    # sequences, so a later micro-batch is wider than the first (DeepSpeed sums last-stage outputs)
+    model = tiny_hf_model("llama")
+    model.save_pretrained(tmp_path / "model")
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(2, 320, (n,), generator=g).tolist() for n in (300, 2, 3, 4, 5, 6, 7, 8, 9, 10)]
+    out = run_ranks(2, _generate_prompts, str(tmp_path / "model"), {"pp": 2}, prompts, out_dir=str(tmp_path))
+    for prompt, tokens in zip(prompts, out):
+        assert tokens == hf_greedy(model, prompt, 4)
