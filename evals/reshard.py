@@ -41,6 +41,30 @@ def memcpy_seconds(nbytes: int, repeats: int = 5, footprint: int = 128 << 20) ->
     return sorted(times)[len(times) // 2]
 
 
+def tensor_bytes(master, exclude: set[int], min_bytes: int = 1 << 20) -> dict[str, int]:
+    """Large tensors alive in this process (by storage), split into views of the node's master copy (the
+    memory-mapped file, held once per node in the page cache) and private memory (copies of this rank).
+    `exclude`: storage addresses not to count (the KV pool, the host store)."""
+    import gc
+    import torch
+    spans = [(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) for t in master.tensors.values()
+             if t.numel()]
+    lo, hi = min(p for p, _ in spans), max(p + n for p, n in spans)
+    storages: dict[int, int] = {}
+    for obj in gc.get_objects():
+        try:
+            if not isinstance(obj, torch.Tensor) or obj.is_meta:
+                continue
+            storage = obj.untyped_storage()
+            ptr, nbytes = storage.data_ptr(), storage.nbytes()
+        except (RuntimeError, ReferenceError, NotImplementedError):
+            continue
+        if nbytes >= min_bytes and ptr not in exclude:
+            storages[ptr] = nbytes
+    shared = sum(n for p, n in storages.items() if lo <= p < hi)
+    return {"master_views": shared, "private": sum(storages.values()) - shared}
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="embedded:smollm2")
@@ -132,7 +156,9 @@ def main(argv=None) -> None:
     llm.generate(prompts, SamplingParams(max_tokens=args.output_len, ignore_eos=True), use_tqdm=False)
     wall = time.perf_counter() - t0
     st = eng.stats
+    exclude = {eng.pool.tensor.untyped_storage().data_ptr(), eng.store.tensor.untyped_storage().data_ptr()}
     mine = {"switches": st.switches, "pool_bytes": eng.pool.tensor.numel() * eng.pool.tensor.element_size(),
+            "tensors": tensor_bytes(eng.master, exclude),
             "copies": {k: (getattr(st, f"{k}_bytes"), getattr(st, f"{k}_s")) for k in KINDS}}
     per_rank = [None] * dist.get_world_size()
     dist.all_gather_object(per_rank, mine)
@@ -146,6 +172,7 @@ def main(argv=None) -> None:
     engine_bytes = sampler.peak - baseline - pools - eng.store.nbytes
     steady = sampler.peak_between("engine built", "generated") - baseline - pools - eng.store.nbytes
     switches, kinds = switch_rows(per_rank), kind_rows(per_rank)
+    private = sum(r["tensors"]["private"] for r in per_rank)
     summary = {
         "layouts": f"{llm.layouts.prefill.describe()} -> {llm.layouts.decode.describe()}",
         "wall_s (generate)": wall, "num_switches": len(switches),
@@ -162,6 +189,9 @@ def main(argv=None) -> None:
         "engine_host (peak-baseline-pools-store)": engine_bytes,
         "engine_host / model_bytes (goal <= 1.25)": engine_bytes / model_bytes,
         "engine_host while generating / model_bytes": steady / model_bytes,
+        "private tensors >= 1 MiB, all ranks": private,
+        "weights on the node (master once + private) / model_bytes (goal <= 1.25)":
+            (model_bytes + private) / model_bytes,
     }
     print_tables(summary, switches, kinds)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

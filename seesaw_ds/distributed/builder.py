@@ -131,5 +131,5 @@ def build_engine(model: str, dtype="float32", parallel=None, max_model_len=2048,
     engine = DistributedEngine(sched, prefill_ex, decode_ex, store, pool, cfg.eos_token_ids, detok,
                                cfg.sliding_window, micro_batches, stash_async)
     engine.layouts, engine.model_folder, engine.config = layouts, folder, cfg
-    engine.master_path = master.path
+    engine.master, engine.master_path = master, master.path
     return engine

@@ -24,6 +24,20 @@ def shm_dir() -> str:
     return "/dev/shm" if os.path.isdir("/dev/shm") else os.environ.get("TMPDIR", "/tmp")
 
 
+def slot_runs(slots: torch.Tensor) -> list[tuple[int, int, int]]:
+    """[(first token index, first slot, length)] for each run of consecutive slots; e.g. slots
+    [8, 9, 10, 32, 33] -> [(0, 8, 3), (3, 32, 2)]. Prefill slots come in runs as long as a sequence's
+    consecutive host blocks, so a few slice copies replace a scattered index_copy_."""
+    slots = slots.cpu()
+    if slots.numel() == 0:
+        return []
+    breaks = (torch.nonzero(slots[1:] - slots[:-1] != 1).flatten() + 1).tolist()
+    starts = [0] + breaks
+    ends = breaks + [slots.numel()]
+    first = slots[starts].tolist()
+    return [(a, f, b - a) for a, b, f in zip(starts, ends, first)]
+
+
 class HostKVStore:
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, path: str,
                  create: bool):
@@ -63,9 +77,14 @@ class HostKVStore:
         heads = self.kv_heads if kv_heads is None else kv_heads
         h = slice(heads.start, heads.stop)
         dev, dtype = self.tensor.device, self.tensor.dtype
-        slots = slots.to(dev)
-        self.tensor[layer, 0, h].index_copy_(1, slots, key[0].to(dev, dtype))
-        self.tensor[layer, 1, h].index_copy_(1, slots, value[0].to(dev, dtype))
+        k, v = key[0].to(dev, dtype), value[0].to(dev, dtype)          # [Hkv_r, T, D]
+        runs = slot_runs(slots)
+        capacity = self.shape[3]
+        if any(dst < 0 or dst + n > capacity for _, dst, n in runs):
+            raise IndexError(f"host KV slot index out of range: the store holds {capacity} token slots")
+        for src, dst, n in runs:                                       # one strided copy per run of slots
+            self.tensor[layer, 0, h, dst:dst + n].copy_(k[:, src:src + n])
+            self.tensor[layer, 1, h, dst:dst + n].copy_(v[:, src:src + n])
 
     # ---- onboarding into a device pool ---------------------------------------------------------------
     def _rectangles(self, pool, host_blocks: list[int], device_blocks: list[int]):

@@ -56,3 +56,13 @@ def test_copies_reject_mismatched_block_lists(tmp_path):
     with pytest.raises(ValueError, match="1 device blocks for 2 host blocks"):
         store.load_into(pool, [0, 1], [3])
     assert store.save_from(pool, [], []) == 0 and store.load_into(pool, [], []) == 0
+
+
+def test_slot_runs_cover_every_token_once():
+    from seesaw_ds.distributed.host_kv import slot_runs
+    assert slot_runs(torch.tensor([8, 9, 10, 32, 33])) == [(0, 8, 3), (3, 32, 2)]
+    assert slot_runs(torch.tensor([5])) == [(0, 5, 1)] and slot_runs(torch.tensor([], dtype=torch.long)) == []
+    g = torch.Generator().manual_seed(0)
+    slots = torch.randperm(64, generator=g)[:40]
+    covered = [(src + i, dst + i) for src, dst, n in slot_runs(slots) for i in range(n)]
+    assert covered == list(enumerate(slots.tolist()))
