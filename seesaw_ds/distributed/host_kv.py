@@ -20,6 +20,10 @@ import torch
 from seesaw_ds.models.config import ModelConfig
 
 
+PAGE_BYTES = 4096
+MAX_SLICE_RUNS = 8     # above this many runs of slots, one index_copy_ beats a copy per run
+
+
 def shm_dir() -> str:
     return "/dev/shm" if os.path.isdir("/dev/shm") else os.environ.get("TMPDIR", "/tmp")
 
@@ -46,14 +50,24 @@ class HostKVStore:
         numel = 1
         for n in self.shape:
             numel *= n
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
         if create:
             with open(path, "wb") as f:
-                f.truncate(numel * torch.empty((), dtype=dtype).element_size())
+                f.truncate(nbytes)
+                try:
+                    os.posix_fallocate(f.fileno(), 0, nbytes)    # the node's pages now, not mid-prefill
+                except (AttributeError, OSError):
+                    pass
         self.path = path
         self.tensor = torch.from_file(path, shared=True, size=numel, dtype=dtype).view(self.shape)
+        # NOTE: map every page writable in this process up front (one element per page): first touches of a
+        # shared mapping fault page by page, which made the first prefill's stash several times slower
+        flat = self.tensor.view(-1)
+        flat[::max(1, PAGE_BYTES // flat.element_size())].zero_()
         # set per stage by the executor: which (layers, kv heads) this rank writes or reads
         self.layers: range = range(cfg.num_layers)
         self.kv_heads: range = range(cfg.num_kv_heads)
+        self._runs: tuple[torch.Tensor | None, list] = (None, [])     # (slots, their runs) of the last write
 
     @staticmethod
     def new_path(job_token: str | None = None) -> str:
@@ -78,10 +92,17 @@ class HostKVStore:
         h = slice(heads.start, heads.stop)
         dev, dtype = self.tensor.device, self.tensor.dtype
         k, v = key[0].to(dev, dtype), value[0].to(dev, dtype)          # [Hkv_r, T, D]
-        runs = slot_runs(slots)
+        if self._runs[0] is not slots:                                 # once per micro-batch, not per layer
+            self._runs = (slots, slot_runs(slots))
+        runs = self._runs[1]
         capacity = self.shape[3]
         if any(dst < 0 or dst + n > capacity for _, dst, n in runs):
             raise IndexError(f"host KV slot index out of range: the store holds {capacity} token slots")
+        if len(runs) > MAX_SLICE_RUNS:                                  # fragmented blocks: one scattered copy
+            index = slots.to(dev)
+            self.tensor[layer, 0, h].index_copy_(1, index, k)
+            self.tensor[layer, 1, h].index_copy_(1, index, v)
+            return
         for src, dst, n in runs:                                       # one strided copy per run of slots
             self.tensor[layer, 0, h, dst:dst + n].copy_(k[:, src:src + n])
             self.tensor[layer, 1, h, dst:dst + n].copy_(v[:, src:src + n])

@@ -45,9 +45,10 @@ class BlockAllocator:
             if b in seen:
                 raise BlockAllocatorError(f"block {b} appears twice in one free() call")
             seen.add(b)
-        for b in blocks:
-            self._used.remove(b)
-            self._free.append(b)
+        self._used.difference_update(blocks)
+        # NOTE: pushed back in reverse, so pop() hands a freed run out again in ascending order: consecutive
+        # block ids keep host <-> device copies and host-store writes to one slice copy per run
+        self._free.extend(reversed(blocks))
 
     def check_integrity(self) -> None:
         free = set(self._free)
