@@ -49,6 +49,7 @@ class LLMEngine:
         self.detokenize = detokenize
         self.sliding_window = sliding_window
         self.stats = EngineStats()
+        self.stage: str | None = None          # "prefill" or "decode": what the last step ran (progress bars)
         self._request_ids: set[str] = set()
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -73,6 +74,7 @@ class LLMEngine:
         tokens, logprobs = sample(logits, batch.seqs)
         finished = self.scheduler.postprocess(batch, tokens, logprobs)
         self._account(batch, time.perf_counter() - t0)
+        self.stage = "prefill" if batch.is_prefill else "decode"
         for seq in finished:
             self._request_ids.discard(seq.request_id)
         return [self._output(s) for s in finished]

@@ -91,7 +91,7 @@ class JobSummary:
 
 
 def _stage(engine: Any) -> str:
-    return getattr(engine, "stage", None) or getattr(getattr(engine, "scheduler", None), "stage", None) or "run"
+    return getattr(engine, "stage", None) or getattr(getattr(engine, "scheduler", None), "stage", None) or "starting"
 
 
 def _show_rate(bar: Any, engine: Any, summary: JobSummary, seconds: float) -> None:

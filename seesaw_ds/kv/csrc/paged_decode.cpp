@@ -13,6 +13,7 @@
 // passes over the scores, fp32), so results match a reference attention up to summation order.
 #include "kernels.h"
 #include "vec.h"
+#include "decode_bf16.h"
 
 #include <ATen/Parallel.h>
 
@@ -36,23 +37,6 @@ void score_pass_scalar(const float* qf, KeyPtr key, float* scores, int64_t G, in
 }
 
 #if defined(__AVX512F__)
-// Lane j of the result is the sum of v[kSlot[j]]'s lanes when token j's vector is put in slot kSlot[j]:
-// a 4-level shuffle tree, ~3 instructions per token instead of a full horizontal sum each.
-constexpr int kSlot[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};
-inline __m512 hsum16(const __m512* v) {
-  __m512 w[8], x[4], y[2];
-  for (int k = 0; k < 8; ++k)
-    w[k] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
-                         _mm512_shuffle_f32x4(v[2 * k], v[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
-  for (int k = 0; k < 4; ++k)
-    x[k] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * k], w[2 * k + 1], _MM_SHUFFLE(2, 0, 2, 0)),
-                         _mm512_shuffle_f32x4(w[2 * k], w[2 * k + 1], _MM_SHUFFLE(3, 1, 3, 1)));
-  for (int k = 0; k < 2; ++k)
-    y[k] = _mm512_add_ps(_mm512_unpacklo_ps(x[2 * k], x[2 * k + 1]), _mm512_unpackhi_ps(x[2 * k], x[2 * k + 1]));
-  const __m512d y0 = _mm512_castps_pd(y[0]), y1 = _mm512_castps_pd(y[1]);
-  return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(y0, y1)), _mm512_castpd_ps(_mm512_unpackhi_pd(y0, y1)));
-}
-
 // C = D / 16 vectors per row; 16 tokens at a time, one vector of 16 scores per query head
 template <typename T, int C, typename KeyPtr>
 void score_pass_avx512(const float* qf, KeyPtr key, float* scores, int64_t G, int64_t len) {
@@ -101,116 +85,6 @@ void value_pass_heads(const float* p, ValuePtr value, float* acc, int64_t G, int
   for (; g + kMaxGroup <= G; g += kMaxGroup)
     value_pass_avx512<T, C, kMaxGroup>(p + g * len, value, acc + g * C * kLanes, len);
   for (; g < G; ++g) value_pass_avx512<T, C, 1>(p + g * len, value, acc + g * C * kLanes, len);
-}
-#endif
-
-
-#if defined(__AVX512BF16__)
-// bf16 cache and queries: dot products on bf16 pairs with vdpbf16ps (no conversion of the cache to fp32).
-using bf16 = c10::BFloat16;
-inline __m512bh as_bh(__m512i x) { return (__m512bh)x; }
-inline void prefetch_row(const void* p, int64_t nbytes) {
-  for (int64_t off = 0; off < nbytes; off += 64)
-    _mm_prefetch(static_cast<const char*>(p) + off, _MM_HINT_T0);
-}
-
-// scores[g * len + t] = scale * q_g . k_t; q: [G, D] bf16 rows; CK = D / 32 vectors per row
-template <int CK, typename KeyPtr>
-void score_pass_bf16(const bf16* q, KeyPtr key, float* scores, int64_t G, int64_t len, float scale) {
-  constexpr int64_t D = CK * 32;
-  const bf16* rows[16];
-  __m512 acc[16];
-  const __m512 vscale = _mm512_set1_ps(scale);
-  for (int64_t t0 = 0; t0 < len; t0 += 16) {
-    const int n = static_cast<int>(std::min<int64_t>(16, len - t0));
-    for (int j = 0; j < 16; ++j) rows[j] = key(t0 + (j < n ? j : 0));
-    for (int64_t t = t0 + 16; t < std::min(t0 + 32, len); ++t) prefetch_row(key(t), D * 2);   // next chunk
-    for (int64_t g = 0; g < G; ++g) {
-      __m512i qv[CK];
-      for (int c = 0; c < CK; ++c) qv[c] = _mm512_loadu_si512(q + g * D + c * 32);
-      for (int j = 0; j < 16; ++j) {
-        const bf16* k = rows[j];
-        __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), as_bh(qv[0]), as_bh(_mm512_loadu_si512(k)));
-        for (int c = 1; c < CK; ++c) a = _mm512_dpbf16_ps(a, as_bh(qv[c]), as_bh(_mm512_loadu_si512(k + c * 32)));
-        acc[kSlot[j]] = a;
-      }
-      _mm512_mask_storeu_ps(scores + g * len + t0, static_cast<__mmask16>((1u << n) - 1),
-                            _mm512_mul_ps(hsum16(acc), vscale));
-    }
-  }
-}
-
-// out[g, :] = sum_t p[g, t] v_t for GB query heads; p: [GB, ldp] bf16 with p[g, len] = 0 (pairs of tokens);
-// CV = D / 16 accumulators per head. Two consecutive tokens' rows are interleaved per 16-bit element
-// (unpacklo/hi), so lane i of accumulator c holds dim 32 (c / 2) + 4 (c % 2) + 8 (i / 4) + i % 4.
-template <int CV, int GB, typename ValuePtr>
-void value_pass_bf16(const bf16* p, int64_t ldp, ValuePtr value, float* out, int64_t len) {
-  constexpr int64_t D = CV * 16;
-  __m512 acc[GB][CV];
-  for (int g = 0; g < GB; ++g)
-    for (int c = 0; c < CV; ++c) acc[g][c] = _mm512_setzero_ps();
-  const __m512i zero = _mm512_setzero_si512();
-  for (int64_t t = 0; t < len; t += 2) {
-    const bf16* v0 = value(t);
-    const bf16* v1 = t + 1 < len ? value(t + 1) : nullptr;
-    if (t + 8 < len) prefetch_row(value(t + 8), D * 2);
-    if (t + 9 < len) prefetch_row(value(t + 9), D * 2);
-    __m512i x[CV];
-    for (int m = 0; m < CV / 2; ++m) {
-      const __m512i r = _mm512_loadu_si512(v0 + 32 * m), s = v1 ? _mm512_loadu_si512(v1 + 32 * m) : zero;
-      x[2 * m] = _mm512_unpacklo_epi16(r, s);
-      x[2 * m + 1] = _mm512_unpackhi_epi16(r, s);
-    }
-    for (int g = 0; g < GB; ++g) {
-      int32_t pair;
-      std::memcpy(&pair, p + g * ldp + t, sizeof(pair));        // (p[t], p[t + 1])
-      const __m512i pb = _mm512_set1_epi32(pair);
-      for (int c = 0; c < CV; ++c) acc[g][c] = _mm512_dpbf16_ps(acc[g][c], as_bh(pb), as_bh(x[c]));
-    }
-  }
-  float lanes[16];
-  for (int g = 0; g < GB; ++g)
-    for (int c = 0; c < CV; ++c) {
-      _mm512_storeu_ps(lanes, acc[g][c]);
-      for (int i = 0; i < 16; ++i) out[g * D + 32 * (c / 2) + 4 * (c % 2) + 8 * (i / 4) + i % 4] = lanes[i];
-    }
-}
-
-template <int CV, typename ValuePtr>
-void value_heads_bf16(const bf16* p, int64_t ldp, ValuePtr value, float* acc, int64_t G, int64_t len) {
-  constexpr int kMaxGroup = CV >= 8 ? 2 : 4;
-  constexpr int64_t D = CV * 16;
-  int64_t g = 0;
-  for (; g + kMaxGroup <= G; g += kMaxGroup)
-    value_pass_bf16<CV, kMaxGroup>(p + g * ldp, ldp, value, acc + g * D, len);
-  for (; g < G; ++g) value_pass_bf16<CV, 1>(p + g * ldp, ldp, value, acc + g * D, len);
-}
-
-// one (sequence, KV head) pair, bf16 end to end: q [G, D] -> out [G, D]; false when D is not 64 or 128
-template <typename KeyPtr, typename ValuePtr>
-bool attend_bf16(const bf16* q, KeyPtr key, ValuePtr value, bf16* out, int64_t G, int64_t D, int64_t len,
-                 float scale, std::vector<float>& scores, std::vector<bf16>& probs, std::vector<float>& acc) {
-  if (D != 64 && D != 128) return false;
-  scores.resize(G * std::max<int64_t>(len, 1));
-  if (D == 64) score_pass_bf16<2>(q, key, scores.data(), G, len, scale);
-  else score_pass_bf16<4>(q, key, scores.data(), G, len, scale);
-  const int64_t ldp = len + 2;
-  probs.assign(G * ldp, bf16(0.f));
-  std::vector<float> inv_sum(G);
-  for (int64_t g = 0; g < G; ++g) {
-    inv_sum[g] = softmax_inplace(&scores[g * len], len);           // unnormalised exp, in (0, 1]
-    int64_t t = 0;
-    for (; t + 16 <= len; t += 16)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(&probs[g * ldp + t]),
-                          (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(&scores[g * len + t])));
-    for (; t < len; ++t) probs[g * ldp + t] = bf16(scores[g * len + t]);
-  }
-  acc.resize(G * D);
-  if (D == 64) value_heads_bf16<4>(probs.data(), ldp, value, acc.data(), G, len);
-  else value_heads_bf16<8>(probs.data(), ldp, value, acc.data(), G, len);
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t i = 0; i < D; ++i) out[g * D + i] = bf16(acc[g * D + i] * inv_sum[g]);
-  return true;
 }
 #endif
 
