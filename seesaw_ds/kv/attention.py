@@ -71,6 +71,11 @@ def paged_attention(meta: AttentionMetadata, pool: KVPool):
         _CURRENT.reset(token)
 
 
+def in_engine_forward() -> bool:
+    """Whether the caller runs inside an engine forward (`with paged_attention(...)`)."""
+    return _CURRENT.get() is not None
+
+
 def decode_visibility_mask(context_lens: torch.Tensor, max_len: int, window: int | None = None) -> torch.Tensor:
     """[B, 1, 1, max_len] bool: key j visible to the newest token of a sequence with context length n."""
     j = torch.arange(max_len, device=context_lens.device)[None, :]

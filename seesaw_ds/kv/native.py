@@ -23,7 +23,7 @@ import torch
 
 log = logging.getLogger("seesaw_ds")
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = ("bindings.cpp", "paged_decode.cpp", "prefill_attention.cpp")
+SOURCES = ("bindings.cpp", "paged_decode.cpp", "prefill_attention.cpp", "layer_ops.cpp")
 HEADERS = ("kernels.h", "vec.h", "decode_bf16.h")
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -70,6 +70,14 @@ def prefill_attention_op():
     """The compiled bf16 `prefill_attention` function, or None (disabled, no build, or no AVX512-BF16)."""
     module = _module()
     return module.prefill_attention if module is not None and module.has_prefill_attention() else None
+
+
+def layer_ops():
+    """The compiled bf16 (`rms_norm`, `silu_mul`), or None (disabled, no build, or no AVX512-BF16)."""
+    module = _module()
+    if module is None or not module.has_prefill_attention():     # compiled in under the same ISA test
+        return None
+    return module.rms_norm, module.silu_mul
 
 
 def _clear_stale_lock(name: str, max_age_s: float = 900.0) -> None:

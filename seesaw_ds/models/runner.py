@@ -1,7 +1,7 @@
 """Runs a Hugging Face Llama-family model over packed, ragged batches with the paged KV pool.
 
-The layer math is transformers' own (so every checkpoint stays exact); only attention is ours, through the
-registered `seesaw_paged` hook. The model is split into three pieces that a pipeline stage can own:
+The layer math is transformers' own (so every checkpoint stays exact); attention is ours, through the
+registered `seesaw_paged` hook, and the norms and MLP activation run fused ops with the same rounding. The model is split into three pieces that a pipeline stage can own:
 
     embed(input_ids)                      [T] -> [1, T, H]
     run_layers(h, positions, layers)      [1, T, H] -> [1, T, H]   (layers: a contiguous global range)
@@ -13,6 +13,7 @@ import torch
 
 from seesaw_ds.kv.attention import ATTN_IMPLEMENTATION, AttentionMetadata, paged_attention
 from seesaw_ds.kv.pool import KVPool
+from seesaw_ds.models.fused import use_fused_layer_ops
 
 
 def use_paged_attention(hf_model) -> None:
@@ -26,6 +27,7 @@ def use_paged_attention(hf_model) -> None:
 class ModelRunner:
     def __init__(self, hf_model):
         use_paged_attention(hf_model)
+        use_fused_layer_ops(hf_model)
         inner = hf_model.model
         self.hf_model = hf_model
         self.embed_tokens = inner.embed_tokens

@@ -1,4 +1,4 @@
-// The CPU attention kernels' entry points (bound to Python in bindings.cpp).
+// The CPU kernels' entry points (attention, fused layer ops) (bound to Python in bindings.cpp).
 #pragma once
 #include <torch/extension.h>
 
@@ -15,5 +15,9 @@ torch::Tensor prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor 
 
 // whether prefill_attention was compiled in (needs AVX512-BF16)
 bool has_prefill_attention();
+
+// bf16, last dim contiguous: x [..., N], w [N] -> [..., N] (LlamaRMSNorm); g, u [..., N] -> silu(g) * u
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
+torch::Tensor silu_mul(torch::Tensor g, torch::Tensor u);
 
 }  // namespace seesaw

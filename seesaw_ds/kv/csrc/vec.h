@@ -68,9 +68,15 @@ inline __m512 hsum16(const __m512* v) {
 // s[t] = exp(s[t] - max s); returns 1 / sum
 inline float softmax_inplace(float* s, int64_t len) {
   float m = -INFINITY;
-  for (int64_t t = 0; t < len; ++t) m = std::max(m, s[t]);
-  float sum = 0.f;
   int64_t t = 0;
+#if defined(__AVX512F__)
+  __m512 vmax = _mm512_set1_ps(-INFINITY);          // the max is exact in any order: 16 lanes at a time
+  for (; t + kLanes <= len; t += kLanes) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(s + t));
+  m = _mm512_reduce_max_ps(vmax);
+#endif
+  for (; t < len; ++t) m = std::max(m, s[t]);
+  float sum = 0.f;
+  t = 0;
 #if defined(__AVX512F__)
   __m512 vm = _mm512_set1_ps(m), vsum = _mm512_setzero_ps();
   for (; t + kLanes <= len; t += kLanes) {

@@ -1,0 +1,146 @@
+// Fused element-wise layer ops for bf16 on CPU: one pass over memory where transformers' modules make
+// six to eight. Each reproduces the rounding steps of the module it replaces (fp32 math, bf16 results):
+//
+//   rms_norm   x [T, N], w [N]   -> w * bf16(x * rsqrt(sum(x^2) / N + eps))     (LlamaRMSNorm)
+//   silu_mul   g, u [T, N]       -> bf16(bf16(g / (1 + exp(-g))) * u)          (LlamaMLP's act(gate) * up)
+//
+// rms_norm sums in torch's order and matches it bit for bit; silu's exp may differ in its last bit.
+#include "kernels.h"
+#include "vec.h"
+
+#include <ATen/Parallel.h>
+
+namespace seesaw {
+
+#if defined(__AVX512BF16__)
+namespace {
+using bf16 = c10::BFloat16;
+
+inline void store16(bf16* p, __m512 x) {    // round to nearest even, as c10::BFloat16 does
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(x));
+}
+inline float round_bf16(float x) { return to_float(bf16(x)); }
+
+inline __m256 square8(const bf16* p) {       // x^2 rounded to fp32 (the barrier stops fusing into an fma)
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  __m256 v = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+  v = _mm256_mul_ps(v, v);
+  asm volatile("" : "+x"(v));
+  return v;
+}
+
+// sum(x^2) of one row in the order torch 2.13 sums a contiguous fp32 row (ATen's SumKernel.cpp:
+// vectorized_inner_sum -> row_sum -> multi_row_sum): 8-lane vectors, 4 interleaved accumulators cascaded
+// in levels of `step` rows, then the scalar tail and the lanes one by one. Same order, same bits
+// (tests/kv/test_layer_ops.py checks it against LlamaRMSNorm).
+float sum_squares(const bf16* x, int64_t N) {
+  constexpr int kIlp = 4, kLevels = 4, W = 8;
+  const int64_t nvec = N / W, rows = nvec / kIlp;
+  int64_t log2 = 0;
+  while ((int64_t(1) << log2) < rows) ++log2;
+  const int64_t power = std::max<int64_t>(4, log2 / kLevels), step = int64_t(1) << power, mask = step - 1;
+  __m256 acc[kLevels][kIlp];
+  for (auto& level : acc)
+    for (auto& a : level) a = _mm256_setzero_ps();
+  auto add_row = [&](int64_t i) {
+    for (int k = 0; k < kIlp; ++k) acc[0][k] = _mm256_add_ps(acc[0][k], square8(x + (i * kIlp + k) * W));
+  };
+  int64_t i = 0;
+  while (i + step <= rows) {
+    for (int64_t j = 0; j < step; ++j) add_row(i++);
+    for (int j = 1; j < kLevels; ++j) {
+      for (int k = 0; k < kIlp; ++k) {
+        acc[j][k] = _mm256_add_ps(acc[j][k], acc[j - 1][k]);
+        acc[j - 1][k] = _mm256_setzero_ps();
+      }
+      if ((i & (mask << (j * power))) != 0) break;
+    }
+  }
+  for (; i < rows; ++i) add_row(i);
+  for (int j = 1; j < kLevels; ++j)
+    for (int k = 0; k < kIlp; ++k) acc[0][k] = _mm256_add_ps(acc[0][k], acc[j][k]);
+  __m256 total = acc[0][0];
+  for (int64_t v = rows * kIlp; v < nvec; ++v) total = _mm256_add_ps(total, square8(x + v * W));
+  for (int k = 1; k < kIlp; ++k) total = _mm256_add_ps(total, acc[0][k]);
+  float sum = 0.f;
+  for (int64_t t = nvec * W; t < N; ++t) {
+    volatile float sq = to_float(x[t]) * to_float(x[t]);
+    sum += sq;
+  }
+  alignas(32) float lanes[W];
+  _mm256_store_ps(lanes, total);
+  for (float lane : lanes) sum += lane;
+  return sum;
+}
+
+void rms_norm_row(const bf16* x, const bf16* w, int64_t N, float eps, bf16* out) {
+  const float sum = sum_squares(x, N);
+  int64_t i = 0;
+  const float r = 1.f / std::sqrt(sum / static_cast<float>(N) + eps);
+  const __m512 vr = _mm512_set1_ps(r);
+  for (i = 0; i + 16 <= N; i += 16) {
+    const __m512 h = _mm512_cvtpbh_ps((__m256bh)_mm512_cvtneps_pbh(_mm512_mul_ps(load16(x + i), vr)));
+    store16(out + i, _mm512_mul_ps(load16(w + i), h));
+  }
+  for (; i < N; ++i) out[i] = bf16(to_float(w[i]) * round_bf16(to_float(x[i]) * r));
+}
+
+void silu_mul_span(const bf16* g, const bf16* u, int64_t n, bf16* out) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 x = load16(g + i);
+    const __m512 s = _mm512_div_ps(x, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+    const __m512 sb = _mm512_cvtpbh_ps((__m256bh)_mm512_cvtneps_pbh(s));
+    store16(out + i, _mm512_mul_ps(sb, load16(u + i)));
+  }
+  for (; i < n; ++i) {
+    const float x = to_float(g[i]);
+    out[i] = bf16(round_bf16(x / (1.f + std::exp(-x))) * to_float(u[i]));
+  }
+}
+}  // namespace
+
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "rms_norm takes bfloat16");
+  const int64_t N = x.size(-1);
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == N, "rms_norm: weight must be [", N, "]");
+  auto xc = x.contiguous();
+  auto wc = w.contiguous();
+  auto out = torch::empty_like(xc);
+  const int64_t T = xc.numel() / N;
+  const bf16 *xd = xc.data_ptr<bf16>(), *wd = wc.data_ptr<bf16>();
+  bf16* od = out.data_ptr<bf16>();
+  const float e = static_cast<float>(eps);
+  at::parallel_for(0, T, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) rms_norm_row(xd + t * N, wd, N, e, od + t * N);
+  });
+  return out;
+}
+
+torch::Tensor silu_mul(torch::Tensor g, torch::Tensor u) {
+  TORCH_CHECK(g.scalar_type() == at::kBFloat16 && u.scalar_type() == at::kBFloat16, "silu_mul takes bfloat16");
+  TORCH_CHECK(g.sizes() == u.sizes(), "silu_mul: gate and up must have one shape");
+  auto gc = g.contiguous();
+  auto uc = u.contiguous();
+  auto out = torch::empty_like(gc);
+  const bf16 *gd = gc.data_ptr<bf16>(), *ud = uc.data_ptr<bf16>();
+  bf16* od = out.data_ptr<bf16>();
+  at::parallel_for(0, gc.numel(), 16384, [&](int64_t begin, int64_t end) {
+    silu_mul_span(gd + begin, ud + begin, end - begin, od + begin);
+  });
+  return out;
+}
+
+#else   // no AVX512-BF16: the caller keeps transformers' modules
+
+torch::Tensor rms_norm(torch::Tensor, torch::Tensor, double) {
+  TORCH_CHECK(false, "rms_norm was not compiled in (needs AVX512-BF16)");
+}
+torch::Tensor silu_mul(torch::Tensor, torch::Tensor) {
+  TORCH_CHECK(false, "silu_mul was not compiled in (needs AVX512-BF16)");
+}
+
+#endif
+
+}  // namespace seesaw
