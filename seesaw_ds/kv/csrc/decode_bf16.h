@@ -106,8 +106,7 @@ bool attend_bf16(const bf16* q, KeyPtr key, ValuePtr value, bf16* out, int64_t G
     inv_sum[g] = softmax_inplace(&scores[g * len], len);           // unnormalised exp, in (0, 1]
     int64_t t = 0;
     for (; t + 16 <= len; t += 16)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(&probs[g * ldp + t]),
-                          (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(&scores[g * len + t])));
+      store_bf16x16(&probs[g * ldp + t], _mm512_loadu_ps(&scores[g * len + t]));
     for (; t < len; ++t) probs[g * ldp + t] = bf16(scores[g * len + t]);
   }
   acc.resize(G * D);

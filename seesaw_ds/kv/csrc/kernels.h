@@ -1,4 +1,4 @@
-// The CPU kernels' entry points (attention, fused layer ops) (bound to Python in bindings.cpp).
+// The CPU kernels' entry points: attention and fused layer ops (bound to Python in bindings.cpp).
 #pragma once
 #include <torch/extension.h>
 

@@ -16,9 +16,6 @@ namespace seesaw {
 namespace {
 using bf16 = c10::BFloat16;
 
-inline void store16(bf16* p, __m512 x) {    // round to nearest even, as c10::BFloat16 does
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(x));
-}
 inline float round_bf16(float x) { return to_float(bf16(x)); }
 
 inline __m256 square8(const bf16* p) {       // x^2 rounded to fp32 (the barrier stops fusing into an fma)
@@ -74,13 +71,12 @@ float sum_squares(const bf16* x, int64_t N) {
 }
 
 void rms_norm_row(const bf16* x, const bf16* w, int64_t N, float eps, bf16* out) {
-  const float sum = sum_squares(x, N);
-  int64_t i = 0;
-  const float r = 1.f / std::sqrt(sum / static_cast<float>(N) + eps);
+  const float r = 1.f / std::sqrt(sum_squares(x, N) / static_cast<float>(N) + eps);
   const __m512 vr = _mm512_set1_ps(r);
-  for (i = 0; i + 16 <= N; i += 16) {
-    const __m512 h = _mm512_cvtpbh_ps((__m256bh)_mm512_cvtneps_pbh(_mm512_mul_ps(load16(x + i), vr)));
-    store16(out + i, _mm512_mul_ps(load16(w + i), h));
+  int64_t i = 0;
+  for (; i + 16 <= N; i += 16) {
+    const __m512 h = round_bf16x16(_mm512_mul_ps(load16(x + i), vr));
+    store_bf16x16(out + i, _mm512_mul_ps(load16(w + i), h));
   }
   for (; i < N; ++i) out[i] = bf16(to_float(w[i]) * round_bf16(to_float(x[i]) * r));
 }
@@ -91,8 +87,7 @@ void silu_mul_span(const bf16* g, const bf16* u, int64_t n, bf16* out) {
   for (; i + 16 <= n; i += 16) {
     const __m512 x = load16(g + i);
     const __m512 s = _mm512_div_ps(x, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
-    const __m512 sb = _mm512_cvtpbh_ps((__m256bh)_mm512_cvtneps_pbh(s));
-    store16(out + i, _mm512_mul_ps(sb, load16(u + i)));
+    store_bf16x16(out + i, _mm512_mul_ps(round_bf16x16(s), load16(u + i)));
   }
   for (; i < n; ++i) {
     const float x = to_float(g[i]);

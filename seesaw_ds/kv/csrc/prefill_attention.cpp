@@ -188,8 +188,7 @@ torch::Tensor prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor 
         const float inv = softmax_inplace(row, len);
         int64_t t = 0;
         for (; t + 16 <= len; t += 16)
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(&P[r * ld + t]),
-                              (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(row + t), _mm512_set1_ps(inv))));
+          store_bf16x16(&P[r * ld + t], _mm512_mul_ps(_mm512_loadu_ps(row + t), _mm512_set1_ps(inv)));
         for (; t < len; ++t) P[r * ld + t] = bf16(row[t] * inv);
         for (; t < L; ++t) P[r * ld + t] = bf16(0.f);
       }

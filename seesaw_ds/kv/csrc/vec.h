@@ -65,6 +65,15 @@ inline __m512 hsum16(const __m512* v) {
 }
 #endif
 
+#if defined(__AVX512BF16__)
+// 16 fp32 lanes -> 16 bf16 at p, rounded to nearest even as c10::BFloat16 rounds
+inline void store_bf16x16(c10::BFloat16* p, __m512 x) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(x));
+}
+// the same rounding, back in fp32 lanes (a bf16 intermediate of a computation done in fp32)
+inline __m512 round_bf16x16(__m512 x) { return _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(x)); }
+#endif
+
 // s[t] = exp(s[t] - max s); returns 1 / sum
 inline float softmax_inplace(float* s, int64_t len) {
   float m = -INFINITY;
