@@ -36,6 +36,14 @@ def measured_rates(results: dict) -> dict[str, dict[str, float]]:
     return out
 
 
+def model_folder(meta: dict) -> str:
+    """The run's converted model folder, or (on another machine) the same folder made again from its spec."""
+    if Path(meta["model_dir"]).is_dir():
+        return meta["model_dir"]
+    from seesaw_ds.models.loader import resolve_model_folder
+    return resolve_model_folder(meta["model"])
+
+
 def predicted_rates(model_dir: str, workload_info: dict, dtype: str, recalibrate: bool) -> dict[str, dict]:
     from seesaw_ds.planner import PlannerOptions, plan
     from seesaw_ds.planner.workload import WorkloadSpec
@@ -90,10 +98,11 @@ def main(argv=None) -> int:
         print(f"no seesaw rows for {', '.join(LAYOUTS)} in {args.results}: run evals/throughput.py with "
               f"--seesaw-layouts {','.join(LAYOUTS)}", file=sys.stderr)
         return 2
+    model_dir = model_folder(results["meta"])
     report = {}
     for workload, rates in sorted(measured.items()):
-        predicted = predicted_rates(results["meta"]["model_dir"], results["workloads"][workload],
-                                    results["meta"]["dtype"], args.recalibrate)
+        predicted = predicted_rates(model_dir, results["workloads"][workload],
+                                    results["meta"]["dtype"], args.recalibrate and not report)
         rows = compare(rates, predicted)
         report[workload] = rows
         print(format_rows(workload, rows))

@@ -31,6 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="share of device memory for weights + KV (default 0.9)")
     parser.add_argument("--any-pp-order", action="store_true",
                         help="allow decode layouts with more pipeline stages than the prefill layout")
+    parser.add_argument("--max-batched-tokens", type=int, default=8192,
+                        help="prompt tokens per prefill step, as the engine's max_num_batched_tokens (default "
+                             "8192; 0: no budget)")
+    parser.add_argument("--steady-pipeline", action="store_true",
+                        help="the paper's model: pp micro-batches in flight across steps, no fill-and-drain "
+                             "bubble per step (default: the engine's pipeline pass, which drains every step)")
     parser.add_argument("--top", type=int, default=None, help="show only the best N candidates")
     parser.add_argument("--explain", action="store_true", help="print the time breakdown of each candidate")
     parser.add_argument("--recalibrate", action="store_true", help="re-measure the 'local' cluster")
@@ -42,8 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     from seesaw_ds.planner.report import describe_inputs, format_explain, format_table
 
     args = build_parser().parse_args(argv)
+    steady = dict(prefill_micro_batches=None, decode_micro_batches=None, pipeline_drains=False)
     options = PlannerOptions(dtype=args.dtype, memory_utilization=args.memory_utilization,
-                             decode_pp_at_most_prefill_pp=not args.any_pp_order)
+                             decode_pp_at_most_prefill_pp=not args.any_pp_order,
+                             max_batched_tokens=args.max_batched_tokens or None,
+                             **(steady if args.steady_pipeline else {}))
     try:
         workload = parse_workload(args.workload, args.num_requests)
         result = plan(args.model, args.cluster, workload, options, recalibrate=args.recalibrate)

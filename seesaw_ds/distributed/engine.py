@@ -119,7 +119,7 @@ class DistributedEngine:
         else:
             ex, kv = self.decode_executor, self.pool
             self.copies.run(batch)      # swap-outs, then onboarding, then this step's prefetch
-        n_mb = self.micro_batches or getattr(ex, "max_micro_batches", 1)
+        n_mb = self.micro_batches or ex.micro_batches(batch.is_prefill)
         micro = [build_inputs(mb, bs, self.sliding_window) for mb in split_micro_batches(batch, n_mb)]
         logits = ex.run(micro, kv)
         if batch.is_prefill:

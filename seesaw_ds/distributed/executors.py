@@ -43,7 +43,10 @@ class LocalStageExecutor:
         self.runner = runner
         self.layers, self.kv_heads = range(cfg.num_layers), range(cfg.num_kv_heads)
         self.sampling_rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        self.max_micro_batches = 1
+
+    def micro_batches(self, is_prefill: bool) -> int:
+        """How many micro-batches a step of this stage is cut into (the engine's default)."""
+        return 1
 
     @torch.inference_mode()
     def run(self, micro_inputs: list[ModelInputs], kv) -> torch.Tensor:

@@ -4,7 +4,9 @@ Each of N ranks is a process with one thread (as a seesaw_ds rank runs). All ran
 shared resources (memory bus, caches) are measured under the load a real run puts on them:
 - matmul FLOP/s per dtype (float32, bfloat16), 1024^2 x 1024^2; the slowest rank counts;
 - memory copy bandwidth, bytes read + written per second, 64 MiB buffers; the slowest rank counts;
-- all-reduce latency (1 KiB) and bandwidth (4 MiB) at each degree 2..N over ranks 0..k-1;
+- all-reduce latency (1 KiB) and bandwidth (4 MiB) at each degree 2..N over ranks 0..k-1, both the process
+  group's (gloo) and DeepSpeed's inference all-reduce (a shared-memory op on CPU ranks, what AutoTP calls);
+- the fixed cost of one decoder-layer call (a tiny transformers Llama layer: dispatch, no real work);
 - point-to-point latency and bandwidth (ping-pong between ranks 0 and 1).
 Memory split (an assumption: on a CPU the "device" and the host tier share RAM): `DEVICE_MEMORY_SHARE`
 of RAM is the ranks' device memory, the rest the host tier, each divided evenly among the ranks. The
@@ -26,7 +28,7 @@ import psutil
 from seesaw_ds.planner import calibration_rank
 from seesaw_ds.planner.clusters import ClusterSpec, DeviceSpec
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 DEVICE_MEMORY_SHARE = 0.5
 _MEASURE_SECONDS = 0.25      # per measurement loop
 _RANK_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "calibration_rank.py")
@@ -45,6 +47,13 @@ def default_num_ranks() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def _free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def measure(num_ranks: int, seconds: float = _MEASURE_SECONDS) -> dict:
     """Spawn `num_ranks` gloo ranks, run the micro-benchmarks (each loop about `seconds`), return the
     merged measurements."""
@@ -55,7 +64,7 @@ def measure(num_ranks: int, seconds: float = _MEASURE_SECONDS) -> dict:
     context = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="seesaw_calib_") as tmp:
         args = dict(world=num_ranks, init_file=os.path.join(tmp, "rendezvous"), out_dir=tmp,
-                    spawned_at=time.perf_counter(), seconds=seconds)
+                    spawned_at=time.perf_counter(), seconds=seconds, port=_free_port())
         procs = [context.Process(target=runpy.run_path, args=(_RANK_SCRIPT,),
                                  kwargs=dict(init_globals={"RANK_ARGS": dict(args, rank=rank)},
                                              run_name=calibration_rank.RUN_NAME))
@@ -80,21 +89,27 @@ def measure(num_ranks: int, seconds: float = _MEASURE_SECONDS) -> dict:
         "matmul_flops": {k: min(r["matmul_flops"][k] for r in ranks) for k in ranks[0]["matmul_flops"]},
         "copy_bandwidth": min(r["copy_bandwidth"] for r in ranks),
         "allreduce": ranks[0]["allreduce"],
+        "tp_allreduce": ranks[0].get("tp_allreduce"),
+        "layer_overhead": max(r["layer_overhead"] for r in ranks),
         "p2p": ranks[0].get("p2p"),
         "phase_seconds": ranks[0]["phase_seconds"],
     }
 
 
 def cluster_from_measurements(measured: dict, num_ranks: int, total_memory: float) -> ClusterSpec:
-    degrees = sorted(int(k) for k in measured["allreduce"])
+    """The TP all-reduce table is DeepSpeed's inference all-reduce (what AutoTP calls) where measured,
+    else the process group's all-reduce."""
+    allreduce = measured.get("tp_allreduce") or measured["allreduce"]
+    degrees = sorted(int(k) for k in allreduce)
     copy_bw = measured["copy_bandwidth"]
     p2p = measured.get("p2p") or {"latency": 0.0, "bandwidth": copy_bw}
     device = DeviceSpec(name="local-cpu-rank", memory_bytes=total_memory * DEVICE_MEMORY_SHARE / num_ranks,
-                        memory_bandwidth=copy_bw, flops=tuple(measured["matmul_flops"].items()))
+                        memory_bandwidth=copy_bw, flops=tuple(measured["matmul_flops"].items()),
+                        layer_overhead=measured.get("layer_overhead", 0.0))
     return ClusterSpec(
         name="local", device=device, num_devices=num_ranks,
-        allreduce_bandwidth=tuple(measured["allreduce"][str(k)]["bandwidth"] for k in degrees),
-        allreduce_latency=tuple(measured["allreduce"][str(k)]["latency"] for k in degrees),
+        allreduce_bandwidth=tuple(allreduce[str(k)]["bandwidth"] for k in degrees),
+        allreduce_latency=tuple(allreduce[str(k)]["latency"] for k in degrees),
         p2p_bandwidth=p2p["bandwidth"], p2p_latency=p2p["latency"], host_link_bandwidth=copy_bw,
         host_memory_per_device=total_memory * (1 - DEVICE_MEMORY_SHARE) / num_ranks,
         source=f"calibrated {measured.get('created', '')}".strip())

@@ -1,7 +1,8 @@
 """One calibration rank: micro-benchmarks over gloo, results written as JSON. See `calibrate.py`.
 
-NOTE: this file imports only the standard library and torch. `calibrate.measure` runs it by path in
-each spawned process (`runpy.run_path`), so a rank does not import the whole seesaw_ds package.
+NOTE: this file imports only the standard library, torch and (inside functions) deepspeed and transformers.
+`calibrate.measure` runs it by path in each spawned process (`runpy.run_path`), so a rank does not import
+the whole seesaw_ds package.
 NOTE: loops that communicate run the same number of iterations on every rank (agreed by an all-reduce
 MAX); a loop that stopped on each rank's own clock would leave a send or a collective unmatched.
 """
@@ -45,10 +46,70 @@ def timed_together(fn, seconds: float, group, min_iters: int = 2) -> float:
     return (time.perf_counter() - start) / int(iters)
 
 
-def rank_main(rank: int, world: int, init_file: str, out_dir: str, spawned_at: float, seconds: float) -> None:
+def init_ranks(rank: int, world: int, init_file: str, port: int):
+    """gloo process group through DeepSpeed when it imports, so that its inference all-reduce (what AutoTP
+    calls: a shared-memory op on CPU ranks) can be measured. Returns that all-reduce, or None."""
+    try:
+        import deepspeed
+        import deepspeed.comm as ds_comm
+    except ImportError:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+        return None
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    deepspeed.init_distributed("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                               verbose=False)
+    return lambda t, group: ds_comm.inference_all_reduce(t, group=group)
+
+
+def remove_shm_buffers(rank: int, port: int) -> None:
+    """DeepSpeed's shared-memory all-reduce leaves its buffers in /dev/shm."""
+    import glob
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_{rank}"):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def decoder_layer_overhead(seconds: float) -> float:
+    """Seconds per call of a tiny transformers Llama decoder layer (one token, hidden 64): operator dispatch
+    and module overhead with no real work. 0.0 when transformers is absent."""
+    try:
+        from transformers import LlamaConfig
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+    except ImportError:
+        return 0.0
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                      num_hidden_layers=1, vocab_size=128)
+    cfg._attn_implementation = "sdpa"
+    layer = LlamaDecoderLayer(cfg, 0).eval().to(torch.bfloat16)
+    h = torch.randn(1, 1, 64, dtype=torch.bfloat16)
+    rope = LlamaRotaryEmbedding(cfg)(h, torch.zeros(1, 1, dtype=torch.long))
+    with torch.inference_mode():
+        return timed_alone(lambda: layer(h, position_embeddings=rope), seconds, min_iters=20)
+
+
+def measure_allreduce(fn, groups, rank: int, seconds: float, dtype=torch.float32) -> dict:
+    """{degree: {latency, bandwidth}} of `fn(tensor, group)` over ranks 0..degree-1."""
+    size = torch.tensor([], dtype=dtype).element_size()
+    small, large = torch.ones(SMALL_BYTES // size, dtype=dtype), torch.ones(LARGE_BYTES // size, dtype=dtype)
+    out = {}
+    for degree, group in groups.items():
+        if rank < degree:
+            latency = timed_together(lambda: fn(small, group), seconds, group, min_iters=10)
+            per_call = timed_together(lambda: fn(large, group), seconds, group)
+            out[str(degree)] = {"latency": latency,
+                                "bandwidth": LARGE_BYTES / max(per_call - latency, 0.5 * per_call)}
+        dist.barrier()
+    return out
+
+
+def rank_main(rank: int, world: int, init_file: str, out_dir: str, spawned_at: float, seconds: float,
+              port: int = 29600) -> None:
     started = time.perf_counter()
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    inference_all_reduce = init_ranks(rank, world, init_file, port)
     result: dict = {"matmul_flops": {}, "phase_seconds": {"spawn": started - spawned_at}}
 
     def phase_done(name):  # seconds since the rank started, to keep calibration cheap
@@ -67,16 +128,15 @@ def rank_main(rank: int, world: int, init_file: str, out_dir: str, spawned_at: f
     result["copy_bandwidth"] = 2 * COPY_BYTES / timed_alone(lambda: dst.copy_(src), seconds)
     phase_done("copy")
 
-    small, large = torch.ones(SMALL_BYTES // 4), torch.ones(LARGE_BYTES // 4)
+    dist.barrier()
+    result["layer_overhead"] = decoder_layer_overhead(seconds)
+    phase_done("layer_overhead")
+
+    small, large = torch.ones(SMALL_BYTES // 4), torch.ones(LARGE_BYTES // 4)   # ping-pong buffers
     groups = {degree: dist.new_group(list(range(degree))) for degree in range(2, world + 1)}  # all ranks
-    result["allreduce"] = {}
-    for degree, group in groups.items():
-        if rank < degree:
-            latency = timed_together(lambda: dist.all_reduce(small, group=group), seconds, group, min_iters=10)
-            per_call = timed_together(lambda: dist.all_reduce(large, group=group), seconds, group)
-            result["allreduce"][str(degree)] = {
-                "latency": latency, "bandwidth": LARGE_BYTES / max(per_call - latency, 0.5 * per_call)}
-        dist.barrier()
+    result["allreduce"] = measure_allreduce(lambda t, g: dist.all_reduce(t, group=g), groups, rank, seconds)
+    if inference_all_reduce is not None:   # AutoTP's all-reduce, on the engine's bf16 activations
+        result["tp_allreduce"] = measure_allreduce(inference_all_reduce, groups, rank, seconds, torch.bfloat16)
     phase_done("allreduce")
 
     if world > 1 and rank < 2:
@@ -97,6 +157,7 @@ def rank_main(rank: int, world: int, init_file: str, out_dir: str, spawned_at: f
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
     dist.destroy_process_group()
+    remove_shm_buffers(rank, port)
 
 
 if __name__ == RUN_NAME:  # started by calibrate.measure with RANK_ARGS in the globals

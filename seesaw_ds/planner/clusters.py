@@ -40,6 +40,7 @@ class DeviceSpec:
     memory_bytes: float                     # M: device memory capacity
     memory_bandwidth: float                 # B_mem: bytes/s
     flops: tuple[tuple[str, float], ...]    # (dtype, dense FLOP/s), e.g. (("bfloat16", 125e12), ...)
+    layer_overhead: float = 0.0             # seconds per decoder-layer call beyond its roofline terms
 
     def __post_init__(self):
         if not self.name:
@@ -47,6 +48,8 @@ class DeviceSpec:
         for field in ("memory_bytes", "memory_bandwidth"):
             if not getattr(self, field) > 0:
                 raise ValueError(f"DeviceSpec.{field} must be positive, got {getattr(self, field)}")
+        if not (self.layer_overhead >= 0 and math.isfinite(self.layer_overhead)):
+            raise ValueError(f"DeviceSpec.layer_overhead must be finite and >= 0, got {self.layer_overhead}")
         if not self.flops or any(v <= 0 for _, v in self.flops):
             raise ValueError(f"DeviceSpec.flops must list positive FLOP/s per dtype, got {self.flops}")
         object.__setattr__(self, "flops", tuple((canonical_dtype(k), float(v)) for k, v in self.flops))
@@ -138,20 +141,22 @@ _PCIE5_X16 = 64 * GB
 _PCIE_HOP = 5e-6     # assumed per-hop small-message latency over PCIe
 _NVLINK_HOP = 2e-6   # assumed per-hop small-message latency over NVLink/NVSwitch
 _PAPER_HOST_MEM = 80 * GIB  # host memory per GPU on the Seesaw paper's machines
+# Assumed, not a datasheet figure: an eager PyTorch decoder layer launches ~12 kernels at ~5 us each.
+_EAGER_LAYER = 60e-6
 
 DEVICES = {
     # NVIDIA A10 datasheet: 24 GB GDDR6, 600 GB/s, FP16/BF16 tensor 125 TFLOPS dense (250 sparse), FP32 31.2.
     "A10": DeviceSpec("A10", 24 * GIB, 600 * GB, (("float16", 125 * TFLOPS), ("bfloat16", 125 * TFLOPS),
-                                                  ("float32", 31.2 * TFLOPS))),
+                                                  ("float32", 31.2 * TFLOPS)), _EAGER_LAYER),
     # NVIDIA L4 datasheet: 24 GB GDDR6, 300 GB/s, FP16/BF16 tensor 242 TFLOPS sparse -> 121 dense, FP32 30.3.
     "L4": DeviceSpec("L4", 24 * GIB, 300 * GB, (("float16", 121 * TFLOPS), ("bfloat16", 121 * TFLOPS),
-                                                ("float32", 30.3 * TFLOPS))),
+                                                ("float32", 30.3 * TFLOPS)), _EAGER_LAYER),
     # NVIDIA A100 datasheet (40GB PCIe / SXM4): 40 GB HBM2, 1555 GB/s, BF16/FP16 tensor 312 TFLOPS dense, FP32 19.5.
     "A100": DeviceSpec("A100", 40 * GIB, 1555 * GB, (("float16", 312 * TFLOPS), ("bfloat16", 312 * TFLOPS),
-                                                     ("float32", 19.5 * TFLOPS))),
+                                                     ("float32", 19.5 * TFLOPS)), _EAGER_LAYER),
     # NVIDIA H100 datasheet (SXM5): 80 GB HBM3, 3.35 TB/s, BF16/FP16 tensor 1979 TFLOPS sparse -> 989 dense, FP32 67.
     "H100": DeviceSpec("H100", 80 * GIB, 3350 * GB, (("float16", 989 * TFLOPS), ("bfloat16", 989 * TFLOPS),
-                                                     ("float32", 67 * TFLOPS))),
+                                                     ("float32", 67 * TFLOPS)), _EAGER_LAYER),
 }
 
 CLUSTERS = {

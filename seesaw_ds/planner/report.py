@@ -4,7 +4,8 @@ from __future__ import annotations
 from seesaw_ds.planner.roofline import TimeBreakdown
 from seesaw_ds.planner.search import LayoutPlan, Plan, StageEstimate
 
-_TERMS = ("weights", "linear", "kv", "attention", "allreduce", "p2p", "switch_weights", "switch_kv")
+_TERMS = ("weights", "linear", "kv", "attention", "allreduce", "p2p", "overhead", "lm_head", "bubble",
+          "switch_weights", "switch_kv")
 
 
 def _gib(nbytes: float) -> str:

@@ -15,16 +15,25 @@ per layer, B_mem device memory bandwidth, FLOPS device peak for the dtype, `e` b
 Layout (tp, pp, dp) on N = tp*pp*dp devices, tp <= num_kv_heads (every TP rank owns at least one whole KV
 head: KV heads are never replicated, so the PP->TP KV re-shard is a pure slice; uneven head splits are
 allowed, as DeepSpeed AutoTP makes them), pp <= num_layers. Assumptions:
-- A replica (tp*pp devices) gets b/dp sequences and splits them into pp micro-batches, so every stage
-  re-reads its weights once per micro-batch and stays busy in steady state (no pipeline bubble; this
-  presumes at least pp sequences per replica).
+- A replica (tp*pp devices) gets b/dp sequences and splits them into m micro-batches (default m = pp).
+  Every stage re-reads its weights once per micro-batch.
+- One step is one pass of the DeepSpeed pipeline engine (`eval_batch`): it fills and drains, because the
+  next step needs this step's sampled tokens. With u the busiest stage's time for one micro-batch, the step
+  takes (m + pp - 1) u: the m u of work plus a `bubble` of (pp - 1) u. (`drains=False`: the paper's
+  steady state, no bubble.)
 - Terms add (no overlap of memory traffic, compute and communication), as in the paper.
 - The slowest device sets the pace: ceil(L/pp) layers on a stage, ceil(h_kv/tp) KV heads (and their query
-  groups) on a TP rank; the MLP splits evenly. With even splits this is exactly the formula
+  groups) on a TP rank; the MLP splits evenly. With even splits and m = pp the work part is exactly
       t ~ L * (T_w/TP + (T_lin + T_kv + T_attn)/(DP*TP*PP) + T_ar(TP)/(PP*DP)).
 - All-reduce: 2 per layer per micro-batch (after attention and after the MLP), latency paid per call.
-  Pipeline sends: one activation per micro-batch per stage boundary.
-- Embeddings and the LM head count in memory (vocab-parallel under TP) but not in time.
+  Pipeline sends: `PIPE_MESSAGES` messages per micro-batch per stage boundary (the stage tuple and its
+  shapes).
+- `overhead`: the device's fixed cost of calling one decoder layer (`DeviceSpec.layer_overhead`: kernel
+  launches or, on a CPU, operator dispatch), paid per layer per micro-batch whatever the batch; TP does not
+  divide it.
+- `lm_head`: the logits of each sequence's last token (every token in decode): 2 b V H FLOPs and the V x H
+  weight read per micro-batch, on the last pipeline stage (counted on the busiest one), split by TP with an
+  all-reduce of the b x V logits (AutoTP's head is row-parallel).
 - Rates are datasheet peaks (or measured, for `local`): absolute tokens/s are rough; the model is meant
   for ranking layouts against each other.
 """
@@ -40,6 +49,7 @@ PREFILL, DECODE = "prefill", "decode"
 STAGES = (PREFILL, DECODE)
 
 Degrees = tuple[int, int, int]  # (tp, pp, dp)
+PIPE_MESSAGES = 8               # DeepSpeed sends per micro-batch and boundary: 7 tensors + their shapes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +61,9 @@ class TimeBreakdown:
     attention: float = 0.0
     allreduce: float = 0.0
     p2p: float = 0.0
+    overhead: float = 0.0         # fixed per decoder-layer call
+    lm_head: float = 0.0
+    bubble: float = 0.0           # pipeline fill and drain of each step
     switch_weights: float = 0.0   # re-loading weight shards from the host copy at stage switches
     switch_kv: float = 0.0        # KV traffic through the host tier not hidden behind compute
 
@@ -141,28 +154,33 @@ def batch_limit(cfg: ModelConfig, cluster: ClusterSpec, degrees: Degrees, seq_le
 
 
 def stage_step_time(cfg: ModelConfig, cluster: ClusterSpec, degrees: Degrees, stage: str, batch: float,
-                    seq_len: float, dtype="bfloat16") -> TimeBreakdown:
+                    seq_len: float, dtype="bfloat16", micro_batches: int | None = None,
+                    drains: bool = True) -> TimeBreakdown:
     """Seconds for one step on the busiest device: prefill of `batch` prompts of `seq_len` tokens, or one
-    decode token for each of `batch` sequences holding `seq_len` tokens of context."""
+    decode token for each of `batch` sequences holding `seq_len` tokens of context. `micro_batches`: m of
+    the pipeline pass (None: pp), at most the sequences per replica. `drains=False` is the paper's steady
+    state (micro-batches of consecutive steps keep every stage busy: no bubble)."""
     check_degrees(cfg, degrees)
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     if batch <= 0 or seq_len <= 0:
         raise ValueError(f"batch and seq_len must be positive, got batch={batch}, seq_len={seq_len}")
+    if micro_batches is not None and micro_batches < 1:
+        raise ValueError(f"micro_batches must be >= 1 or None, got {micro_batches}")
     tp, pp, dp = degrees
     e = dtype_bytes(dtype)
     flops = cluster.device.flops_for(dtype)
     mem_bw = cluster.device.memory_bandwidth
     layers = layers_per_stage(cfg, pp)
-    micro_batches = pp
     seqs = batch / dp                                    # sequences per replica
+    m = max(1.0, min(float(micro_batches or pp), seqs))
     new_tokens = seqs * (seq_len if stage == PREFILL else 1)  # tokens through the linears per replica
     kv_heads = kv_heads_per_rank(cfg, tp)
     q_heads = kv_heads * cfg.q_per_kv
-    d, hidden = cfg.head_dim, cfg.hidden_size
+    d, hidden, vocab = cfg.head_dim, cfg.hidden_size, cfg.vocab_size
     w_rank = layer_params_per_rank(cfg, tp)
 
-    weights = layers * micro_batches * e * w_rank / mem_bw
+    weights = layers * m * e * w_rank / mem_bw
     linear = layers * 2 * new_tokens * w_rank / flops
     if stage == PREFILL:
         kv = layers * e * seqs * seq_len * (q_heads + 2 * kv_heads) * d / mem_bw
@@ -170,10 +188,14 @@ def stage_step_time(cfg: ModelConfig, cluster: ClusterSpec, degrees: Degrees, st
     else:
         kv = layers * 2 * e * seqs * seq_len * kv_heads * d / mem_bw
         attention = layers * 2 * seqs * q_heads * seq_len * d / flops
-    allreduce = layers * cluster.allreduce_seconds(2 * e * new_tokens * hidden, tp, calls=2 * micro_batches)
-    p2p = cluster.p2p_seconds(e * new_tokens * hidden, messages=micro_batches) if pp > 1 else 0.0
-    return TimeBreakdown(weights=weights, linear=linear, kv=kv, attention=attention, allreduce=allreduce,
-                         p2p=p2p)
+    allreduce = layers * cluster.allreduce_seconds(2 * e * new_tokens * hidden, tp, calls=2 * m)
+    p2p = cluster.p2p_seconds(e * new_tokens * hidden, messages=PIPE_MESSAGES * m) if pp > 1 else 0.0
+    overhead = layers * m * cluster.device.layer_overhead
+    lm_head = (2 * seqs * vocab * hidden / (tp * flops) + m * e * vocab * hidden / (tp * mem_bw)
+               + cluster.allreduce_seconds(e * seqs * vocab, tp, calls=m))
+    work = TimeBreakdown(weights=weights, linear=linear, kv=kv, attention=attention, allreduce=allreduce,
+                         p2p=p2p, overhead=overhead, lm_head=lm_head)
+    return dataclasses.replace(work, bubble=(pp - 1) * work.total / m if drains else 0.0)
 
 
 def enumerate_degrees(cfg: ModelConfig, num_devices: int, max_tp: int | None = None) -> list[Degrees]:

@@ -3,7 +3,8 @@
 Workload model (means only):
 - Prefill pushes all `n * P` prompt tokens, decode produces `n * O` tokens; the two stages add up.
 - A stage runs at the batch the memory allows (`batch_limit` at the mean decode context P + O/2), capped
-  by the number of requests; decode steps see that mean context.
+  by the number of requests; a prefill step also by the engine's token budget per step. Decode steps see
+  that mean context. Pipeline passes use the engine's micro-batch counts (`PlannerOptions`).
 - Static layout: KV stays on the device, no switches.
 - Re-sharded pair (Seesaw): same dp in both stages; by default the decode layout has no more pipeline
   stages than the prefill one, as in the paper. Prefill writes each prompt's KV to the host tier; decode
@@ -31,14 +32,22 @@ class PlannerOptions:
     overlap_host_transfers: bool = True  # KV host traffic hides behind compute (asynchronous pipelining)
     decode_pp_at_most_prefill_pp: bool = True
     max_tp: int | None = None           # None: num_kv_heads
+    # What the engine does (seesaw_ds.distributed.pipe_executor): pipeline micro-batches per prefill step,
+    # per decode step (None: pp), and prompt tokens per prefill step (None: no budget).
+    prefill_micro_batches: int | None = 8
+    decode_micro_batches: int | None = 1
+    max_batched_tokens: int | None = 8192
+    pipeline_drains: bool = True        # False: the paper's steady-state pipeline (no bubble per step)
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
         for field in ("memory_utilization", "host_kv_fraction"):
             if not 0 < getattr(self, field) <= 1:
                 raise ValueError(f"PlannerOptions.{field} must be in (0, 1], got {getattr(self, field)}")
-        if self.max_tp is not None and self.max_tp < 1:
-            raise ValueError(f"PlannerOptions.max_tp must be >= 1 or None, got {self.max_tp}")
+        for field in ("max_tp", "prefill_micro_batches", "decode_micro_batches", "max_batched_tokens"):
+            value = getattr(self, field)
+            if value is not None and value < 1:
+                raise ValueError(f"PlannerOptions.{field} must be >= 1 or None, got {value}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,8 +140,14 @@ def estimate_stage(cfg: ModelConfig, cluster: ClusterSpec, degrees: rl.Degrees, 
     if limit < 1:
         return None
     batch = min(limit, workload.num_requests)
-    seq_len = workload.mean_prompt_len if stage == rl.PREFILL else workload.decode_context_len
-    step = rl.stage_step_time(cfg, cluster, degrees, stage, batch, seq_len, options.dtype)
+    if stage == rl.PREFILL:
+        seq_len, micro_batches = workload.mean_prompt_len, options.prefill_micro_batches
+        if options.max_batched_tokens:
+            batch = max(1, min(batch, int(options.max_batched_tokens * degrees[2] // seq_len)))
+    else:
+        seq_len, micro_batches = workload.decode_context_len, options.decode_micro_batches
+    step = rl.stage_step_time(cfg, cluster, degrees, stage, batch, seq_len, options.dtype, micro_batches,
+                              options.pipeline_drains)
     return StageEstimate(stage, degrees, batch, limit, seq_len, step)
 
 

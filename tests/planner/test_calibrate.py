@@ -19,11 +19,14 @@ def test_local_calibration_smoke(tmp_path, monkeypatch):
     start = time.perf_counter()
     measured = calibrate.load_or_measure(2, seconds=0.05)
     elapsed = time.perf_counter() - start
-    assert elapsed < 60, f"calibration took {elapsed:.0f}s"
+    assert elapsed < 180, f"calibration took {elapsed:.0f}s"   # the first run may build DeepSpeed's shm op
     assert set(measured["matmul_flops"]) == {"float32", "bfloat16"}
     assert all(v > 1e8 for v in measured["matmul_flops"].values())        # > 0.1 GFLOP/s per rank
     assert measured["copy_bandwidth"] > 1e8 and measured["p2p"]["bandwidth"] > 1e6
     assert measured["allreduce"]["2"]["latency"] > 0 and measured["allreduce"]["2"]["bandwidth"] > 1e6
+    # AutoTP's all-reduce (DeepSpeed's shared-memory op here) is what the TP terms use
+    assert measured["tp_allreduce"]["2"]["latency"] > 0 and measured["tp_allreduce"]["2"]["bandwidth"] > 1e6
+    assert 0 < measured["layer_overhead"] < 0.1
 
     # the cache is written once and re-used: the second call spawns nothing and returns the same figures
     with open(calibrate.calibration_path(2)) as f:
@@ -33,6 +36,8 @@ def test_local_calibration_smoke(tmp_path, monkeypatch):
     assert time.perf_counter() - start < 5
     assert cluster.num_devices == 2 and cluster.device.flops_for("bf16") == measured["matmul_flops"]["bfloat16"]
     assert cluster.allreduce_seconds(4 * 2 ** 20, 2) > cluster.allreduce_seconds(1024, 2) > 0
+    assert cluster.allreduce_latency[0] == measured["tp_allreduce"]["2"]["latency"]
+    assert cluster.device.layer_overhead == measured["layer_overhead"]
 
     result = plan_layouts(ModelConfig.from_hf(SMOLLM2), cluster, parse_workload("sharegpt-small"))
     assert result.best.tokens_per_s > 0 and {c.prefill.degrees for c in result.ranked} == {(1, 2, 1), (2, 1, 1),

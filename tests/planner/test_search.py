@@ -12,6 +12,9 @@ from seesaw_ds.planner.clusters import GB, GIB
 from seesaw_ds.planner.search import estimate_stage
 
 OPTIONS = PlannerOptions()
+# The paper's model: pp micro-batches in flight across steps (no bubble), no token budget per prefill step.
+PAPER = PlannerOptions(decode_micro_batches=None, prefill_micro_batches=None, pipeline_drains=False,
+                       max_batched_tokens=None)
 
 
 @pytest.fixture(scope="module")
@@ -19,10 +22,10 @@ def llama70b():
     return load_model_config("llama-2-70b")
 
 
-def _stage_speeds(cfg, cluster, stage, workload):
+def _stage_speeds(cfg, cluster, stage, workload, options=OPTIONS):
     out = {}
     for degrees in rl.enumerate_degrees(cfg, cluster.num_devices):
-        est = estimate_stage(cfg, cluster, degrees, stage, workload, OPTIONS)
+        est = estimate_stage(cfg, cluster, degrees, stage, workload, options)
         if est is not None:
             out[degrees] = est.tokens_per_s
     return out
@@ -34,7 +37,7 @@ def test_decode_prefers_tp_as_memory_bandwidth_drops(llama70b):
     chosen_tp, tp_over_pp = [], []
     for bandwidth in (20000, 4000, 1000, 600, 150, 40):  # GB/s per device, falling
         cluster = dataclasses.replace(a10, device=dataclasses.replace(a10.device, memory_bandwidth=bandwidth * GB))
-        speeds = _stage_speeds(llama70b, cluster, "decode", workload)
+        speeds = _stage_speeds(llama70b, cluster, "decode", workload, PAPER)
         chosen_tp.append(max(speeds, key=speeds.get)[0])
         tp_over_pp.append(speeds[(8, 1, 1)] / speeds[(1, 8, 1)])
     assert chosen_tp == sorted(chosen_tp) and chosen_tp[0] < chosen_tp[-1] == 8, chosen_tp
@@ -45,12 +48,12 @@ def test_decode_prefers_tp_as_memory_bandwidth_drops(llama70b):
                                         ("llama-3-15b", "4xA10"), ("llama-2-70b", "8xA100-PCIE")])
 def test_prefill_prefers_pp_over_tp_on_pcie(model, spec):
     cfg, cluster = load_model_config(model), parse_cluster(spec)
-    speeds = _stage_speeds(cfg, cluster, "prefill", parse_workload("arxiv"))
+    speeds = _stage_speeds(cfg, cluster, "prefill", parse_workload("arxiv"), PAPER)
     n = cluster.num_devices
     assert speeds[(1, n, 1)] > speeds[(n, 1, 1)]
     best = max(speeds, key=speeds.get)
     assert best[1] >= best[0], best
-    result = plan(cfg, cluster, "arxiv")
+    result = plan(cfg, cluster, "arxiv", PAPER)
     assert result.best_pair.prefill.degrees[1] > result.best_pair.decode.degrees[1]
 
 
@@ -107,7 +110,7 @@ def test_switch_cost_counts_host_tier_cycles(llama70b):
 
 
 def test_plan_for_returns_stage_layouts(llama70b):
-    layouts = plan_for(llama70b, 8, "8xA10", "arxiv")
+    layouts = plan_for(llama70b, 8, "8xA10", "arxiv", PAPER)
     assert isinstance(layouts, StageLayouts)
     assert layouts.prefill == Layout(tp=1, pp=8, dp=1) and layouts.decode == Layout(tp=8, pp=1, dp=1)
     layouts.validate(8, llama70b)
@@ -124,3 +127,31 @@ def test_parsing():
     assert parse_workload("arxiv", num_requests=7).num_requests == 7
     with pytest.raises(ValueError, match="num_requests"):
         WorkloadSpec("bad", 10, 10, 0)
+
+
+def test_draining_pipeline_pays_a_bubble_per_step(llama70b):
+    # The engine's pipeline pass fills and drains every step: m micro-batches over pp stages take
+    # (m + pp - 1) micro-batch times, so one decode micro-batch under PP8 costs 8 stage times.
+    a10 = parse_cluster("8xA10")
+    steady = rl.stage_step_time(llama70b, a10, (1, 8, 1), "decode", 64, 1000, micro_batches=1, drains=False)
+    drained = rl.stage_step_time(llama70b, a10, (1, 8, 1), "decode", 64, 1000, micro_batches=1)
+    assert steady.bubble == 0 and drained.bubble == pytest.approx(7 * steady.total)
+    assert drained.total == pytest.approx(8 * steady.total)
+    # more micro-batches shrink the bubble's share, at the price of re-reading the weights per micro-batch
+    shares = [rl.stage_step_time(llama70b, a10, (1, 8, 1), "prefill", 64, 1000, micro_batches=m)
+              for m in (1, 8, 64)]
+    fractions = [s.bubble / s.total for s in shares]
+    assert fractions[0] > fractions[1] > fractions[2]
+    assert shares[0].weights < shares[1].weights < shares[2].weights
+    # with the engine's defaults, static PP decode is predicted slower than TP decode
+    speeds = _stage_speeds(llama70b, a10, "decode", parse_workload("sharegpt"))
+    assert speeds[(8, 1, 1)] > speeds[(1, 8, 1)]
+
+
+def test_planner_defaults_follow_the_engine():
+    from seesaw_ds.distributed import pipe_executor
+    from seesaw_ds.llm import LLM
+    import inspect
+    assert OPTIONS.prefill_micro_batches == pipe_executor.PREFILL_MICRO_BATCHES
+    assert OPTIONS.decode_micro_batches == pipe_executor.DECODE_MICRO_BATCHES
+    assert OPTIONS.max_batched_tokens == inspect.signature(LLM).parameters["max_num_batched_tokens"].default
