@@ -27,12 +27,15 @@ REFERENCE = "PP2->TP2"
 GAP_FLAG = 0.25
 
 
-def measured_rates(results: dict) -> dict[str, dict[str, float]]:
-    """{workload: {layout: prompt+output tokens/s}} for the seesaw rows."""
-    out: dict[str, dict[str, float]] = {}
+def measured_rates(results: dict) -> dict[str, dict[str, dict]]:
+    """{workload: {layout: {tokens_per_s, prefill_s, decode_s}}} for the seesaw rows."""
+    out: dict[str, dict[str, dict]] = {}
     for row in results["rows"]:
         if row["engine"] == "seesaw" and row["layout"] in LAYOUTS:
-            out.setdefault(row["workload"], {})[row["layout"]] = row["tokens_per_s"]
+            extra = row.get("extra") or {}
+            out.setdefault(row["workload"], {})[row["layout"]] = {
+                "tokens_per_s": row["tokens_per_s"], "prefill_s": extra.get("prefill_s"),
+                "decode_s": extra.get("decode_s")}
     return out
 
 
@@ -55,35 +58,53 @@ def predicted_rates(model_dir: str, workload_info: dict, dtype: str, recalibrate
     for layout, label in LAYOUTS.items():
         c = by_label.get(label)
         if c is not None:
-            out[layout] = {"tokens_per_s": c.tokens_per_s, "seconds": c.time.as_dict(),
-                           "num_switches": c.num_switches}
+            prefill_s = c.prefill.step.total * c.workload.prompt_tokens / c.prefill.tokens_per_step
+            decode_s = c.decode.step.total * c.workload.output_tokens / c.decode.tokens_per_step
+            out[layout] = {"tokens_per_s": c.tokens_per_s, "prefill_s": prefill_s, "decode_s": decode_s,
+                           "seconds": c.time.as_dict(), "num_switches": c.num_switches}
     return out
 
 
-def compare(measured: dict[str, float], predicted: dict[str, dict]) -> list[dict]:
+def _ratio(table: dict, layout: str, key: str) -> float | None:
+    value, ref = table[layout].get(key), table[REFERENCE].get(key)
+    return value / ref if value and ref else None
+
+
+def compare(measured: dict[str, dict], predicted: dict[str, dict]) -> list[dict]:
+    """Per layout: throughput ratio to the reference, measured and predicted, and each stage's time ratio
+    (>1: the stage takes longer than under the reference)."""
     rows = []
     if REFERENCE not in measured or REFERENCE not in predicted:
         return rows
     for layout in LAYOUTS:
         if layout not in measured or layout not in predicted:
             continue
-        m = measured[layout] / measured[REFERENCE]
-        p = predicted[layout]["tokens_per_s"] / predicted[REFERENCE]["tokens_per_s"]
-        rows.append({"layout": layout, "measured_tokens_per_s": measured[layout],
+        m, p = _ratio(measured, layout, "tokens_per_s"), _ratio(predicted, layout, "tokens_per_s")
+        rows.append({"layout": layout, "measured_tokens_per_s": measured[layout]["tokens_per_s"],
                      "predicted_tokens_per_s": predicted[layout]["tokens_per_s"],
                      "measured_ratio": m, "predicted_ratio": p, "gap": p / m - 1,
+                     **{f"{kind}_{stage}_x": _ratio(table, layout, f"{stage}_s")
+                        for kind, table in (("measured", measured), ("predicted", predicted))
+                        for stage in ("prefill", "decode")},
                      "predicted_seconds": predicted[layout]["seconds"]})
     return rows
 
 
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def format_rows(workload: str, rows: list[dict]) -> str:
-    lines = [f"{workload}: ratios to {REFERENCE}",
+    lines = [f"{workload}: ratios to {REFERENCE} (stage columns: time, measured / predicted)",
              f"  {'layout':<10} {'measured tok/s':>14} {'predicted tok/s':>15} {'measured x':>10} "
-             f"{'predicted x':>11} {'gap':>7}"]
+             f"{'predicted x':>11} {'gap':>7}  {'prefill time x':>14}  {'decode time x':>13}"]
     for r in rows:
         flag = "  <-- over 25%" if abs(r["gap"]) > GAP_FLAG else ""
+        stages = "  ".join(f"{_x(r[f'measured_{st}_x']):>6} / {_x(r[f'predicted_{st}_x']):<5}"
+                           for st in ("prefill", "decode"))
         lines.append(f"  {r['layout']:<10} {r['measured_tokens_per_s']:>14.0f} {r['predicted_tokens_per_s']:>15.0f} "
-                     f"{r['measured_ratio']:>10.2f} {r['predicted_ratio']:>11.2f} {100 * r['gap']:>6.0f}%{flag}")
+                     f"{r['measured_ratio']:>10.2f} {r['predicted_ratio']:>11.2f} {100 * r['gap']:>6.0f}%  "
+                     f"{stages}{flag}")
     return "\n".join(lines)
 
 

@@ -108,3 +108,23 @@ def test_enumerate_degrees_respects_heads_and_layers():
     assert (16, 1, 1) not in degrees and (1, 16, 1) in degrees and (8, 2, 1) in degrees
     with pytest.raises(ValueError, match="num_kv_heads"):
         rl.check_degrees(cfg, (16, 1, 1))
+
+
+def test_layer_overhead_lm_head_and_pipeline_sends_by_hand(llama70b, a10):
+    # Decode, PP8 with 2 micro-batches of 16 sequences: A10 (600 GB/s, 125 TFLOP/s), 2-byte elements.
+    step = rl.stage_step_time(llama70b, a10, (1, 8, 1), "decode", batch=32, seq_len=1000, dtype="float16",
+                              micro_batches=2)
+    # every layer call pays the device's fixed cost: 10 layers per stage x 2 micro-batches x 60 us
+    assert step.overhead == pytest.approx(10 * 2 * 60e-6)
+    # LM head of the last stage: 2 b V H / FLOPS + m * 2 V H / B_mem (vocab 32000, hidden 8192)
+    assert step.lm_head == pytest.approx(2 * 32 * 32000 * 8192 / 125e12 + 2 * 2 * 32000 * 8192 / 600e9)
+    # sends: 8 messages per micro-batch at the hop latency, plus b x H activations at the link bandwidth
+    assert step.p2p == pytest.approx(2 * rl.PIPE_MESSAGES * 5e-6 + 2 * 32 * 8192 / (16 * GIB))
+    # the pass drains: (pp - 1) micro-batch times on top of the m of work
+    work = step.total - step.bubble
+    assert step.bubble == pytest.approx(7 * work / 2)
+    # under TP the head splits by TP and all-reduces the b x V logits; the per-layer cost is not divided
+    tp8 = rl.stage_step_time(llama70b, a10, (8, 1, 1), "decode", batch=32, seq_len=1000, dtype="float16")
+    assert tp8.overhead == pytest.approx(80 * 60e-6) and tp8.bubble == 0
+    assert tp8.lm_head == pytest.approx(2 * 32 * 32000 * 8192 / (8 * 125e12) + 2 * 32000 * 8192 / (8 * 600e9)
+                                        + a10.allreduce_seconds(2 * 32 * 32000, 8))
