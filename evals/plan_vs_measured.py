@@ -49,6 +49,7 @@ def model_folder(meta: dict) -> str:
 
 def predicted_rates(model_dir: str, workload_info: dict, dtype: str, recalibrate: bool) -> dict[str, dict]:
     from seesaw_ds.planner import PlannerOptions, plan
+    from seesaw_ds.planner.search import stage_totals
     from seesaw_ds.planner.workload import WorkloadSpec
     n = workload_info["requests"]
     spec = WorkloadSpec("measured", workload_info["prompt_tokens"] / n, workload_info["output_tokens"] / n, n)
@@ -58,9 +59,8 @@ def predicted_rates(model_dir: str, workload_info: dict, dtype: str, recalibrate
     for layout, label in LAYOUTS.items():
         c = by_label.get(label)
         if c is not None:
-            prefill_s = c.prefill.step.total * c.workload.prompt_tokens / c.prefill.tokens_per_step
-            decode_s = c.decode.step.total * c.workload.output_tokens / c.decode.tokens_per_step
-            out[layout] = {"tokens_per_s": c.tokens_per_s, "prefill_s": prefill_s, "decode_s": decode_s,
+            prefill, decode = stage_totals(c.prefill, c.decode, c.workload)
+            out[layout] = {"tokens_per_s": c.tokens_per_s, "prefill_s": prefill.total, "decode_s": decode.total,
                            "seconds": c.time.as_dict(), "num_switches": c.num_switches}
     return out
 

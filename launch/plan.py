@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # NOTE: seesaw_ds is imported inside the functions: calibrating `local` spawns processes that re-run this
 # file's top level, and they should not pay for importing the package.
 def build_parser() -> argparse.ArgumentParser:
-    from seesaw_ds.planner import CLUSTERS, WORKLOADS, bundled_model_names
+    from seesaw_ds.planner import CLUSTERS, WORKLOADS, PlannerOptions, bundled_model_names
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True,
@@ -31,9 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="share of device memory for weights + KV (default 0.9)")
     parser.add_argument("--any-pp-order", action="store_true",
                         help="allow decode layouts with more pipeline stages than the prefill layout")
-    parser.add_argument("--max-batched-tokens", type=int, default=8192,
-                        help="prompt tokens per prefill step, as the engine's max_num_batched_tokens (default "
-                             "8192; 0: no budget)")
+    budget = PlannerOptions.max_batched_tokens
+    parser.add_argument("--max-batched-tokens", type=int, default=budget,
+                        help=f"prompt tokens per prefill step, as the engine's max_num_batched_tokens (default "
+                             f"{budget}; 0: no budget)")
     parser.add_argument("--steady-pipeline", action="store_true",
                         help="the paper's model: pp micro-batches in flight across steps, no fill-and-drain "
                              "bubble per step (default: the engine's pipeline pass, which drains every step)")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import atexit
 import ctypes
-import glob
 import logging
 import os
 
@@ -14,6 +13,7 @@ import torch.distributed as dist
 from seesaw_ds.distributed.engine import DistributedEngine
 from seesaw_ds.distributed.executors import build_executor
 from seesaw_ds.distributed.host_kv import HostKVStore
+from seesaw_ds.distributed.shm_buffers import cleanup_deepspeed_shm
 from seesaw_ds.distributed.master import MasterWeights, build_hf_model, prepare_master
 from seesaw_ds.engine.scheduler import SchedulerConfig
 from seesaw_ds.engine.seesaw_scheduler import SeesawScheduler, TierConfig
@@ -73,17 +73,6 @@ def release_freed_host_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-
-
-def cleanup_deepspeed_shm() -> None:
-    """DeepSpeed's CPU all-reduce leaves its shared buffers (`..._<addr>_<port>_<rank>`) behind at exit;
-    each rank removes its own."""
-    port, rank = os.environ.get("MASTER_PORT", ""), os.environ.get("RANK", "")
-    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_{rank}"):
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
 
 
 def build_engine(model: str, dtype="float32", parallel=None, max_model_len=2048, max_num_seqs=256,

@@ -1,8 +1,8 @@
 """One calibration rank: micro-benchmarks over gloo, results written as JSON. See `calibrate.py`.
 
-NOTE: this file imports only the standard library, torch and (inside functions) deepspeed and transformers.
-`calibrate.measure` runs it by path in each spawned process (`runpy.run_path`), so a rank does not import
-the whole seesaw_ds package.
+NOTE: this file imports only the standard library, torch and (inside functions) deepspeed, transformers and
+the standard-library-only `seesaw_ds.distributed.shm_buffers`. `calibrate.measure` runs it by path in each
+spawned process (`runpy.run_path`), so a rank does not import the whole seesaw_ds package.
 NOTE: loops that communicate run the same number of iterations on every rank (agreed by an all-reduce
 MAX); a loop that stopped on each rank's own clock would leave a send or a collective unmatched.
 """
@@ -60,16 +60,6 @@ def init_ranks(rank: int, world: int, init_file: str, port: int):
     deepspeed.init_distributed("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                                verbose=False)
     return lambda t, group: ds_comm.inference_all_reduce(t, group=group)
-
-
-def remove_shm_buffers(rank: int, port: int) -> None:
-    """DeepSpeed's shared-memory all-reduce leaves its buffers in /dev/shm."""
-    import glob
-    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_{rank}"):
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
 
 
 def decoder_layer_overhead(seconds: float) -> float:
@@ -157,7 +147,9 @@ def rank_main(rank: int, world: int, init_file: str, out_dir: str, spawned_at: f
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
     dist.destroy_process_group()
-    remove_shm_buffers(rank, port)
+    if inference_all_reduce is not None:
+        from seesaw_ds.distributed.shm_buffers import cleanup_deepspeed_shm
+        cleanup_deepspeed_shm()            # init_ranks set MASTER_PORT and RANK
 
 
 if __name__ == RUN_NAME:  # started by calibrate.measure with RANK_ARGS in the globals

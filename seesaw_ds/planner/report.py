@@ -4,9 +4,6 @@ from __future__ import annotations
 from seesaw_ds.planner.roofline import TimeBreakdown
 from seesaw_ds.planner.search import LayoutPlan, Plan, StageEstimate
 
-_TERMS = ("weights", "linear", "kv", "attention", "allreduce", "p2p", "overhead", "lm_head", "bubble",
-          "switch_weights", "switch_kv")
-
 
 def _gib(nbytes: float) -> str:
     return f"{nbytes / 2 ** 30:.1f} GiB"

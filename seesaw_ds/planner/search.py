@@ -151,14 +151,15 @@ def estimate_stage(cfg: ModelConfig, cluster: ClusterSpec, degrees: rl.Degrees, 
     return StageEstimate(stage, degrees, batch, limit, seq_len, step)
 
 
-def _stage_totals(prefill: StageEstimate, decode: StageEstimate, workload: WorkloadSpec):
+def stage_totals(prefill: StageEstimate, decode: StageEstimate, workload: WorkloadSpec):
+    """(prefill, decode) TimeBreakdowns of the whole workload."""
     prefill_time = prefill.step.scaled(workload.prompt_tokens / prefill.tokens_per_step)
     decode_time = decode.step.scaled(workload.output_tokens / decode.tokens_per_step)
     return prefill_time, decode_time
 
 
 def evaluate_static(prefill: StageEstimate, decode: StageEstimate, workload: WorkloadSpec) -> LayoutPlan:
-    prefill_time, decode_time = _stage_totals(prefill, decode, workload)
+    prefill_time, decode_time = stage_totals(prefill, decode, workload)
     return LayoutPlan(prefill, decode, workload, prefill_time + decode_time, num_switches=0)
 
 
@@ -182,7 +183,7 @@ def evaluate_pair(cfg: ModelConfig, cluster: ClusterSpec, prefill: StageEstimate
     reload_prefill = rl.weight_bytes_per_device(cfg, prefill.degrees, options.dtype) / link
     switch_weights = cycles * reload_decode + (cycles - 1) * reload_prefill
 
-    prefill_time, decode_time = _stage_totals(prefill, decode, workload)
+    prefill_time, decode_time = stage_totals(prefill, decode, workload)
     # Every device writes (prefill) and later reads (decode) its share of all prompts' KV.
     kv_host_seconds = workload.num_requests * prompt_kv / cluster.num_devices / link
     if options.overlap_host_transfers:
