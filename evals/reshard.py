@@ -138,14 +138,14 @@ def main(argv=None) -> None:
     import transformers  # noqa: F401
     from seesaw_ds import LLM, SamplingParams
     from seesaw_ds.distributed.builder import init_distributed
-    from seesaw_ds.distributed.master import MasterWeights
     init_distributed()
     dist.barrier()              # every rank has its libraries and communication buffers: the baseline
     baseline = sampler.sample() if sampler else 0
     llm = LLM(args.model, dtype=args.dtype, parallel={"prefill": {"pp": 2}, "decode": {"tp": 2}},
-              kv_cache_gb=args.device_gb, kv_host_gb=args.host_gb,
+              kv_device_gb=args.device_gb, kv_host_gb=args.host_gb,
               max_model_len=args.prompt_len + args.output_len + 16)
     eng = llm.engine
+    pool, store = eng.runtimes["decode"].kv, eng.runtimes["decode"].copies.store
     dist.barrier()
     if sampler:
         sampler.mark("engine built")
@@ -156,9 +156,9 @@ def main(argv=None) -> None:
     llm.generate(prompts, SamplingParams(max_tokens=args.output_len, ignore_eos=True), use_tqdm=False)
     wall = time.perf_counter() - t0
     st = eng.stats
-    exclude = {eng.pool.tensor.untyped_storage().data_ptr(), eng.store.tensor.untyped_storage().data_ptr()}
-    mine = {"switches": st.switches, "pool_bytes": eng.pool.tensor.numel() * eng.pool.tensor.element_size(),
-            "tensors": tensor_bytes(eng.master, exclude),
+    exclude = {pool.tensor.untyped_storage().data_ptr(), store.tensor.untyped_storage().data_ptr()}
+    mine = {"switches": st.switches, "pool_bytes": pool.tensor.numel() * pool.tensor.element_size(),
+            "tensors": tensor_bytes(eng.weights.master, exclude),
             "copies": {k: (getattr(st, f"{k}_bytes"), getattr(st, f"{k}_s")) for k in KINDS}}
     per_rank = [None] * dist.get_world_size()
     dist.all_gather_object(per_rank, mine)
@@ -167,10 +167,10 @@ def main(argv=None) -> None:
         return
     sampler.mark("generated")
     sampler.stop()
-    model_bytes = sum(t.numel() * t.element_size() for t in MasterWeights(eng.master_path).tensors.values())
+    model_bytes = eng.weights.master.nbytes
     pools = sum(r["pool_bytes"] for r in per_rank)
-    engine_bytes = sampler.peak - baseline - pools - eng.store.nbytes
-    steady = sampler.peak_between("engine built", "generated") - baseline - pools - eng.store.nbytes
+    engine_bytes = sampler.peak - baseline - pools - store.nbytes
+    steady = sampler.peak_between("engine built", "generated") - baseline - pools - store.nbytes
     switches, kinds = switch_rows(per_rank), kind_rows(per_rank)
     private = sum(r["tensors"]["private"] for r in per_rank)
     summary = {
@@ -180,7 +180,7 @@ def main(argv=None) -> None:
         "reshard_s_mean (switch + KV copies)": sum(r["reshard_s"] for r in switches) / max(1, len(switches)),
         "reshard_vs_memcpy_mean": (sum(r["vs_memcpy"] or 0 for r in switches) / len(switches)) if switches else None,
         "swapped_out_seqs": st.swapped_out_seqs, "prefetch_stall_s": st.prefetch_stall_s,
-        "model_bytes": model_bytes, "host_store_bytes": eng.store.nbytes, "device_pools_node": pools,
+        "model_bytes": model_bytes, "host_store_bytes": store.nbytes, "device_pools_node": pools,
         f"peak_node ({sampler.kind}, whole run)": sampler.peak, "peak_at_s": sampler.peak_at_s,
         "engine_built_at_s": sampler.marks["engine built"][0],
         "peak_node while generating": sampler.peak_between("engine built", "generated"),

@@ -54,7 +54,7 @@ def main(argv=None) -> None:
     from seesaw_ds import LLM, SamplingParams
     from seesaw_ds.data import total_tokens
     llm = LLM(args.model, dtype=args.dtype, parallel={"prefill": {"pp": 2}, "decode": {"tp": 2}},
-              kv_cache_gb=args.device_gb, kv_host_gb=args.host_gb, max_model_len=2048)
+              kv_device_gb=args.device_gb, kv_host_gb=args.host_gb, max_model_len=2048)
     vocab = llm.config.vocab_size
     requests = build_workloads([args.workload], llm.tokenizer, vocab, args.scale)[args.workload]
     prompt_tokens, output_tokens = total_tokens(requests)
@@ -72,8 +72,9 @@ def main(argv=None) -> None:
                      "mean_decode_batch": d.get("decode_tokens", 0) / steps if steps else 0.0})
     if dist.is_initialized() and dist.get_rank() != 0:
         return
-    host_bytes = llm.engine.store.nbytes
-    kv_per_token = host_bytes / (llm.engine.store.num_blocks * llm.engine.store.block_size)
+    store = llm.engine.runtimes["decode"].copies.store
+    host_bytes = store.nbytes
+    kv_per_token = host_bytes / (store.num_blocks * store.block_size)
     print(f"\n{args.workload} x{len(requests)}: {prompt_tokens} prompt + {output_tokens} output tokens; prompt KV "
           f"{prompt_tokens * kv_per_token / 1e9:.2f} GB vs host store {host_bytes / 1e9:.2f} GB")
     print(f"{'threshold':>9} {'tok/s':>7} {'wall s':>7} {'switches':>8} {'prefill s':>9} {'decode s':>8} "

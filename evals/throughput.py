@@ -7,12 +7,21 @@ one at a time, each in its own subprocess (clean memory and threads); vLLM runs 
     python evals/throughput.py                                   # seesaw + hf, all workloads, bf16
     python evals/throughput.py --scale 0.25 --workloads arxiv,sharegpt
     python evals/throughput.py --engines hf --peers vllm --vllm-layouts TP1,PP2 --dtype float32
+    python evals/throughput.py --engines seesaw --seesaw-layouts 1proc,PP2->TP2 --baseline HEAD~1
 
-Writes `--out` (JSON: meta, workloads, raw runs, rows with tokens/s and ratios) and a PNG bar chart beside it.
+Seesaw rows are layout labels in the engine's own grammar (seesaw_ds.parallel.layout: 1proc, TP2, PP2,
+PP2->TP2, PP2xTP2, ...); a label that needs N > 1 ranks runs under `deepspeed --num_gpus N`.
+`--baseline REV` also runs every seesaw row on REV's seesaw_ds (a temporary git worktree, see evals/baseline.py),
+just before the current row of the same layout so both meet the same machine state; the rows are labelled
+`LAYOUT@<short rev>`, and a second table gives current / baseline and whether the output tokens are identical.
+
+Writes `--out` (JSON: meta, workloads, raw runs, rows with tokens/s and ratios, baseline pairs) and a PNG bar
+chart beside it.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -27,12 +36,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from evals.throughput_report import format_stage_table, format_table, plot_rows, result_rows  # noqa: E402
+from evals.baseline import BaselineTree, baseline_worktree, resolve_commit  # noqa: E402
+from evals.throughput_report import (baseline_pairs, format_baseline_table, format_stage_table,  # noqa: E402
+                                     format_table, plot_rows, result_rows)
 from evals.workloads import WORKLOADS, build_workloads, parse_workload_names, workload_file_payload  # noqa: E402
 from seesaw_ds.data import total_tokens  # noqa: E402
+from seesaw_ds.parallel.layout import StageLayouts  # noqa: E402
 
 PEERS = REPO / "evals" / "peers"
-DEEPSPEED_2 = ("deepspeed", "--num_gpus", "2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,20 +51,39 @@ class SeesawLayout:
     label: str
     launcher: tuple[str, ...]   # command prefix that starts the runner script
     llm_kwargs: dict            # extra keyword arguments for seesaw_ds.LLM
+    ranks: int = 1
 
     def __post_init__(self):
         if not self.label or not self.launcher:
             raise ValueError(f"SeesawLayout needs a label and a launcher, got {self.label!r}, {self.launcher!r}")
 
 
-# The seesaw rows. Multi-rank rows start the runner under the deepspeed launcher; their `llm_kwargs` name the
-# prefill/decode layouts and must match what seesaw_ds.LLM accepts.
-SEESAW_LAYOUTS = {
-    "1proc": SeesawLayout("1proc", (sys.executable,), {}),
-    "TP2": SeesawLayout("TP2", DEEPSPEED_2, {"parallel": {"tp": 2}}),
-    "PP2": SeesawLayout("PP2", DEEPSPEED_2, {"parallel": {"pp": 2}}),
-    "PP2->TP2": SeesawLayout("PP2->TP2", DEEPSPEED_2, {"parallel": {"prefill": {"pp": 2}, "decode": {"tp": 2}}}),
-}
+def seesaw_layout(text: str) -> SeesawLayout:
+    """A seesaw row from a layout label (any form `seesaw_ds.parallel.layout.parse_layout_spec` reads):
+    its canonical label, the launcher for the ranks it needs, and `LLM(parallel=...)`. ValueError if bad.
+
+    `parallel` is the layout as the plain mapping every revision's LLM reads ({tp, pp} or {prefill, decode}),
+    without `dp`: a row is one replica over the ranks it launches, which the engine fills in itself."""
+    layouts = StageLayouts.from_spec(text)
+    if layouts.prefill.dp > 1:
+        raise ValueError(f"seesaw layout {text!r}: a row is one engine over its ranks; drop the DP factor")
+    ranks = layouts.world_size
+    if ranks == 1:
+        return SeesawLayout(layouts.label(), (sys.executable,), {})
+    spec = {k: v for k, v in layouts.spec().items() if k != "dp"}
+    return SeesawLayout(layouts.label(), ("deepspeed", "--num_gpus", str(ranks)), {"parallel": spec}, ranks)
+
+
+def seesaw_layouts(labels: str) -> list[SeesawLayout]:
+    """The comma list of `--seesaw-layouts`, in order, each layout once (TP1 and 1proc are the same row)."""
+    rows = {}
+    for text in labels.split(","):
+        if text.strip():
+            row = seesaw_layout(text)
+            rows.setdefault(row.label, row)
+    return list(rows.values())
+
+
 VLLM_LAYOUTS = {"TP1": (1, 1), "PP2": (1, 2)}   # label -> (tensor_parallel_size, pipeline_parallel_size)
 
 
@@ -65,8 +95,12 @@ class EngineRun:
     env: dict | None = None     # None: inherit
 
 
-def planned_runs(args, model_dir: str, workload_file: Path, scratch: Path) -> list[EngineRun]:
-    """The engine rows to run, in order; the result file of each is `scratch/<engine>-<layout>.json`."""
+def planned_runs(args, model_dir: str, workload_file: Path, scratch: Path,
+                 baseline: BaselineTree | None = None) -> list[EngineRun]:
+    """The engine rows to run, in order; the result file of each is `scratch/<engine>-<layout>.json`.
+
+    With a `baseline`, each seesaw layout runs first on the baseline's runner (label `LAYOUT@<short rev>`, its
+    own SEESAW_CACHE), then on the current one: the pair meets the same machine state."""
     def common(engine: str, layout: str) -> list[str]:
         out = scratch / f"{engine}-{layout}.json".replace(">", "")
         return ["--model", model_dir, "--workloads", str(workload_file), "--out", str(out), "--dtype", args.dtype,
@@ -80,16 +114,19 @@ def planned_runs(args, model_dir: str, workload_file: Path, scratch: Path) -> li
             runs.append(EngineRun("hf", "1proc", (sys.executable, str(PEERS / "hf_generate.py"),
                                                   *common("hf", "1proc"), *extra)))
         elif engine == "seesaw":
-            for label in args.seesaw_layouts.split(","):
-                layout = SEESAW_LAYOUTS[label]
+            for layout in seesaw_layouts(args.seesaw_layouts):
                 kwargs = dict(layout.llm_kwargs)
-                if len(layout.launcher) > 1:           # multi-rank rows: the host tier's settings
+                if layout.ranks > 1:                   # multi-rank rows: the host tier's settings, when given
                     for key, value in (("kv_host_gb", args.kv_host_gb), ("kv_threshold", args.kv_threshold)):
                         if value is not None:
                             kwargs[key] = value
-                runs.append(EngineRun("seesaw", label, (*layout.launcher, str(PEERS / "seesaw_runner.py"),
-                                                        *common("seesaw", label),
-                                                        "--llm-kwargs", json.dumps(kwargs))))
+                rows = [(layout.label, PEERS / "seesaw_runner.py", None)]
+                if baseline is not None:
+                    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "SEESAW_CACHE": str(baseline.cache_dir)}
+                    rows.insert(0, (baseline.label(layout.label), baseline.runner, env))
+                for label, runner, env in rows:
+                    runs.append(EngineRun("seesaw", label, (*layout.launcher, str(runner), *common("seesaw", label),
+                                                            "--llm-kwargs", json.dumps(kwargs)), env))
         else:
             raise ValueError(f"unknown engine {engine!r}; engines: hf, seesaw (peers via --peers)")
     if "vllm" in args.peers.split(","):
@@ -161,7 +198,11 @@ def parse_args(argv=None):
                         "else float32; resolved once and given to every engine")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch threads for 1-process rows")
-    p.add_argument("--seesaw-layouts", default="1proc", help=f"comma list of: {', '.join(SEESAW_LAYOUTS)}")
+    p.add_argument("--seesaw-layouts", default="1proc",
+                   help="comma list of layout labels: 1proc, TPn, PPn, PPn->TPn, PPaxTPb, ... (n ranks each)")
+    p.add_argument("--baseline", default=None, metavar="REV",
+                   help="also run every seesaw row on this git revision (a temporary worktree), labelled "
+                        "LAYOUT@<short rev>, and compare throughput and output tokens")
     p.add_argument("--vllm-layouts", default="TP1", help=f"comma list of: {', '.join(VLLM_LAYOUTS)}")
     p.add_argument("--kv-host-gb", type=float, default=None, help="host KV store per node for multi-rank rows")
     p.add_argument("--kv-threshold", type=float, default=None, help="host-store drain fraction that ends decode")
@@ -174,9 +215,17 @@ def parse_args(argv=None):
     if args.dtype == "auto":
         from seesaw_ds.models.config import parse_dtype
         args.dtype = str(parse_dtype("auto")).replace("torch.", "")
-    for label in args.seesaw_layouts.split(","):
-        if label not in SEESAW_LAYOUTS:
-            p.error(f"unknown seesaw layout {label!r}; choose from {', '.join(SEESAW_LAYOUTS)}")
+    try:
+        args.seesaw_rows = seesaw_layouts(args.seesaw_layouts)
+    except ValueError as err:
+        p.error(f"--seesaw-layouts: {err}")
+    if args.baseline:
+        if "seesaw" not in args.engines.split(","):
+            p.error("--baseline compares seesaw rows: add seesaw to --engines")
+        try:
+            resolve_commit(args.baseline)
+        except ValueError as err:
+            p.error(str(err))
     for label in args.vllm_layouts.split(","):
         if label not in VLLM_LAYOUTS:
             p.error(f"unknown vLLM layout {label!r}; choose from {', '.join(VLLM_LAYOUTS)}")
@@ -198,30 +247,41 @@ def main(argv=None) -> int:
     if load > 0.5:
         print(f"warning: load average {load:.2f} before the run: another job shares the cores", flush=True)
 
-    with tempfile.TemporaryDirectory(prefix="seesaw-throughput-") as tmp:
-        scratch = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="seesaw-throughput-")))
+        baseline = stack.enter_context(baseline_worktree(args.baseline)) if args.baseline else None
+        if baseline is not None:
+            print(f"baseline {args.baseline} = {baseline.short}: worktree {baseline.root}", flush=True)
         workload_file = scratch / "workloads.json"
         workload_file.write_text(json.dumps(workload_file_payload(workloads)))
         log_dir = out.parent / "logs"
         log_dir.mkdir(exist_ok=True)
-        runs = [execute(run, log_dir, args.timeout) for run in planned_runs(args, model_dir, workload_file, scratch)]
+        runs = [execute(run, log_dir, args.timeout)
+                for run in planned_runs(args, model_dir, workload_file, scratch, baseline)]
 
     rows = result_rows(runs)
     print(format_table(rows) if rows else "no engine produced results")
     stages = format_stage_table(rows)
     if stages:
         print("\nseesaw_ds stage times (timed run)\n" + stages)
+    pairs = baseline_pairs(rows)
+    if pairs:
+        print(f"\ncurrent / baseline ({args.baseline} = {baseline.short})\n" + format_baseline_table(pairs))
+        if any(p["same_tokens"] != p["requests"] for p in pairs):
+            print("warning: the output tokens differ from the baseline's (or were not recorded) in some rows")
     meta = {"model": args.model, "model_dir": model_dir, "dtype": args.dtype, "scale": args.scale, "seed": args.seed,
             "threads": args.threads, "load_average_before": load, "cpus": os.cpu_count(),
-            "machine": platform.machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "machine": platform.machine(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "baseline": None if baseline is None else {"rev": baseline.rev, "commit": baseline.commit,
+                                                       "short": baseline.short}}
     described = {name: {"description": WORKLOADS[name].description, "requests": len(reqs),
                         "prompt_tokens": total_tokens(reqs)[0], "output_tokens": total_tokens(reqs)[1]}
                  for name, reqs in workloads.items()}
-    layouts = [{"engine": "seesaw", "label": k, "launcher": list(v.launcher), "llm_kwargs": v.llm_kwargs}
-               for k, v in SEESAW_LAYOUTS.items()] + \
+    layouts = [{"engine": "seesaw", "label": v.label, "launcher": list(v.launcher), "llm_kwargs": v.llm_kwargs}
+               for v in args.seesaw_rows] + \
               [{"engine": "vllm", "label": k, "tp": tp, "pp": pp} for k, (tp, pp) in VLLM_LAYOUTS.items()]
     out.write_text(json.dumps({"meta": meta, "workloads": described, "layouts": layouts, "rows": rows,
-                               "runs": runs}, indent=1))
+                               "baseline_pairs": pairs, "runs": runs}, indent=1))
     png = out.with_suffix(".png")
     print(f"wrote {out}" + (f" and {png}" if rows and plot_rows(rows, png) else ""))
     return 0 if rows and not any(r.get("failed") for r in runs) else 1

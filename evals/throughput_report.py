@@ -3,6 +3,10 @@
 tokens/s counts prompt + output tokens over the wall time of the timed `generate`; output tokens/s counts
 the requested output tokens only. Ratios compare with the `hf` row and with the best `vllm` row of the same
 workload (the best static vLLM layout, as the Seesaw paper compares).
+
+Rows of a baseline revision (`--baseline REV`) carry the layout label `LAYOUT@<short rev>`; `baseline_pairs`
+puts each beside the current row of the same engine, layout and workload: the throughput ratio current /
+baseline and how many requests generated identical tokens (from the runners' per-request output digests).
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ def result_rows(runs: list[dict]) -> list[dict]:
                 "output_tokens_per_s": res["output_tokens"] / wall,
                 "exact_lengths": res["generated_tokens"] == res["output_tokens"] and not res["short_requests"],
                 "setup_s": run.get("setup_s"), "extra": res.get("extra", {}),
+                "output_digests": res.get("output_digests"),
             })
     _add_ratios(rows)
     return rows
@@ -49,6 +54,40 @@ def format_table(rows: list[dict]) -> str:
                       "yes" if r["exact_lengths"] else "NO"))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.rjust(w) if i >= 4 else cell.ljust(w) for i, (cell, w) in
+                               enumerate(zip(line, widths))) for line in lines)
+
+
+def baseline_pairs(rows: list[dict]) -> list[dict]:
+    """One record per baseline row (layout 'X@rev') that has a current row 'X' of the same engine and workload:
+    both rates, `ratio` = current / baseline tokens/s, and `same_tokens` = requests whose output tokens are
+    identical in both (None when a row has no digests)."""
+    current = {(r["engine"], r["layout"], r["workload"]): r for r in rows if "@" not in r["layout"]}
+    pairs = []
+    for base in rows:
+        layout, _, rev = base["layout"].partition("@")
+        now = current.get((base["engine"], layout, base["workload"]))
+        if not rev or now is None:
+            continue
+        a, b = base.get("output_digests"), now.get("output_digests")
+        same = sum(x == y for x, y in zip(a, b)) if a and b and len(a) == len(b) else None
+        pairs.append({"workload": base["workload"], "engine": base["engine"], "layout": layout, "baseline": rev,
+                      "baseline_tokens_per_s": base["tokens_per_s"], "tokens_per_s": now["tokens_per_s"],
+                      "ratio": now["tokens_per_s"] / base["tokens_per_s"], "requests": now["requests"],
+                      "same_tokens": same})
+    return sorted(pairs, key=lambda p: (p["workload"], p["engine"], p["layout"]))
+
+
+def format_baseline_table(pairs: list[dict]) -> str:
+    """'current / baseline' per layout and workload, with the token-identity count ('NO' marks a difference)."""
+    header = ("workload", "layout", "baseline", "base tok/s", "tok/s", "cur/base", "same tokens")
+    lines = [header]
+    for p in pairs:
+        same = "-" if p["same_tokens"] is None else \
+            f"{p['same_tokens']}/{p['requests']}" + ("" if p["same_tokens"] == p["requests"] else " NO")
+        lines.append((p["workload"], p["layout"], p["baseline"], f"{p['baseline_tokens_per_s']:.0f}",
+                      f"{p['tokens_per_s']:.0f}", f"{p['ratio']:.3f}", same))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.rjust(w) if i >= 3 else cell.ljust(w) for i, (cell, w) in
                                enumerate(zip(line, widths))) for line in lines)
 
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 import importlib
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "RequestOutput"]
+__all__ = ["LLM", "EngineConfig", "SamplingParams", "RequestOutput"]
 
-_EXPORTS = {"LLM": "seesaw_ds.llm", "SamplingParams": "seesaw_ds.engine.sampling_params",
+_EXPORTS = {"LLM": "seesaw_ds.llm", "EngineConfig": "seesaw_ds.engine.config", "SamplingParams": "seesaw_ds.engine.sampling_params",
             "RequestOutput": "seesaw_ds.engine.sequence"}
 
 

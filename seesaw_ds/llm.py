@@ -11,15 +11,10 @@ from typing import Any, Sequence as Seq
 import torch
 from tqdm.auto import tqdm
 
-from seesaw_ds.engine.executor import LocalExecutor
-from seesaw_ds.engine.llm_engine import LLMEngine
+from seesaw_ds.engine.config import EngineConfig
 from seesaw_ds.engine.sampling_params import SamplingParams
-from seesaw_ds.engine.scheduler import Scheduler, SchedulerConfig
 from seesaw_ds.engine.sequence import RequestOutput
-from seesaw_ds.kv.pool import KVPool, KVPoolSpec
-from seesaw_ds.models.config import ModelConfig, parse_dtype
-from seesaw_ds.models.loader import load_model
-from seesaw_ds.models.runner import ModelRunner
+from seesaw_ds.models.config import parse_dtype
 
 PromptLike = Any   # str | list[int] | list[{"role", "content"}] | {"prompt": str} | {"prompt_token_ids": [...]}
 
@@ -29,76 +24,81 @@ def _launched_world_size() -> int:
 
 
 class LLM:
+    """The engine behind a vLLM-shaped API. `LLM(model, **settings)` takes the `EngineConfig` fields (the
+    recipe's names: `kv_device_gb`, `kv_host_gb`, `kv_threshold`, `parallel`, ...). Under a launcher
+    (WORLD_SIZE > 1) or with `parallel=` given, every rank constructs the LLM and calls `generate` with the
+    same prompts; outputs are complete on rank 0 (`is_main`). `distributed=False` runs one process per rank
+    (data-parallel replicas). Use as a context manager, or call `close()`."""
     _calls = 0
-    """One process: the paged engine. Under a launcher (WORLD_SIZE > 1) or with `parallel=` given: the
-    distributed Seesaw engine (prefill and decode layouts, host KV tier); every rank constructs the LLM and
-    calls `generate` with the same prompts; outputs are complete on rank 0 (`is_main`)."""
 
-    def __init__(self, model: str, dtype: str = "auto", max_model_len: int = 2048, max_num_seqs: int = 256,
-                 max_num_batched_tokens: int = 8192, kv_cache_gb: float = 2.0, block_size: int = 16,
-                 cache_dir: str | None = None, parallel=None, kv_host_gb: float = 4.0,
-                 kv_threshold: float = 0.25, distributed: bool | None = None):
-        self.model_name = model
-        self.is_main = True
+    def __init__(self, model: str | None = None, *, config: EngineConfig | None = None,
+                 distributed: bool | None = None, announce=None, **settings):
+        if config is None:
+            config = EngineConfig(model=model, **settings) if model is not None else EngineConfig(**settings)
+        elif model is not None or settings:
+            raise ValueError("LLM: give either config= or the model and settings, not both")
+        self.engine_config = config
         if distributed is None:      # None: distributed under a launcher (WORLD_SIZE > 1) or with `parallel`
-            distributed = parallel is not None or _launched_world_size() > 1
-        elif not distributed and parallel is not None:
+            distributed = config.parallel is not None or _launched_world_size() > 1
+        elif not distributed and config.parallel is not None:
             raise ValueError("LLM: parallel= needs distributed=True (or None)")
-        if distributed:
-            self._setup_distributed(model, dtype, max_model_len, max_num_seqs, max_num_batched_tokens,
-                                    kv_cache_gb, block_size, cache_dir, parallel, kv_host_gb, kv_threshold)
-            return
-        loaded = load_model(model, dtype=dtype, cache_dir=cache_dir)
-        self.model_folder = loaded.folder
-        self.layouts = None
-        self._setup(loaded.hf_model, loaded.tokenizer, loaded.config, max_model_len, max_num_seqs,
-                    max_num_batched_tokens, kv_cache_gb, block_size)
-
-    def _setup_distributed(self, model, dtype, max_model_len, max_num_seqs, max_num_batched_tokens,
-                           kv_device_gb, block_size, cache_dir, parallel, kv_host_gb, threshold):
-        from transformers import AutoTokenizer
-        from seesaw_ds.distributed.builder import build_engine
-        import torch.distributed as dist
-        self.engine = build_engine(model, dtype, parallel, max_model_len, max_num_seqs, max_num_batched_tokens,
-                                   block_size, kv_device_gb, kv_host_gb, threshold, cache_dir)
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(self.engine.model_folder)
-        except (OSError, ValueError, TypeError, AttributeError):
-            self.tokenizer = None
-        if self.tokenizer is not None:
-            self.engine.detokenize = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True)
-        self.config, self.model_folder, self.layouts = self.engine.config, self.engine.model_folder, self.engine.layouts
-        self.is_main = dist.get_rank() == 0
+        from seesaw_ds.distributed.builder import build_engine, init_distributed, leave_distributed
+        from seesaw_ds.engine.comm import NullComm, TorchComm
+        self._owns_process_group = init_distributed() if distributed else False
+        comm = TorchComm() if distributed else NullComm()
+        self.is_main = comm.rank == 0
+        self.tokenizer = _load_tokenizer(config, comm)
+        self.engine = build_engine(config, comm=comm, tokenizer=self.tokenizer, announce=announce)
+        self._leave = leave_distributed if self._owns_process_group else None
+        self.model_name = config.model
 
     @classmethod
-    def from_hf(cls, hf_model, tokenizer=None, **kwargs) -> "LLM":
-        """Wrap an already-built transformers model (tests, notebooks)."""
+    def from_hf(cls, hf_model, tokenizer=None, **settings) -> "LLM":
+        """Wrap an already-built transformers model (tests, notebooks): one process, its tensors as the
+        master copy (`update_weights` writes into them)."""
+        from seesaw_ds.distributed.builder import build_engine
+        from seesaw_ds.engine.comm import NullComm
         self = cls.__new__(cls)
         self.model_name = getattr(hf_model.config, "_name_or_path", "") or "in-memory"
-        self.model_folder = None
-        self.is_main, self.layouts = True, None
-        self._setup(hf_model.eval(), tokenizer, ModelConfig.from_hf(hf_model.config), **kwargs)
+        self.engine_config = EngineConfig(model=self.model_name, **settings)
+        self.is_main, self.tokenizer, self._owns_process_group, self._leave = True, tokenizer, False, None
+        self.engine = build_engine(self.engine_config, comm=NullComm(), tokenizer=tokenizer, hf_model=hf_model)
         return self
 
-    def _setup(self, hf_model, tokenizer, config: ModelConfig, max_model_len=2048, max_num_seqs=256,
-               max_num_batched_tokens=8192, kv_cache_gb=2.0, block_size=16):
-        self.config = config
-        self.tokenizer = tokenizer
-        self.dtype = hf_model.dtype
-        max_model_len = min(max_model_len, config.max_position)
-        spec = KVPoolSpec.from_budget(config, int(kv_cache_gb * (1 << 30)), block_size, self.dtype)
-        self.pool = KVPool(spec)
-        sched = Scheduler(SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len, block_size),
-                          spec.num_blocks)
-        executor = LocalExecutor(ModelRunner(hf_model), self.pool)
-        detok = (lambda ids: tokenizer.decode(ids, skip_special_tokens=True)) if tokenizer is not None else None
-        self.engine = LLMEngine(sched, executor, executor, config.eos_token_ids or _tokenizer_eos(tokenizer),
-                                detok, config.sliding_window)
+    @property
+    def config(self):
+        """The model's normalised config (ModelConfig)."""
+        return self.engine.model_config
+
+    @property
+    def layouts(self):
+        return self.engine.layouts
+
+    @property
+    def model_folder(self) -> str | None:
+        return self.engine.model_folder
 
     def metrics(self) -> dict:
-        """Cumulative engine numbers: steps, tokens and seconds per stage; switches and KV bytes moved under
-        the distributed engine."""
+        """Cumulative engine numbers: steps, tokens and seconds per stage, switches and KV bytes moved."""
         return self.engine.stats.summary()
+
+    def update_weights(self, weights) -> int:
+        """New weights for the next `generate` (a state_dict or (name, tensor) pairs; see Engine)."""
+        return self.engine.update_weights(weights)
+
+    def close(self) -> None:
+        """Release the engine (threads, KV tiers, private weights); idempotent. A process group this LLM
+        created is destroyed; one that existed before is left as it was."""
+        self.engine.close()
+        if self._leave is not None:
+            leave, self._leave = self._leave, None
+            leave()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ---- prompts -------------------------------------------------------------------------------------
     def encode_prompt(self, prompt: PromptLike) -> tuple[list[int], str | None]:
@@ -162,9 +162,15 @@ class LLM:
         return [results[f"{base}{i}"] for i in range(len(prompts))]
 
 
-def _tokenizer_eos(tokenizer) -> tuple[int, ...]:
-    eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
-    return () if eos is None else (int(eos),)
+def _load_tokenizer(config: EngineConfig, comm):
+    """The model's tokenizer, or None for a weights-only folder (token-id prompts still work)."""
+    from transformers import AutoTokenizer
+    from seesaw_ds.models.loader import default_cache_dir, resolve_model_folder
+    folder = comm.on_rank0_then_all(lambda: resolve_model_folder(config.model, config.cache_dir or default_cache_dir()))
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
 
 
 __all__ = ["LLM", "SamplingParams", "parse_dtype"]

@@ -5,13 +5,16 @@ Standard library only: the vLLM runner imports this from its own virtualenv, whi
 Workload file: {"workloads": [{"name": str, "requests": [{"prompt_token_ids": [int], "output_len": int}]}]}
 Result file:   {"engine": str, "dtype": str, "layout": str, "setup_s": float, "notes": [str],
                 "results": [{"workload", "wall_s", "requests", "prompt_tokens", "output_tokens",
-                             "generated_tokens", "extra": {...}}]}
+                             "generated_tokens", "extra": {...}, "output_digests": [str] (optional)}]}
 `output_tokens` counts what was asked for; `generated_tokens` what the engine returned, capped per request at
 its target (a static-batching engine may generate more: that work is its cost, not counted as output).
+`output_digests` (one short hash of each request's output token ids, in request order) lets the report check
+that two rows generated the same tokens without storing them.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import time
@@ -47,6 +50,11 @@ def counted_tokens(requests: Sequence[dict], generated_lengths: Sequence[int]) -
         "generated_tokens": sum(min(n, r["output_len"]) for n, r in zip(generated_lengths, requests)),
         "short_requests": sum(n < r["output_len"] for n, r in zip(generated_lengths, requests)),
     }
+
+
+def token_digests(outputs: Sequence[Sequence[int]]) -> list[str]:
+    """A 16-hex-digit hash per request of its output token ids: equal digests <=> equal tokens (in practice)."""
+    return [hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()[:16] for ids in outputs]
 
 
 def warmup_requests(requests: Sequence[dict]) -> list[dict]:

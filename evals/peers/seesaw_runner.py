@@ -1,8 +1,13 @@
 """The seesaw_ds engine row: `seesaw_ds.LLM` on the same model folder and token ids.
 
 One process by default; the multi-rank layouts start this same file under a launcher
-(`deepspeed --num_gpus 2 evals/peers/seesaw_runner.py ...`, see `SEESAW_LAYOUTS` in evals/throughput.py) and
-pass the layout through `--llm-kwargs` (JSON keyword arguments for `LLM`). Only rank 0 writes the result.
+(`deepspeed --num_gpus 2 evals/peers/seesaw_runner.py ...`, see `seesaw_layout` in evals/throughput.py) and
+pass the layout through `--llm-kwargs` (JSON keyword arguments for `LLM`). Only rank 0 writes the result,
+with a digest of every request's output tokens (the report compares rows' tokens with them).
+
+`evals/throughput.py --baseline REV` runs a copy of this file from a worktree of REV: it imports the
+seesaw_ds beside it (its repo root goes first on sys.path), so keep it free of imports from evals/ other
+than `common`, and pass only keyword arguments every revision's `LLM` knows.
 
 Run: python evals/peers/seesaw_runner.py --model DIR --workloads wl.json --out res.json [--llm-kwargs '{}']
 """
@@ -41,6 +46,8 @@ def run_seesaw(model_dir: str, workloads: list[dict], dtype: str, llm_kwargs: di
     llm = LLM(model=model_dir, dtype=dtype, **llm_kwargs)
     setup_s = time.perf_counter() - setup_start
 
+    last = {}   # the token ids of the latest call: after `timed_workload`, those of the timed one
+
     def generate(requests):
         prompts = [{"prompt_token_ids": r["prompt_token_ids"]} for r in requests]
         params = [SamplingParams(temperature=0, max_tokens=r["output_len"], ignore_eos=True) for r in requests]
@@ -48,9 +55,15 @@ def run_seesaw(model_dir: str, workloads: list[dict], dtype: str, llm_kwargs: di
         outputs = llm.generate(prompts, params, use_tqdm=False)
         after = engine_metrics(llm)
         delta = {k: v - before.get(k, 0) if isinstance(v, (int, float)) else v for k, v in after.items()}
-        return [len(output_token_ids(o)) for o in outputs], delta
+        last["tokens"] = [output_token_ids(o) for o in outputs]
+        return [len(ids) for ids in last["tokens"]], delta
 
-    return setup_s, [common.timed_workload(wl["name"], wl["requests"], generate) for wl in workloads]
+    results = []
+    for wl in workloads:
+        row = common.timed_workload(wl["name"], wl["requests"], generate)
+        row["output_digests"] = common.token_digests(last["tokens"])    # for the report's token-identity check
+        results.append(row)
+    return setup_s, results
 
 
 def main() -> None:
@@ -66,6 +79,8 @@ def main() -> None:
     except ImportError as e:
         common.write_json_atomic(args.out, {**base, "skipped": f"seesaw_ds does not import: {e}"})
         return
+    base["seesaw_ds"] = os.path.dirname(os.path.abspath(seesaw_ds.__file__))   # which tree ran (--baseline)
+    print(f"[seesaw rank {rank}] seesaw_ds from {base['seesaw_ds']}", flush=True)
     import torch
     torch.set_num_threads(1 if world > 1 else args.threads)
     workloads = common.read_workloads(args.workloads)

@@ -1,5 +1,14 @@
-"""Bring up the distributed engine on every rank: process group, master weights, host KV store, the two
-stage executors and the device pool of the decode layout."""
+"""Build the engine on this rank from an `EngineConfig`: layouts, master weights, one runtime per stage, the KV
+tiers, the scheduler. One process and every layout go through the same steps:
+
+    model folder -> ModelConfig -> layouts (resolve_layouts) -> master copy (content-keyed, one per node)
+    -> full model over views of it -> executors (AutoTP re-bound to the plan's slices) -> rectangles from
+    the KV re-shard plan -> host tier (layout pairs that switch) -> device pool -> scheduler -> Engine
+
+Whether the host tier is used is decided here, once: a static layout (both stages equal) keeps its KV in the
+device pool and never switches; a pair that switches (e.g. PP prefill -> TP decode) stages every prompt's KV
+in the node's host store, written in the prefill layout and read in the decode layout.
+"""
 from __future__ import annotations
 
 import atexit
@@ -8,20 +17,28 @@ import logging
 import os
 
 import torch
-import torch.distributed as dist
 
-from seesaw_ds.distributed.engine import DistributedEngine
 from seesaw_ds.distributed.executors import build_executor
 from seesaw_ds.distributed.host_kv import HostKVStore
-from seesaw_ds.distributed.shm_buffers import cleanup_deepspeed_shm
+from seesaw_ds.distributed.kv_moves import TierCopies
 from seesaw_ds.distributed.master import MasterWeights, build_hf_model, prepare_master
-from seesaw_ds.engine.scheduler import SchedulerConfig
+from seesaw_ds.distributed.shm_buffers import cleanup_deepspeed_shm
+from seesaw_ds.distributed.stash import KVStasher
+from seesaw_ds.distributed.weight_views import WeightViews
+from seesaw_ds.engine.comm import NullComm, TorchComm
+from seesaw_ds.engine.config import EngineConfig
+from seesaw_ds.engine.engine import Engine
+from seesaw_ds.engine.runtime import StageRuntime
+from seesaw_ds.engine.scheduler import Scheduler, SchedulerConfig
 from seesaw_ds.engine.seesaw_scheduler import SeesawScheduler, TierConfig
+from seesaw_ds.engine.stats import EngineStats
 from seesaw_ds.kv.pool import KVPool, KVPoolSpec
-from seesaw_ds.models.config import parse_dtype
+from seesaw_ds.models.config import ModelConfig, parse_dtype
 from seesaw_ds.models.loader import default_cache_dir, load_model_config, resolve_model_folder
 from seesaw_ds.models.runner import ModelRunner
-from seesaw_ds.parallel.layout import StageLayouts, resolve_layouts
+from seesaw_ds.parallel.kv_plan import kv_ownership, kv_reshard_plan, moves_from, moves_into
+from seesaw_ds.parallel.layout import Layout, StageLayouts, resolve_layouts
+from seesaw_ds.parallel.weight_plan import whole_model_entries
 
 log = logging.getLogger("seesaw_ds")
 
@@ -38,32 +55,25 @@ def check_kv_budget(cfg, name: str, gb: float, max_model_len: int, block_size: i
                          f"{block_size} tokens); raise {name} or lower engine.max_model_len")
 
 
-def init_distributed() -> None:
+def init_distributed() -> bool:
+    """Initialise the default process group if needed; True if this call did it."""
+    import torch.distributed as dist
     if dist.is_initialized():
-        return
+        return False
     import deepspeed
     from deepspeed.accelerator import get_accelerator
     os.environ.setdefault("LOCAL_SIZE", os.environ.get("WORLD_SIZE", "1"))   # DeepSpeed's CPU all-reduce needs it
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
     atexit.register(cleanup_deepspeed_shm)
+    return True
 
 
-def _on_rank0_then_all(fn):
-    """Run fn on rank 0 first (e.g. a one-time conversion), then on the others, which reuse its result."""
-    out = fn() if dist.get_rank() == 0 else None
-    dist.barrier()
-    return out if dist.get_rank() == 0 else fn()
-
-
-def _open_host_store(cfg, blocks, block_size, dtype) -> HostKVStore:
-    box = [HostKVStore.new_path() if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    store = _on_rank0_then_all(lambda: HostKVStore(cfg, blocks, block_size, dtype, box[0],
-                                                   create=dist.get_rank() == 0))
-    dist.barrier()
-    if dist.get_rank() == 0:
-        store.unlink()        # every rank has it mapped: the name can go, the memory stays until exit
-    return store
+def leave_distributed() -> None:
+    """Undo init_distributed: destroy the process group and DeepSpeed's shared-memory buffers."""
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    cleanup_deepspeed_shm()
 
 
 def release_freed_host_memory() -> None:
@@ -75,55 +85,126 @@ def release_freed_host_memory() -> None:
         pass
 
 
-def build_engine(model: str, dtype="float32", parallel=None, max_model_len=2048, max_num_seqs=256,
-                 max_num_batched_tokens=8192, block_size=16, kv_device_gb=1.0, kv_host_gb=2.0,
-                 threshold=0.25, cache_dir=None, micro_batches=0, tokenizer=None, stash_async=None):
-    """`stash_async`: prefill K/V go into the host store from a background thread (see stash.py); None:
-    on accelerators (the copy overlaps compute on a side stream), not on CPUs, where the stash thread
-    would take a core from the ranks' compute (measured no faster on 2 ranks over 2 cores)."""
-    init_distributed()
-    if stash_async is None:
-        from deepspeed.accelerator import get_accelerator
-        stash_async = get_accelerator().device_name() != "cpu"
-    torch_dtype = parse_dtype(dtype)
-    cache_dir = cache_dir or default_cache_dir()
-    folder = _on_rank0_then_all(lambda: resolve_model_folder(model, cache_dir))
-    cfg = load_model_config(folder)
-    layouts = parallel if isinstance(parallel, StageLayouts) else \
-        resolve_layouts(parallel, dist.get_world_size(), cfg)
+def _open_host_store(comm, cfg, blocks, block_size, dtype) -> HostKVStore:
+    path = comm.broadcast_object(HostKVStore.new_path() if comm.rank == 0 else None, src=0)
+    store = comm.on_rank0_then_all(lambda: HostKVStore(cfg, blocks, block_size, dtype, path,
+                                                       create=comm.rank == 0))
+    try:
+        comm.barrier()
+    finally:
+        if comm.rank == 0:
+            store.unlink()    # every rank has it mapped (or failed): the name goes, the memory stays until close
+    return store
+
+
+def _sampling_rank(layout: Layout) -> int:
+    """The rank holding a stage's logits: the last pipeline stage's first TP rank (one replica per engine)."""
+    return layout.global_rank(0, layout.pp - 1, 0)
+
+
+def describe_engine(layouts: StageLayouts, host_blocks: int, host_bytes: int, pool_blocks: int) -> str:
+    """The start-up line: layouts, and whether (and why) the host tier is used."""
+    if layouts.is_static:
+        tier = "host tier off (static layout: KV stays in the device pool)"
+    else:
+        tier = f"host tier on ({host_blocks} blocks, {host_bytes / 1e9:.2f} GB per node: prefill and decode " \
+               f"layouts differ)"
+    return f"engine: {layouts.describe()}; {tier}; device pool {pool_blocks} blocks per rank"
+
+
+def build_engine(config: EngineConfig, *, comm=None, tokenizer=None, hf_model=None, announce=None) -> Engine:
+    """`comm`: the replica's communicator (default: every launched rank, WORLD_SIZE > 1, else one
+    process); `hf_model`: an in-memory transformers model to serve (one process; its tensors are the master);
+    `announce(line)`: where rank 0 prints the start-up line (default: the `seesaw_ds` logger)."""
+    on_close = []
+    if comm is None:            # every launched rank (a process group this call makes, close() removes)
+        launched = hf_model is None and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if launched and init_distributed():
+            on_close.append(leave_distributed)
+        import torch.distributed as dist
+        comm = TorchComm() if dist.is_initialized() and hf_model is None else NullComm()
+    dtype = parse_dtype(config.dtype) if hf_model is None else hf_model.dtype
+    if hf_model is None:
+        cache_dir = config.cache_dir or default_cache_dir()
+        folder = comm.on_rank0_then_all(lambda: resolve_model_folder(config.model, cache_dir))
+        cfg = load_model_config(folder)
+    else:
+        folder, cfg = None, ModelConfig.from_hf(hf_model.config)
+    layouts = resolve_layouts(config.parallel, comm.world_size, cfg)
     if layouts.prefill.dp > 1:
         raise NotImplementedError("data parallelism inside one engine is not supported yet; "
-                                  "run one job per replica")
-    max_model_len = min(max_model_len, cfg.max_position)
-    master = MasterWeights(_on_rank0_then_all(lambda: prepare_master(folder, torch_dtype, cache_dir)))
-    full = ModelRunner(build_hf_model(folder, master, torch_dtype))      # views: no weight bytes allocated
-    prefill_ex = build_executor(layouts.prefill, folder, master, torch_dtype, cfg, full)
-    decode_ex = prefill_ex if layouts.decode == layouts.prefill else \
-        build_executor(layouts.decode, folder, master, torch_dtype, cfg, full)
+                                  "run one engine per replica")
+    max_model_len = min(config.max_model_len, cfg.max_position)
 
+    def rect(layout: Layout):
+        return kv_ownership(cfg, layout)[layout.coords(comm.rank).local_rank]
+
+    decode_rect = rect(layouts.decode)      # budgets are checked before any weight is loaded
+    check_kv_budget(cfg, "kv.device_gb", config.kv_device_gb, max_model_len, config.block_size, dtype,
+                    decode_rect.layers, decode_rect.heads)
+    if not layouts.is_static:
+        check_kv_budget(cfg, "kv.host_gb", config.kv_host_gb, max_model_len, config.block_size, dtype)
+    if hf_model is None:
+        weights = WeightViews(MasterWeights(comm.on_rank0_then_all(lambda: prepare_master(folder, dtype, cache_dir))))
+        full = ModelRunner(build_hf_model(folder, weights.master, dtype))   # views: no weight bytes allocated
+        weights.bindings.append((full.hf_model, whole_model_entries(cfg)))
+    else:
+        weights = WeightViews(MasterWeights.from_tensors(
+            {n: p.data for n, p in hf_model.named_parameters(remove_duplicate=False)}))
+        full = ModelRunner(hf_model.eval())
+        weights.bindings.append((full.hf_model, whole_model_entries(cfg)))
+    on_close.append(weights.close)
+    executors = {}
+    for layout in (layouts.prefill, layouts.decode):
+        if layout not in executors:
+            executors[layout] = build_executor(layout, comm.rank, folder, weights, dtype, cfg, full)
     release_freed_host_memory()
 
-    check_kv_budget(cfg, "kv.host_gb", kv_host_gb, max_model_len, block_size, torch_dtype)
-    check_kv_budget(cfg, "kv.device_gb", kv_device_gb, max_model_len, block_size, torch_dtype,
-                    decode_ex.layers, decode_ex.kv_heads)
-    host_spec = KVPoolSpec.from_budget(cfg, int(kv_host_gb * (1 << 30)), block_size, torch_dtype)
-    store = _open_host_store(cfg, host_spec.num_blocks, block_size, torch_dtype)
-    dev_spec = KVPoolSpec.from_budget(cfg, int(kv_device_gb * (1 << 30)), block_size, torch_dtype,
-                                      layers=decode_ex.layers, kv_heads=decode_ex.kv_heads)
-    # every rank must agree on the block count: take the smallest
-    n = torch.tensor([dev_spec.num_blocks])
-    dist.all_reduce(n, op=dist.ReduceOp.MIN)
-    dev_spec = KVPoolSpec(dev_spec.layers, dev_spec.kv_heads, int(n), block_size, cfg.head_dim, torch_dtype)
-    pool = KVPool(dev_spec)
-    sched = SeesawScheduler(SchedulerConfig(max_num_seqs, max_num_batched_tokens, max_model_len, block_size),
-                            TierConfig(host_spec.num_blocks, dev_spec.num_blocks, threshold, prefetch=True))
-    if dist.get_rank() == 0:
-        log.info("layouts: prefill %s -> decode %s; host store %d blocks (%.2f GB), device pool %d blocks "
-                 "per rank", layouts.prefill.describe(), layouts.decode.describe(), host_spec.num_blocks,
-                 store.nbytes / 1e9, dev_spec.num_blocks)
+    bs = config.block_size
+    dev_spec = KVPoolSpec.from_budget(cfg, int(config.kv_device_gb * (1 << 30)), bs, dtype,
+                                      layers=decode_rect.layers, kv_heads=decode_rect.heads)
+    blocks = comm.all_reduce(dev_spec.num_blocks, op="min")     # every rank must agree on the block count
+    pool = KVPool(KVPoolSpec(dev_spec.layers, dev_spec.kv_heads, blocks, bs, cfg.head_dim, dtype))
+    stats = EngineStats(device_blocks=blocks)
+    sched_cfg = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, max_model_len, bs)
+    if layouts.is_static:
+        runtime = StageRuntime("static", layouts.decode, decode_rect, executors[layouts.decode], pool,
+                               _sampling_rank(layouts.decode), micro_batches=config.micro_batches)
+        prefill = decode = runtime
+        scheduler = Scheduler(sched_cfg, blocks)
+        host_blocks = host_bytes = 0
+    else:
+        host_spec = KVPoolSpec.from_budget(cfg, int(config.kv_host_gb * (1 << 30)), bs, dtype)
+        store = _open_host_store(comm, cfg, host_spec.num_blocks, bs, dtype)
+        on_close.append(store.close)
+        stash_async = config.stash_async
+        if stash_async is None:       # a stash thread overlaps a device's compute; on CPUs it takes a core
+            from deepspeed.accelerator import get_accelerator
+            stash_async = get_accelerator().device_name() != "cpu"
+        prefill_rect, local = rect(layouts.prefill), layouts.decode.coords(comm.rank).local_rank
+        stasher = KVStasher(store, prefill_rect.heads, asynchronous=stash_async)
+        prefill = StageRuntime("prefill", layouts.prefill, prefill_rect, executors[layouts.prefill], stasher,
+                               _sampling_rank(layouts.prefill), stasher=stasher, micro_batches=config.micro_batches)
+        decode = StageRuntime("decode", layouts.decode, decode_rect, executors[layouts.decode], pool,
+                              _sampling_rank(layouts.decode), micro_batches=config.micro_batches)
+        scheduler = SeesawScheduler(sched_cfg, TierConfig(host_spec.num_blocks, blocks, config.kv_threshold,
+                                                          prefetch=True))
+        # decode's tier copies: the KV re-shard plan's moves into its rectangle (from the prefill layout's
+        # rectangles, as stashed) and out of it (swap-outs, back into those rectangles)
+        decode.copies = TierCopies(store, pool, stats,
+                                   moves_into(kv_reshard_plan(cfg, layouts.prefill, layouts.decode), local),
+                                   moves_from(kv_reshard_plan(cfg, layouts.decode, layouts.prefill), local))
+        host_blocks, host_bytes = host_spec.num_blocks, store.nbytes
+    on_close.append(lambda: setattr(pool, "tensor", torch.empty(0)))
+    if comm.rank == 0:
+        (announce or log.info)(describe_engine(layouts, host_blocks, host_bytes, blocks))
     detok = (lambda ids: tokenizer.decode(ids, skip_special_tokens=True)) if tokenizer is not None else None
-    engine = DistributedEngine(sched, prefill_ex, decode_ex, store, pool, cfg.eos_token_ids, detok,
-                               cfg.sliding_window, micro_batches, stash_async)
-    engine.layouts, engine.model_folder, engine.config = layouts, folder, cfg
-    engine.master, engine.master_path = master, master.path
-    return engine
+    eos = cfg.eos_token_ids or _tokenizer_eos(tokenizer)
+    return Engine(scheduler, prefill, decode, comm, weights=weights, layouts=layouts, model_config=cfg,
+                  model_folder=folder, stats=stats, eos_token_ids=eos, detokenize=detok,
+                  sliding_window=cfg.sliding_window, on_close=on_close)
+
+
+def _tokenizer_eos(tokenizer) -> tuple[int, ...]:
+    eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+    return () if eos is None else (int(eos),)

@@ -3,9 +3,10 @@
     store: [L, 2 (k/v), Hkv, host_blocks * block_size, D]
 
 Prefill ranks write the rectangle they own (a pipeline stage: its layers x all KV heads; a tensor-parallel
-rank: all layers x its KV heads). Decode ranks read theirs into their paged device pool (`load_into`), and
-write a swapped-out sequence's KV back from it (`save_from`, the inverse). Head-major means a
-tensor-parallel rank's slice of a token range is contiguous per (layer, k/v).
+rank: all layers x its KV heads). Decode ranks read theirs into their paged device pool (`load_into`), one
+move of the KV re-shard plan (`parallel/kv_plan.py`) at a time, and write a swapped-out sequence's KV back
+(`save_from`, the inverse). Head-major means a tensor-parallel rank's slice of a token range is contiguous
+per (layer, k/v).
 
 The backing file lives in /dev/shm under a per-job name and is unlinked as soon as every rank has mapped it,
 so nothing is left behind, whether the job ends well or not.
@@ -64,9 +65,6 @@ class HostKVStore:
         # shared mapping fault page by page, which made the first prefill's stash several times slower
         flat = self.tensor.view(-1)
         flat[::max(1, PAGE_BYTES // flat.element_size())].zero_()
-        # set per stage by the executor: which (layers, kv heads) this rank writes or reads
-        self.layers: range = range(cfg.num_layers)
-        self.kv_heads: range = range(cfg.num_kv_heads)
         self._runs: tuple[torch.Tensor | None, list] = (None, [])     # (slots, their runs) of the last write
 
     @staticmethod
@@ -77,6 +75,11 @@ class HostKVStore:
     def nbytes(self) -> int:
         return self.tensor.numel() * self.tensor.element_size()
 
+    def close(self) -> None:
+        """Drop this process's mapping (the memory goes back once no view of it is left) and the name."""
+        self.unlink()
+        self.tensor = torch.empty((0,) * len(self.shape), dtype=self.tensor.dtype)
+
     def unlink(self) -> None:
         try:
             os.unlink(self.path)
@@ -85,11 +88,10 @@ class HostKVStore:
 
     # ---- the attention hook's sink during prefill ---------------------------------------------------
     def write(self, layer: int, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor,
-              kv_heads: range | None = None) -> None:
-        """key/value: [1, Hkv_r, T, D] for `kv_heads` (default: this rank's `self.kv_heads`)
-        -> store[layer, k/v, heads, slots, :]. Safe from one background thread (see stash.py)."""
-        heads = self.kv_heads if kv_heads is None else kv_heads
-        h = slice(heads.start, heads.stop)
+              kv_heads: range) -> None:
+        """key/value: [1, Hkv_r, T, D] for the global `kv_heads` -> store[layer, k/v, kv_heads, slots, :].
+        Safe from one background thread (see stash.py)."""
+        h = slice(kv_heads.start, kv_heads.stop)
         dev, dtype = self.tensor.device, self.tensor.dtype
         k, v = key[0].to(dev, dtype), value[0].to(dev, dtype)          # [Hkv_r, T, D]
         if self._runs[0] is not slots:                                 # once per micro-batch, not per layer
@@ -107,41 +109,51 @@ class HostKVStore:
             self.tensor[layer, 0, h, dst:dst + n].copy_(k[:, src:src + n])
             self.tensor[layer, 1, h, dst:dst + n].copy_(v[:, src:src + n])
 
-    # ---- onboarding into a device pool ---------------------------------------------------------------
-    def _rectangles(self, pool, host_blocks: list[int], device_blocks: list[int]):
-        """Yield (store view [Lr, 2, Hr, k, bs, D], pool view [2, Lr, k, bs, Hr, D]) for each run of k blocks
-        consecutive in both lists: this rank's rectangle (pool.spec: layers x KV heads) of those blocks.
-        One strided copy per run is ~4x faster than an index_select + index_copy_ of the whole list."""
+    # ---- decode: whole blocks between the store and a device pool, one KV move at a time ----------------
+    def _views(self, pool, moves, slices_of, host_blocks: list[int], device_blocks: list[int]):
+        """Yield (store view [Lm, 2, Hm, k, bs, D], pool view [2, Lm, k, bs, Hm, D]) for every move of the
+        re-shard plan (a rectangle of layers x KV heads; `slices_of(move)` locates it in this rank's pool)
+        and every run of k blocks consecutive in both block lists."""
         if len(host_blocks) != len(device_blocks):
             raise ValueError(f"{len(device_blocks)} device blocks for {len(host_blocks)} host blocks")
-        spec, bs = pool.spec, self.block_size
-        rect = self.tensor[spec.layers.start:spec.layers.stop, :, spec.kv_heads.start:spec.kv_heads.stop]
-        lr, _, hr, _, d = rect.shape
-        i = 0
-        while i < len(host_blocks):
-            k = 1
-            while i + k < len(host_blocks) and host_blocks[i + k] == host_blocks[i] + k and \
-                    device_blocks[i + k] == device_blocks[i] + k:
-                k += 1
-            h0, d0 = host_blocks[i], device_blocks[i]
-            host = rect[:, :, :, h0 * bs:(h0 + k) * bs].view(lr, 2, hr, k, bs, d)
-            yield host, pool.tensor[:, :, d0:d0 + k]
-            i += k
+        bs, runs = self.block_size, block_runs(host_blocks, device_blocks)
+        for move in moves:
+            layers, heads = move.rect.slices
+            pool_layers, pool_heads = slices_of(move)
+            rect = self.tensor[layers, :, heads]                  # [Lm, 2, Hm, tokens, D]
+            lm, _, hm, _, d = rect.shape
+            for h0, d0, k in runs:
+                host = rect[:, :, :, h0 * bs:(h0 + k) * bs].view(lm, 2, hm, k, bs, d)
+                yield host, pool.tensor[:, pool_layers, d0:d0 + k, :, pool_heads]
 
-    def load_into(self, pool, host_blocks: list[int], device_blocks: list[int]) -> int:
-        """Copy this rank's rectangle of `host_blocks` into `device_blocks` of `pool`; returns bytes moved."""
+    def load_into(self, pool, moves, host_blocks: list[int], device_blocks: list[int]) -> int:
+        """Copy `host_blocks` into `device_blocks` of `pool` for every move into this rank (the pool holds
+        the moves' destination rectangle); returns bytes moved."""
         moved = 0
-        for host, device in self._rectangles(pool, host_blocks, device_blocks):
-            device.copy_(host.permute(1, 0, 3, 4, 2, 5))     # [Lr, 2, Hr, k, bs, D] -> [2, Lr, k, bs, Hr, D]
+        for host, device in self._views(pool, moves, lambda m: m.dst_slices, host_blocks, device_blocks):
+            device.copy_(host.permute(1, 0, 3, 4, 2, 5))     # [Lm, 2, Hm, k, bs, D] -> [2, Lm, k, bs, Hm, D]
             moved += device.numel() * device.element_size()
         return moved
 
-    # ---- swap-out from a device pool (the inverse of load_into) -------------------------------------
-    def save_from(self, pool, device_blocks: list[int], host_blocks: list[int]) -> int:
-        """Copy this rank's rectangle (pool.spec: layers x KV heads) of `device_blocks` of `pool` into
-        `host_blocks` of the store; returns bytes moved. Every rank writes only its own rectangle."""
+    def save_from(self, pool, moves, device_blocks: list[int], host_blocks: list[int]) -> int:
+        """The inverse of load_into (swap-out): `device_blocks` of `pool` into `host_blocks`, for every move
+        out of this rank (the pool holds the moves' source rectangle); returns bytes moved."""
         moved = 0
-        for host, device in self._rectangles(pool, host_blocks, device_blocks):
-            host.copy_(device.permute(1, 0, 4, 2, 3, 5))     # [2, Lr, k, bs, Hr, D] -> [Lr, 2, Hr, k, bs, D]
+        for host, device in self._views(pool, moves, lambda m: m.src_slices, host_blocks, device_blocks):
+            host.copy_(device.permute(1, 0, 4, 2, 3, 5))     # [2, Lm, k, bs, Hm, D] -> [Lm, 2, Hm, k, bs, D]
             moved += device.numel() * device.element_size()
         return moved
+
+
+def block_runs(src_blocks: list[int], dst_blocks: list[int]) -> list[tuple[int, int, int]]:
+    """[(first source block, first destination block, k)] for each run of blocks consecutive in both lists:
+    one strided copy per run instead of a gather and scatter of the whole list."""
+    runs, i = [], 0
+    while i < len(src_blocks):
+        k = 1
+        while i + k < len(src_blocks) and src_blocks[i + k] == src_blocks[i] + k and \
+                dst_blocks[i + k] == dst_blocks[i] + k:
+            k += 1
+        runs.append((src_blocks[i], dst_blocks[i], k))
+        i += k
+    return runs

@@ -1,5 +1,5 @@
 """Execution of a decode step's KV copies between the host store and this rank's device pool, in the one
-order the scheduler's bookkeeping relies on, each copy timed (the prefetch thread's too) into SeesawStats.
+order the scheduler's bookkeeping relies on, each copy timed (the prefetch thread's too) into EngineStats.
 
     land()     wait for last step's prefetch     (its device blocks reserved, host blocks pinned until now)
     run(batch):
@@ -8,8 +8,10 @@ order the scheduler's bookkeeping relies on, each copy timed (the prefetch threa
       prefetch   host -> device, background      (lands by the next step's land())
     then the engine runs the forward.
 
-Each rank copies only its own rectangle (pool.spec: layers x KV heads) and reads back only what it wrote, so
-decode copies need no cross-rank synchronisation. What to copy is decided by the (pure) scheduler.
+Each rank copies only its own rectangle (layers x KV heads), as the moves of the KV re-shard plan into it
+(loads: from the prefill layout's rectangles) and out of it (swap-outs: back into them), and reads back only
+what was written before the stage switch or by itself, so decode copies need no cross-rank synchronisation.
+What to copy is decided by the (pure) scheduler; which rectangles, by the plan.
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from seesaw_ds.distributed.host_kv import HostKVStore
-from seesaw_ds.distributed.stats import SeesawStats
+from seesaw_ds.engine.stats import EngineStats
+from seesaw_ds.parallel.kv_plan import KVMove
 from seesaw_ds.engine.scheduler import ScheduledBatch
 
 
@@ -26,8 +29,10 @@ def _flatten(pairs: list[tuple[list[int], list[int]]]) -> tuple[list[int], list[
 
 
 class TierCopies:
-    def __init__(self, store: HostKVStore, pool, stats: SeesawStats):
+    def __init__(self, store: HostKVStore, pool, stats: EngineStats, loads: tuple[KVMove, ...],
+                 saves: tuple[KVMove, ...]):
         self.store, self.pool, self.stats = store, pool, stats
+        self.loads, self.saves = loads, saves        # plan moves into / out of this rank's rectangle
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="seesaw-prefetch")
         self._in_flight: Future | None = None     # -> (bytes, seconds) of the last prefetch
 
@@ -51,11 +56,11 @@ class TierCopies:
             raise RuntimeError("a prefetch is still in flight: land() it before the next step's copies")
         if batch.swap_out:                    # one gather/scatter for every victim
             device_blocks, host_blocks = _flatten(batch.swap_out)
-            self._timed("swap_out", self.store.save_from, self.pool, device_blocks, host_blocks)
+            self._timed("swap_out", self.store.save_from, self.pool, self.saves, device_blocks, host_blocks)
             self.stats.swapped_out_seqs += len(batch.swap_out)
         if batch.onboard:                     # one gather/scatter for all newcomers
             host_blocks, device_blocks = _flatten(batch.onboard)
-            self._timed("onboard", self.store.load_into, self.pool, host_blocks, device_blocks)
+            self._timed("onboard", self.store.load_into, self.pool, self.loads, host_blocks, device_blocks)
         if batch.prefetch:                    # lands while this step decodes
             host_blocks, device_blocks = _flatten(batch.prefetch)
             self.stats.prefetched_seqs += len(batch.prefetch)
@@ -63,8 +68,12 @@ class TierCopies:
 
     def _background_load(self, host_blocks: list[int], device_blocks: list[int]) -> tuple[int, float]:
         t = time.perf_counter()
-        nbytes = self.store.load_into(self.pool, host_blocks, device_blocks)
+        nbytes = self.store.load_into(self.pool, self.loads, host_blocks, device_blocks)
         return nbytes, time.perf_counter() - t
 
     def close(self) -> None:
-        self._thread.shutdown(wait=True)
+        """Land what is in flight, then join the prefetch thread (idempotent)."""
+        try:
+            self.land()
+        finally:
+            self._thread.shutdown(wait=True)

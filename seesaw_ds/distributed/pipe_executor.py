@@ -12,8 +12,7 @@ stage's own paged pool. The last stage returns last-token logits; other stages r
 Micro-batches: a pass fills and drains the pipeline (decode needs this step's tokens before the next step),
 so m micro-batches over pp stages take (m + pp - 1) micro-batch times, and every micro-batch pays each
 layer's fixed cost again. Prefill (long, compute-bound micro-batches) is cut into up to 8; decode runs as
-one: on 2 CPU ranks, 64 x (128 in, 64 out) under PP2 decoded in 9.2 / 11.0 / 10.3 / 12.1 / 25.6 s with
-1 / 2 / 3 / 4 / 8 micro-batches, and 128 sequences in 7.2 / 8.0 / 10.0 s with 1 / 2 / 4.
+one (the README's planner section has the measurements behind both).
 
 NOTE: the head hands its logits to the executor through `StageState.logits`, and gives DeepSpeed a fixed
 [1] placeholder: the engine sums the last stage's outputs across micro-batches (as losses), which fails
@@ -121,7 +120,6 @@ class PipelineExecutor:
         self.layers = range(max(lo - 1, 0), min(hi - 1, num_layers))   # this stage's decoder layers
         self.kv_heads = range(num_kv_heads)
         self.prefill_micro_batches, self.decode_micro_batches = prefill_micro_batches, decode_micro_batches
-        self.sampling_rank = self.engine.grid.stage_to_global(module.num_stages - 1)
 
     def micro_batches(self, is_prefill: bool) -> int:
         return self.prefill_micro_batches if is_prefill else self.decode_micro_batches

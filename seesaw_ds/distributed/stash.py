@@ -4,8 +4,8 @@
                                                       |                 (head-major index_copy_)
                          accelerator only: device -> pinned staging copy, non_blocking, on a side stream
 
-`KVStasher` is the prefill executor's KV target in place of the host store itself. `write()` captures the
-rank's KV-head range, hands the tensors to ONE background thread and returns; the thread does the same
+`KVStasher` is the prefill runtime's KV target in place of the host store itself: it writes this rank's
+KV heads (its rectangle's head range) of the layers the attention hook hands it. `write()` hands the tensors to ONE background thread and returns; the thread does the same
 head-major `index_copy_` as a synchronous write (torch releases the GIL inside it, so on a CPU it runs on
 another core while the caller computes). `flush()` waits for every pending write and raises, as a
 `StashError`, the first error the thread met. With `asynchronous=False` the same writes run inline.
@@ -87,10 +87,11 @@ _STOP = object()
 class KVStasher:
     """The prefill KV target: `write(layer, key, value, slots)` now, `flush()` before anything reads."""
 
-    def __init__(self, store: HostKVStore, asynchronous: bool = True, max_pending: int = 64):
+    def __init__(self, store: HostKVStore, kv_heads: range, asynchronous: bool = True, max_pending: int = 64):
         if max_pending < 1:
             raise ValueError(f"max_pending must be >= 1, got {max_pending}")
         self.store = store
+        self.kv_heads = kv_heads     # global KV heads of the rows this rank writes
         self.asynchronous = asynchronous
         self.busy_s = 0.0        # time spent writing into the store (stash thread, or inline)
         self.wait_s = 0.0        # time the caller was held up: inline writes, a full queue, flush()
@@ -104,8 +105,8 @@ class KVStasher:
 
     # ---- the attention hook's sink -------------------------------------------------------------------
     def write(self, layer: int, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
-        """key/value: [1, Hkv_r, T, D] for this rank's KV heads (`store.kv_heads`); slots: [T]."""
-        heads = self.store.kv_heads
+        """key/value: [1, Hkv_r, T, D] for this rank's KV heads (`self.kv_heads`); slots: [T]."""
+        heads = self.kv_heads
         self.bytes += 2 * key.numel() * self.store.tensor.element_size()
         if not self.asynchronous:
             t0 = time.perf_counter()

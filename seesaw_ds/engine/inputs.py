@@ -49,3 +49,20 @@ def build_inputs(batch: ScheduledBatch, block_size: int, sliding_window: int | N
                              sliding_window=sliding_window)
     ids = torch.tensor([s.last_token_id for s in batch.seqs], dtype=torch.long, device=device)
     return ModelInputs(ids, positions.to(device), torch.arange(b, device=device), meta)
+
+
+def split_micro_batches(batch: ScheduledBatch, n: int) -> list[ScheduledBatch]:
+    """Up to n micro-batches of consecutive sequences with balanced token counts."""
+    n = max(1, min(n, len(batch.seqs)))
+    total = sum(s.num_tokens if batch.is_prefill else 1 for s in batch.seqs)
+    out, cur, acc = [], [], 0
+    for i, s in enumerate(batch.seqs):
+        cur.append(s)
+        acc += s.num_tokens if batch.is_prefill else 1
+        left_seqs, left_mbs = len(batch.seqs) - i - 1, n - len(out) - 1
+        if left_mbs > 0 and (acc >= total * (len(out) + 1) / n or left_seqs == left_mbs):
+            out.append(ScheduledBatch(batch.is_prefill, cur, batch.to_host))
+            cur = []
+    if cur:
+        out.append(ScheduledBatch(batch.is_prefill, cur, batch.to_host))
+    return out

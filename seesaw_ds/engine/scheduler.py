@@ -52,6 +52,8 @@ class RequestRejected(ValueError):
 
 
 class Scheduler:
+    has_host_tier = False
+
     def __init__(self, config: SchedulerConfig, num_blocks: int):
         self.config = config
         self.allocator = BlockAllocator(num_blocks)
@@ -81,6 +83,27 @@ class Scheduler:
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
+
+    @property
+    def host_occupancy(self) -> float:
+        return 0.0
+
+    @property
+    def metrics(self) -> dict:
+        return {"device_used": self.allocator.num_used, "waiting": len(self.waiting),
+                "running": len(self.running), "num_preemptions": self.num_preemptions}
+
+    def abort(self, seq: Sequence) -> bool:
+        """Drop an unfinished sequence and free its blocks; False if it is not here (finished, unknown)."""
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        elif seq in self.running:
+            self.running.remove(seq)
+        else:
+            return False
+        seq.finish_reason = "abort"
+        self._release(seq)
+        return True
 
     # ---- scheduling ----------------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch | None:

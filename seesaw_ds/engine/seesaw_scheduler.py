@@ -58,6 +58,8 @@ class TierConfig:
 
 
 class SeesawScheduler(Scheduler):
+    has_host_tier = True
+
     def __init__(self, config: SchedulerConfig, tiers: TierConfig):
         super().__init__(config, tiers.device_blocks)
         self.tiers = tiers
@@ -159,8 +161,25 @@ class SeesawScheduler(Scheduler):
     def _complete_prefetch(self) -> bool:
         landed, self.prefetching = self.prefetching, []
         for seq in landed:
-            self._complete_load(seq)
+            if seq.finish_reason == "abort":      # aborted while its load was in flight: free it now
+                seq.status = SequenceStatus.FINISHED
+                self.host.free(seq.host_blocks)
+                self.device.free(seq.block_table)
+                seq.host_blocks, seq.block_table = [], []
+            else:
+                self._complete_load(seq)
         return bool(landed)
+
+    def abort(self, seq: Sequence) -> bool:
+        if seq in self.prefetching:               # NOTE: its copy is in flight; blocks go when it lands
+            seq.finish_reason = "abort"
+            return True
+        if seq in self.stashed:
+            self.stashed.remove(seq)
+            seq.finish_reason = "abort"
+            self._release(seq)
+            return True
+        return super().abort(seq)
 
     def _prefill(self) -> ScheduledBatch | None:
         cfg, picked, tokens = self.config, [], 0

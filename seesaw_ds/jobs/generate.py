@@ -127,13 +127,8 @@ def _auto_planner(recipe: Recipe, tokenizer) -> Callable:
 
 
 def _engine_report(engine: Any) -> dict[str, Any]:
-    from seesaw_ds.jobs.tracking import scalar_fields
-    stats = getattr(engine, "stats", None)
-    if stats is None:
-        return {}
-    out = stats.summary() if hasattr(stats, "summary") else scalar_fields(stats)
-    out = {k: v for k, v in out.items() if isinstance(v, (int, float, str))}
-    out["switches"] = [dict(s) for s in getattr(stats, "switches", []) or []]
+    out = {k: v for k, v in engine.stats.summary().items() if isinstance(v, (int, float, str))}
+    out["switches"] = [dict(s) for s in engine.stats.switches]
     return out
 
 
@@ -164,9 +159,9 @@ def run(recipe: Recipe, world, announce: Callable[[str], None] = print) -> dict[
         f"{_count(len(role.ranks), 'rank')}; model {recipe.model.name} -> {folder})")
     source = open_inputs(recipe, tokenizer, replica=role.replica, num_replicas=role.num_replicas, announce=say)
     if role.single_process_engine:
-        llm = LLM(**recipe.llm_kwargs(), distributed=False)
+        llm = LLM(config=recipe.engine_config(), distributed=False)
     else:
-        llm = LLM(**recipe.llm_kwargs(), parallel=layouts)
+        llm = LLM(config=recipe.engine_config(parallel=layouts))
     tracker = Tracker.for_recipe(recipe, enabled=main_rank, announce=say,
                                  extra_config={"layouts": describe(layouts), "world_size": world.size})
     tracker.attach(llm.engine)

@@ -1,7 +1,7 @@
 """One call from a recipe and a built LLM to a finished output folder (what launch scripts use).
 
     recipe = load_recipe(path, overrides)
-    llm = LLM(**recipe.llm_kwargs())
+    llm = LLM(config=recipe.engine_config())
     summary = run_recipe(recipe, llm, replica=r, num_replicas=dp, is_writer=..., barrier=dist_barrier)
 
 Every rank of a replica calls `run_recipe` with the same recipe (its engine steps in lockstep); only the

@@ -11,6 +11,7 @@ from typing import Any, Literal, Mapping, Sequence
 
 import yaml
 
+from seesaw_ds.engine.config import EngineConfig
 from seesaw_ds.jobs.parallel_spec import validate_parallel
 from seesaw_ds.jobs.schema import RecipeError, build, check, describe, option, to_plain
 
@@ -178,19 +179,21 @@ class Recipe:
     sampling: SamplingSection = option(SamplingSection(), "")
     engine: EngineSection = option(EngineSection(), "")
     parallel: Any = option("seesaw", "auto (planner) | seesaw (prefill pp=N -> decode tp=N on N ranks) | "
-                                      "{tp: 1, pp: 1, dp: 1} | {prefill: {pp: 2}, decode: {tp: 2}, dp: 1}")
+                                      "{tp: 1, pp: 1, dp: 1} | {prefill: {pp: 2}, decode: {tp: 2}, dp: 1} | "
+                                      "a label: 1proc, TP2, PP2, PP2->TP2 (dp 1 unless given: TP1xDP2)")
     output: OutputSection = option(OutputSection(), "")
     tracking: TrackingSection = option(TrackingSection(), "")
 
     def __post_init__(self):
         object.__setattr__(self, "parallel", validate_parallel(self.parallel))
 
-    def llm_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for `seesaw_ds.LLM(...)`."""
-        return dict(model=self.model.name, dtype=self.model.dtype, max_model_len=self.engine.max_model_len,
-                    max_num_seqs=self.engine.max_num_seqs, max_num_batched_tokens=self.engine.max_num_batched_tokens,
-                    kv_cache_gb=self.engine.kv.device_gb, cache_dir=self.model.cache_dir,
-                    kv_host_gb=self.engine.kv.host_gb, kv_threshold=self.engine.kv.threshold)
+    def engine_config(self, parallel: Any = None) -> EngineConfig:
+        """The engine's settings (`seesaw_ds.LLM(config=...)`); `parallel`: the resolved layouts, if any."""
+        return EngineConfig(model=self.model.name, dtype=self.model.dtype, parallel=parallel,
+                            max_model_len=self.engine.max_model_len, max_num_seqs=self.engine.max_num_seqs,
+                            max_num_batched_tokens=self.engine.max_num_batched_tokens,
+                            kv_device_gb=self.engine.kv.device_gb, kv_host_gb=self.engine.kv.host_gb,
+                            kv_threshold=self.engine.kv.threshold, cache_dir=self.model.cache_dir)
 
     def sampling_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `seesaw_ds.SamplingParams(...)` (per-row max_tokens/seed are set later)."""

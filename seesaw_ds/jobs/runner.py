@@ -20,6 +20,8 @@ from seesaw_ds.jobs.recipe import Recipe
 
 
 class Engine(Protocol):
+    stats: Any    # EngineStats: .stage, .switches, .summary()
+
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: Any) -> None: ...
     def step(self) -> list[Any]: ...
     def has_unfinished(self) -> bool: ...
@@ -90,14 +92,10 @@ class JobSummary:
         return "\n".join([head] + [f"  {k:<{width}}  {v}" for k, v in lines])
 
 
-def _stage(engine: Any) -> str:
-    return getattr(engine, "stage", None) or getattr(getattr(engine, "scheduler", None), "stage", None) or "starting"
-
-
 def _show_rate(bar: Any, engine: Any, summary: JobSummary, seconds: float) -> None:
     """The bar's postfix: the engine's current stage and tokens/s (prompt + output) so far."""
     rate = (summary.prompt_tokens + summary.completion_tokens) / max(seconds, 1e-9)
-    bar.set_postfix(stage=_stage(engine), tok_s=f"{rate:.0f}", refresh=False)
+    bar.set_postfix(stage=engine.stats.stage or "starting", tok_s=f"{rate:.0f}", refresh=False)
 
 
 def _throughput(rows: int, summary: JobSummary, seconds: float, shards: int) -> dict[str, float]:

@@ -11,7 +11,6 @@ With no API key (WANDB_API_KEY or ~/.netrc) an `online` run is logged offline, a
 """
 from __future__ import annotations
 
-import dataclasses
 import netrc
 import os
 import time
@@ -45,29 +44,13 @@ def resolve_mode(recipe_mode: str, env: dict | None = None, has_key: Callable[[]
 
 
 def engine_metrics(engine: Any) -> dict[str, float]:
-    """Numbers of the engine's stats and scheduler for a log line (whatever the engine has)."""
-    metrics: dict[str, float] = {}
-    stats = getattr(engine, "stats", None)
-    if stats is not None:
-        summary = stats.summary() if hasattr(stats, "summary") else scalar_fields(stats)
-        metrics.update({f"engine/{k}": v for k, v in summary.items() if isinstance(v, (int, float))})
-    scheduler_metrics = getattr(getattr(engine, "scheduler", None), "metrics", None)
-    if isinstance(scheduler_metrics, dict):
-        for key, value in scheduler_metrics.items():
-            if key == "stage":
-                metrics["engine/stage_is_decode"] = float(value == "decode")
-            elif isinstance(value, (int, float)):
-                metrics[f"kv/{key}"] = value
+    """A log line's numbers: the engine's stats (`engine/...`, with its stage) and KV tiers (`kv/...`)."""
+    stats = engine.stats
+    metrics = {f"engine/{k}": v for k, v in stats.summary().items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    metrics["engine/stage_is_decode"] = float(stats.stage == "decode")
+    metrics.update({f"kv/{k}": v for k, v in engine.kv_metrics.items() if isinstance(v, (int, float))})
     return metrics
-
-
-def scalar_fields(stats: Any) -> dict[str, Any]:
-    """A stats dataclass without `summary()`: its scalar fields, plus the mean decode batch."""
-    out = {k: v for k, v in dataclasses.asdict(stats).items() if not isinstance(v, (list, dict))}
-    sizes = getattr(stats, "decode_batch_sizes", None) or []
-    out["mean_decode_batch"] = sum(sizes) / len(sizes) if sizes else 0.0
-    out.setdefault("num_switches", len(getattr(stats, "switches", []) or []))
-    return out
 
 
 class Tracker:
@@ -128,7 +111,7 @@ class Tracker:
 
     def _switch_table(self):
         import wandb
-        switches = list(getattr(getattr(self.engine, "stats", None), "switches", None) or [])
+        switches = list(self.engine.stats.switches) if self.engine is not None else []
         columns = ["index", "to", "seconds", "host_occupancy", "weight_bytes"]
         return wandb.Table(columns=columns, data=[[i, s.get("to"), s.get("seconds"), s.get("host_occupancy"),
                                                    s.get("weight_bytes")] for i, s in enumerate(switches)])

@@ -67,10 +67,6 @@ def replica_role(layouts: StageLayouts, rank: int) -> ReplicaRole:
                        rank)
 
 
-def _layout(degrees: Mapping[str, int], dp: int) -> Layout:
-    return Layout(tp=degrees["tp"], pp=degrees["pp"], dp=dp)
-
-
 def supported(layouts: StageLayouts) -> bool:
     """One engine spans the whole world (dp = 1), or every rank runs its own engine (tp = pp = 1)."""
     return layouts.prefill.dp == 1 or layouts.prefill.ranks_per_replica == 1
@@ -90,11 +86,8 @@ def recipe_layouts(parallel: str | Mapping[str, Any], world_size: int, cfg: Mode
         if plan_auto is None:
             raise RecipeError("parallel", "is auto but no planner is at hand; give the layouts")
         layouts = plan_auto(world_size, cfg)
-    elif "prefill" in parallel:
-        dp = parallel["dp"]
-        layouts = StageLayouts(_layout(parallel["prefill"], dp), _layout(parallel["decode"], dp))
     else:
-        layouts = StageLayouts.static(_layout(parallel, parallel["dp"]))
+        layouts = StageLayouts.from_spec(parallel, world_size)
     try:
         layouts.validate(world_size, cfg)
     except ValueError as err:
@@ -109,14 +102,9 @@ def recipe_layouts(parallel: str | Mapping[str, Any], world_size: int, cfg: Mode
 
 def describe(layouts: StageLayouts) -> str:
     """'prefill tp=1 pp=2 dp=1 -> decode tp=2 pp=1 dp=1', or one layout when both stages share it."""
-    if layouts.is_static:
-        return layouts.prefill.describe()
-    return f"prefill {layouts.prefill.describe()} -> decode {layouts.decode.describe()}"
+    return layouts.describe()
 
 
 def row_label(layouts: StageLayouts) -> str:
-    """The `layouts` column of the output rows, e.g. 'prefill=tp1pp2 decode=tp2pp1 dp=1'."""
-    stage = lambda layout: f"tp{layout.tp}pp{layout.pp}"  # noqa: E731
-    if layouts.is_static:
-        return f"{stage(layouts.prefill)} dp={layouts.prefill.dp}"
-    return f"prefill={stage(layouts.prefill)} decode={stage(layouts.decode)} dp={layouts.prefill.dp}"
+    """The `layouts` column of the output rows, e.g. 'prefill=tp1pp2 decode=tp2pp1 dp=1' (fingerprinted)."""
+    return layouts.describe(compact=True)

@@ -1,16 +1,27 @@
-"""Parallel layouts and the pure re-sharding plans (weights, KV) with their small copy executors."""
-from seesaw_ds.parallel.copy import (apply_kv_moves, assemble_full, materialize_rank, materialize_shard,
-                                     read_from_store, write_to_store)
-from seesaw_ds.parallel.kv_plan import KVMove, KVRect, kv_ownership, kv_reshard_plan, moves_from, moves_into
-from seesaw_ds.parallel.layout import Layout, RankCoords, StageLayouts, auto_layouts, resolve_layouts
-from seesaw_ds.parallel.weight_plan import (AUTOTP_GRAIN_SIZE, ShardEntry, WeightPlan, grain_split_sizes,
-                                            head_split_sizes, hf_weight_shapes, shard_entries,
-                                            stage_layer_ranges, tp_head_ranges, weight_plan)
+"""Parallel layouts, the pure re-sharding plans (weights, KV), and the weight plan's executor (`bind_views`).
 
-__all__ = [
-    "AUTOTP_GRAIN_SIZE", "KVMove", "KVRect", "Layout", "RankCoords", "ShardEntry", "StageLayouts", "WeightPlan",
-    "apply_kv_moves", "assemble_full", "auto_layouts", "grain_split_sizes", "head_split_sizes",
-    "hf_weight_shapes", "kv_ownership", "kv_reshard_plan", "materialize_rank", "materialize_shard",
-    "moves_from", "moves_into", "read_from_store", "resolve_layouts", "shard_entries", "stage_layer_ranges",
-    "tp_head_ranges", "weight_plan", "write_to_store",
-]
+The names load lazily, so the recipe checker (`seesaw_ds.jobs`, which parses layout specs through
+`seesaw_ds.parallel.layout`) does not import torch for `launch/generate.py --help`."""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "seesaw_ds.parallel.copy": ("bind_views",),
+    "seesaw_ds.parallel.kv_plan": ("KVMove", "KVRect", "kv_ownership", "kv_reshard_plan", "moves_from",
+                                   "moves_into"),
+    "seesaw_ds.parallel.layout": ("Layout", "LayoutSpecError", "RankCoords", "StageLayouts", "auto_layouts",
+                                  "parse_layout_spec", "resolve_layouts"),
+    "seesaw_ds.parallel.weight_plan": ("AUTOTP_GRAIN_SIZE", "ShardEntry", "WeightPlan", "grain_split_sizes",
+                                       "head_split_sizes", "hf_weight_shapes", "shard_entries",
+                                       "stage_layer_ranges", "tp_head_ranges", "weight_plan",
+                                       "whole_model_entries"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module 'seesaw_ds.parallel' has no attribute {name!r}")

@@ -1,100 +1,49 @@
-"""Small executors for the pure plans: cut weight shards, put them back, move KV rectangles."""
+"""The weight plan's executor: point a module's parameters at views of the master copy.
+
+Every layout's module on a rank (the full model, a pipeline stage, an AutoTP shard) holds no weight bytes
+of its own: each parameter named by a `ShardEntry` becomes `master[entry.source_name][entry.source_slices]`.
+Binding again after the master copy is replaced (a writable copy for weight updates) re-points them all.
+"""
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 
 import torch
 
-from seesaw_ds.parallel.kv_plan import KVMove, KVRect
-from seesaw_ds.parallel.weight_plan import ShardEntry, WeightPlan
+from seesaw_ds.parallel.weight_plan import ShardEntry
 
 
-def materialize_shard(entries: Iterable[ShardEntry], full: Mapping[str, torch.Tensor],
-                      dtype: torch.dtype | None = None, device: torch.device | str | None = None,
-                      out: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """A rank's shard dict: each entry's slice of `full`, copied into its own contiguous tensor.
+def bind_views(module: torch.nn.Module, entries: Iterable[ShardEntry], master: Mapping[str, torch.Tensor],
+               check_equal: bool = False) -> int:
+    """Point every parameter of `module` named by an entry at `master[source_name][source_slices]`.
 
-    `full` may hold memory-mapped tensors (safetensors `safe_open`, `torch.load(mmap=True)`): only the
-    slices this rank needs are read. Entries that read the same region share one tensor (a tied head
-    on a stage that also holds the embedding stays tied). With `out`, each slice is copied into the
-    existing tensor `out[entry.name]` instead (e.g. a module's parameters at a stage switch).
+    `master` is anything indexable by Hugging Face name (`MasterWeights`, a state dict). Shapes and dtypes
+    must match the plan (ValueError otherwise); with `check_equal` the parameter's current values must
+    also equal the view (e.g. AutoTP's own shard copies at build time). Tied parameters (one Parameter
+    under two names) are re-pointed once. Returns the bytes of parameters moved off other storage.
     """
-    result: dict[str, torch.Tensor] = {}
-    made: dict[tuple, torch.Tensor] = {}
+    params = dict(module.named_parameters(remove_duplicate=False))
+    moved = 0
     for entry in entries:
-        key = (entry.source_name, entry.source_ranges)
-        if out is None and key in made:
-            result[entry.name] = made[key]
-            continue
-        source = full[entry.source_name]
+        param = params.get(entry.name)
+        if param is None:
+            raise KeyError(f"the weight plan names {entry.name!r}, which {type(module).__name__} does not have")
+        try:
+            source = master[entry.source_name]
+        except KeyError:
+            raise KeyError(f"the master copy has no tensor {entry.source_name!r} (for {entry.name!r})") from None
         if source.dim() != len(entry.source_ranges) or \
                 any(stop > n for (_, stop), n in zip(entry.source_ranges, source.shape)):
-            raise ValueError(f"{entry.source_name} has shape {tuple(source.shape)}; "
-                             f"the plan reads {entry.source_ranges}")
+            raise ValueError(f"{entry.source_name} has shape {tuple(source.shape)}; the plan reads "
+                             f"{entry.source_ranges} for {entry.name}")
         view = source[entry.source_slices]
-        if out is not None:
-            target = out[entry.name]
-            if tuple(target.shape) != entry.shape:
-                raise ValueError(f"out[{entry.name!r}] has shape {tuple(target.shape)}; the plan gives {entry.shape}")
-            result[entry.name] = target.copy_(view)
-        else:
-            made[key] = torch.empty(view.shape, dtype=dtype or view.dtype, device=device or view.device).copy_(view)
-            result[entry.name] = made[key]
-    return result
-
-
-def materialize_rank(plan: WeightPlan, global_rank: int, full: Mapping[str, torch.Tensor],
-                     dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    return materialize_shard(plan.for_global_rank(global_rank), full, dtype=dtype)
-
-
-def assemble_full(plan: WeightPlan, shards: Sequence[Mapping[str, torch.Tensor]],
-                  out: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """Inverse of the plan: the full HF state dict from every local rank's shard dict (primary entries
-    only), written into `out` when given, else into new tensors."""
-    if len(shards) != len(plan.shards):
-        raise ValueError(f"got {len(shards)} shard dicts; the plan has {len(plan.shards)} ranks")
-    shapes = plan.full_shapes
-    full: dict[str, torch.Tensor] = dict(out) if out is not None else {}
-    for entries, shard in zip(plan.shards, shards):
-        for entry in entries:
-            if not entry.primary:
-                continue
-            piece = shard[entry.name]
-            if entry.source_name not in full:
-                full[entry.source_name] = torch.empty(shapes[entry.source_name], dtype=piece.dtype, device=piece.device)
-            full[entry.source_name][entry.source_slices] = piece
-    missing = sorted(set(shapes) - set(full))
-    if missing:
-        raise ValueError(f"shards do not cover {missing}")
-    return full
-
-
-# ---- KV ------------------------------------------------------------------------------------------------
-# Local KV tensors share the host store's head-major order:  kv: [layers, 2, kv_heads, tokens, head_dim]
-# where a rank's tensor spans only its owned (layers, heads) rectangle.
-
-def apply_kv_moves(moves: Iterable[KVMove], sources: Mapping[int, torch.Tensor],
-                   destinations: Mapping[int, torch.Tensor]) -> None:
-    """Copy every move whose source and destination ranks are both present (others are skipped)."""
-    for move in moves:
-        if move.src_rank not in sources or move.dst_rank not in destinations:
-            continue
-        src_layers, src_heads = move.src_slices
-        dst_layers, dst_heads = move.dst_slices
-        destinations[move.dst_rank][dst_layers, :, dst_heads].copy_(sources[move.src_rank][src_layers, :, src_heads])
-
-
-def write_to_store(store: torch.Tensor, owned: KVRect, local: torch.Tensor) -> None:
-    """store: [L, 2, kv_heads, T, D] (full); local: [len(owned.layers), 2, len(owned.heads), T, D]."""
-    layers, heads = owned.slices
-    store[layers, :, heads].copy_(local)
-
-
-def read_from_store(store: torch.Tensor, owned: KVRect, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The `owned` rectangle of a full store tensor, copied into `out` (or a new contiguous tensor)."""
-    layers, heads = owned.slices
-    view = store[layers, :, heads]
-    if out is None:
-        return view.clone(memory_format=torch.contiguous_format)
-    return out.copy_(view)
+        if param.shape != view.shape or param.dtype != view.dtype:
+            raise ValueError(f"parameter {entry.name} is {tuple(param.shape)} {param.dtype}; the plan's view of "
+                             f"{entry.source_name} is {tuple(view.shape)} {view.dtype}")
+        if param.data_ptr() == view.data_ptr() and param.stride() == view.stride():
+            continue                                   # already this view (or a tied name bound just before)
+        if check_equal and not torch.equal(param.data, view):
+            raise ValueError(f"parameter {entry.name} differs from its slice of {entry.source_name}")
+        moved += param.numel() * param.element_size()
+        param.data = view
+    return moved

@@ -12,19 +12,27 @@ replica. Inside a replica the tensor-parallel rank varies fastest:
 This is DeepSpeed's `ProcessTopology(axes=["data", "pipe", "model"], dims=[dp, pp, tp])` order (the last axis
 varies fastest); `Layout.topology_axes()` returns exactly those arguments.
 
+Specs (recipes, `LLM(parallel=...)`, benchmark labels such as "PP2->TP2") are parsed by
+`layout_spec.parse_layout_spec` (re-exported here); `resolve_layouts` turns any of them into StageLayouts for
+a world and a model, and `StageLayouts.describe` / `.label` / `.spec` are the only printers.
+
 NOTE: Seesaw keeps DP fixed across stages, so prefill and decode use the same replicas (same `dp`, same
 `tp * pp`): KV and weight re-sharding never crosses a replica boundary.
 """
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from seesaw_ds.models.config import ModelConfig
+from seesaw_ds.parallel.layout_spec import LayoutSpecError, parse_layout_spec
+
+if TYPE_CHECKING:  # annotations only: the spec checks of a recipe must not wait for torch
+    from seesaw_ds.models.config import ModelConfig
 
 _LAYOUT_KEYS = ("tp", "pp", "dp")
 _STAGES = ("prefill", "decode")
+__all__ = ["Layout", "LayoutSpecError", "RankCoords", "StageLayouts", "auto_layouts", "parse_layout_spec",
+           "resolve_layouts"]
 
 
 class RankCoords(NamedTuple):
@@ -100,19 +108,6 @@ class Layout:
         if self.tp > cfg.num_kv_heads:
             raise ValueError(f"{label}tp={self.tp} exceeds the model's {cfg.num_kv_heads} KV heads")
 
-    # ---- parsing -------------------------------------------------------------------------------------
-    @classmethod
-    def from_dict(cls, spec: Mapping[str, Any], world_size: int | None = None) -> "Layout":
-        """`{"tp": 2}` -> Layout(tp=2, dp=world_size // 2). A missing `dp` fills the world when it is known."""
-        unknown = sorted(set(spec) - set(_LAYOUT_KEYS))
-        if unknown:
-            raise ValueError(f"unknown layout keys {unknown}; expected some of {list(_LAYOUT_KEYS)}")
-        layout = cls(**{k: spec[k] for k in _LAYOUT_KEYS if spec.get(k) is not None})
-        if spec.get("dp") is None and world_size is not None:
-            # A misfit (world not a multiple of tp*pp) is reported by `validate`, with the stage's name.
-            layout = dataclasses.replace(layout, dp=max(1, world_size // layout.ranks_per_replica))
-        return layout
-
 
 @dataclasses.dataclass(frozen=True)
 class StageLayouts:
@@ -134,6 +129,21 @@ class StageLayouts:
     def static(cls, layout: Layout) -> "StageLayouts":
         return cls(prefill=layout, decode=layout)
 
+    @classmethod
+    def from_spec(cls, spec: Any, world_size: int | None = None) -> "StageLayouts":
+        """The layouts an explicit spec names (any form `parse_layout_spec` takes but "seesaw", which depends on
+        the model: see `resolve_layouts`). No `dp` in the spec: the replicas fill `world_size` (1 when None);
+        a world that is no multiple of the replica is left for `validate` to report."""
+        normal = parse_layout_spec(spec)
+        if normal == "seesaw":
+            raise LayoutSpecError("parallel", "is seesaw: its layouts depend on the model; use resolve_layouts")
+        stages = (normal["prefill"], normal["decode"]) if "prefill" in normal else (normal, normal)
+        dp = normal["dp"]
+        if dp is None:
+            dp = max(1, (world_size or 1) // (stages[0]["tp"] * stages[0]["pp"]))
+        prefill, decode = (Layout(tp=s["tp"], pp=s["pp"], dp=dp) for s in stages)
+        return cls(prefill=prefill, decode=decode)
+
     @property
     def is_static(self) -> bool:
         return self.prefill == self.decode
@@ -146,28 +156,42 @@ class StageLayouts:
         self.prefill.validate(world_size, cfg, stage="prefill")
         self.decode.validate(world_size, cfg, stage="decode")
 
-    @classmethod
-    def from_dict(cls, spec: Mapping[str, Any], world_size: int | None = None) -> "StageLayouts":
-        """`{"prefill": {"pp": 2}, "decode": {"tp": 2}}`, or one layout dict such as `{"tp": 2}` for both."""
-        prefill, decode = _parse_stage_specs(spec, world_size)
-        return cls(prefill=prefill, decode=decode)
+    # ---- printing: the one place that turns layouts into text ---------------------------------------------
+    def spec(self) -> dict:
+        """The normalised mapping (`parse_layout_spec`'s form, dp given): JSON-ready, and parses back to self."""
+        dp = self.prefill.dp
+        if self.is_static:
+            return {"tp": self.prefill.tp, "pp": self.prefill.pp, "dp": dp}
+        return {"prefill": {"tp": self.prefill.tp, "pp": self.prefill.pp},
+                "decode": {"tp": self.decode.tp, "pp": self.decode.pp}, "dp": dp}
+
+    def describe(self, compact: bool = False) -> str:
+        """Logs: 'prefill tp=1 pp=2 dp=1 -> decode tp=2 pp=1 dp=1', or one layout when both stages share it.
+
+        `compact=True` is the `layouts` column of job output rows (part of their fingerprint, so its format
+        stays fixed): 'prefill=tp1pp2 decode=tp2pp1 dp=1', or 'tp2pp1 dp=1' when static."""
+        if compact:
+            stage = lambda layout: f"tp{layout.tp}pp{layout.pp}"  # noqa: E731
+            if self.is_static:
+                return f"{stage(self.prefill)} dp={self.prefill.dp}"
+            return f"prefill={stage(self.prefill)} decode={stage(self.decode)} dp={self.prefill.dp}"
+        if self.is_static:
+            return self.prefill.describe()
+        return f"prefill {self.prefill.describe()} -> decode {self.decode.describe()}"
+
+    def label(self) -> str:
+        """The short form benchmarks and command lines use: '1proc', 'TP2', 'PP2', 'PP2->TP2', 'PP2xTP2',
+        'TP2xDP2' (DP, when > 1, is written in every stage). `parse_layout_spec` reads it back."""
+        def stage(layout: Layout) -> str:
+            factors = [f"{axis.upper()}{getattr(layout, axis)}" for axis in ("pp", "tp", "dp")
+                       if getattr(layout, axis) > 1]
+            return "x".join(factors) or "TP1"
+        if self.is_static:
+            return "1proc" if self.prefill.world_size == 1 else stage(self.prefill)
+        return f"{stage(self.prefill)}->{stage(self.decode)}"
 
 
-def _parse_stage_specs(spec: Mapping[str, Any], world_size: int | None) -> tuple[Layout, Layout]:
-    if not isinstance(spec, Mapping):
-        raise TypeError(f"layouts must be a mapping, got {type(spec).__name__}")
-    if not any(k in spec for k in _STAGES):
-        layout = Layout.from_dict(spec, world_size)
-        return layout, layout
-    unknown = sorted(set(spec) - set(_STAGES))
-    if unknown:
-        raise ValueError(f"unknown layout keys {unknown}; a per-stage spec has only {list(_STAGES)}")
-    missing = [k for k in _STAGES if k not in spec]
-    if missing:
-        raise ValueError(f"layouts: missing {missing}; give both stages or one static layout")
-    return Layout.from_dict(spec["prefill"] or {}, world_size), Layout.from_dict(spec["decode"] or {}, world_size)
-
-
+# ---- against a world and a model ----------------------------------------------------------------------------
 def auto_layouts(world_size: int, cfg: ModelConfig) -> StageLayouts:
     """Default when nothing is pinned: prefill PP, decode TP, over the largest replica that fits the model.
 
@@ -182,11 +206,15 @@ def auto_layouts(world_size: int, cfg: ModelConfig) -> StageLayouts:
     return StageLayouts(prefill=Layout(pp=replica, dp=dp), decode=Layout(tp=replica, dp=dp))
 
 
-def resolve_layouts(spec: Mapping[str, Any] | None, world_size: int, cfg: ModelConfig) -> StageLayouts:
-    """Parse a recipe's layout spec (None or {} -> `auto_layouts`) and validate it against world and model."""
-    if not spec:
+def resolve_layouts(spec: Any, world_size: int, cfg: ModelConfig) -> StageLayouts:
+    """Any layout spec (see `parse_layout_spec`; None or "seesaw" -> `auto_layouts`) as StageLayouts checked
+    against the world and the model. Raises ValueError: LayoutSpecError for a malformed spec, else a misfit
+    naming the stage (e.g. 'decode tp=4 exceeds the model's 3 KV heads')."""
+    if isinstance(spec, StageLayouts):
+        layouts = spec
+    elif parse_layout_spec(spec) == "seesaw":
         return auto_layouts(world_size, cfg)
-    prefill, decode = _parse_stage_specs(spec, world_size)
-    prefill.validate(world_size, cfg, stage="prefill")  # per-stage messages first: they name the misfit
-    decode.validate(world_size, cfg, stage="decode")
-    return StageLayouts(prefill=prefill, decode=decode)
+    else:
+        layouts = StageLayouts.from_spec(spec, world_size)
+    layouts.validate(world_size, cfg)
+    return layouts

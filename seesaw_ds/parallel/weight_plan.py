@@ -185,6 +185,12 @@ def shard_entries(cfg: ModelConfig, layout: Layout, pp_stage: int, tp_rank: int,
     return tuple(entries)
 
 
+def whole_model_entries(cfg: ModelConfig) -> tuple[ShardEntry, ...]:
+    """Every parameter of the unsharded model as whole tensors (`lm_head.weight` reads the embedding when
+    the embeddings are tied): the entries that bind a one-process model to the master copy."""
+    return shard_entries(cfg, Layout(), 0, 0)
+
+
 @dataclasses.dataclass(frozen=True)
 class WeightPlan:
     """Shards of one replica, indexed by local rank (`pp_stage * tp + tp_rank`, see layout.py)."""

@@ -14,12 +14,14 @@ MAX_TOKENS = 16
 def _generate(rank, prompts):
     from seesaw_ds import LLM
     llm = LLM("embedded:smollm2", dtype="float32", parallel={"prefill": {"pp": 2}, "decode": {"tp": 2}},
-              kv_cache_gb=0.05, kv_host_gb=0.02, block_size=16, max_model_len=400)
+              kv_device_gb=0.05, kv_host_gb=0.02, block_size=16, max_model_len=400)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True), use_tqdm=False)
-    return {"bound": llm.engine.decode_executor.bound_bytes, "tokens": [o.token_ids for o in outs], "kv_heads": [llm.engine.decode_executor.kv_heads.start,
-                                                              llm.engine.decode_executor.kv_heads.stop],
-            "folder": llm.model_folder, "switches": [[s["from"], s["to"]] for s in llm.engine.stats.switches]}
+    decode = llm.engine.runtimes["decode"]
+    with llm:
+        return {"bound": decode.executor.bound_bytes, "tokens": [o.token_ids for o in outs],
+                "kv_heads": [decode.rect.heads.start, decode.rect.heads.stop], "folder": llm.model_folder,
+                "switches": [[s["from"], s["to"]] for s in llm.engine.stats.switches]}
 
 
 def test_embedded_pp2_to_tp2_matches_hf(tmp_path):

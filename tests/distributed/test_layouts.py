@@ -1,6 +1,7 @@
 """Greedy tokens equal Hugging Face `generate` (fp32) under every parallel layout, with KV budgets far
-smaller than the workload: at least two prefill -> decode -> prefill cycles in one run, waiting, onboarding,
-and (PP2 -> TP2) a decode pool that fills up, so runners are swapped out to the host store and resumed."""
+smaller than the workload. Static layouts keep their KV in a device pool that fills up (runners preempted and
+recomputed); layout pairs run at least two prefill -> decode -> prefill cycles through the host tier, with
+waiting, onboarding and (PP2 -> TP2) a decode pool that fills up, so runners are swapped out and resumed."""
 import pytest
 import torch
 
@@ -12,11 +13,15 @@ LENGTHS = [5, 40, 17, 90, 3, 60, 33, 120, 1, 75, 8, 50]
 MAX_TOKENS = 10
 
 
-def _generate(rank, folder, parallel, kv_host_gb, kv_device_gb):
+def _build(folder, **settings):
     from seesaw_ds.distributed.builder import build_engine
-    engine = build_engine(folder, dtype="float32", parallel=parallel, kv_host_gb=kv_host_gb,
-                          kv_device_gb=kv_device_gb, block_size=8, max_num_batched_tokens=256,
-                          max_model_len=160)
+    from seesaw_ds.engine.config import EngineConfig
+    return build_engine(EngineConfig(model=folder, dtype="float32", **settings))
+
+
+def _generate(rank, folder, parallel, kv_host_gb, kv_device_gb):
+    engine = _build(folder, parallel=parallel, kv_host_gb=kv_host_gb, kv_device_gb=kv_device_gb, block_size=8,
+                    max_num_batched_tokens=256, max_model_len=160)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(2, 320, (n,), generator=g).tolist() for n in LENGTHS]
     for i, p in enumerate(prompts):
@@ -25,11 +30,13 @@ def _generate(rank, folder, parallel, kv_host_gb, kv_device_gb):
     while engine.has_unfinished():
         for o in engine.step():
             out[o.request_id] = o.token_ids
-    stats = engine.stats
+    stats, kv = engine.stats, engine.kv_metrics
+    engine.close()
     return {"tokens": [out[str(i)] for i in range(len(prompts))], "prompts": prompts,
             "switches": stats.switches, "summary": stats.summary(), "kv_bytes": stats.kv_bytes_moved,
-            "scheduler_switches": engine.scheduler.num_switches, "swap_outs": engine.scheduler.num_swap_outs,
-            "recomputes": engine.scheduler.num_preemptions, "host_blocks": engine.scheduler.host.num_blocks,
+            "scheduler_switches": kv.get("num_switches", 0), "swap_outs": kv.get("num_swap_outs", 0),
+            "recomputes": kv["num_preemptions"], "host_blocks": engine.scheduler.host.num_blocks
+            if engine.scheduler.has_host_tier else 0, "static": engine.layouts.is_static,
             "layouts": [engine.layouts.prefill.describe(), engine.layouts.decode.describe()]}
 
 
@@ -63,6 +70,13 @@ def test_layout_matches_hf_generate(case, tmp_path):
                     out_dir=str(tmp_path))
     for prompt, tokens in zip(out["prompts"], out["tokens"]):
         assert tokens == hf_greedy(model, prompt, MAX_TOKENS), f"{case}: prompt of {len(prompt)} diverged"
+    summary = out["summary"]
+    assert out["static"] == (parallel is None or "prefill" not in parallel)
+    if out["static"]:               # one runtime, the device pool only: never a switch, the pool filled up
+        assert out["switches"] == [] and summary["kv_bytes_moved"] == 0 and out["host_blocks"] == 0
+        assert summary["device_blocks_peak"] == summary["device_blocks"] and out["recomputes"] > 0, summary
+        assert summary["stage"] == "decode"
+        return
     # only real switches, alternating, counted alike by the scheduler, the records and the summary
     switches = out["switches"]
     moves = [(s["from"], s["to"]) for s in switches]
@@ -74,7 +88,6 @@ def test_layout_matches_hf_generate(case, tmp_path):
         assert s["weight_bytes"] == 0 and s["seconds"] >= 0 and s["kv_copy_s"] > 0, s
         assert s["kv_bytes"] >= s["kv_bytes_rank"] > 0, s
     assert sum(s["kv_bytes_rank"] for s in switches) <= out["kv_bytes"]
-    summary = out["summary"]
     assert summary["kv_bytes_moved"] == sum(summary[f"{k}_bytes"] for k in ("stash", "onboard", "prefetch",
                                                                            "swap_out"))
     assert summary["prefetched_seqs"] > 0                # some sequences were onboarded in the background
@@ -92,27 +105,27 @@ def test_budget_that_cannot_hold_one_sequence_is_refused_with_numbers(tmp_path):
     small = _bytes_for_tokens(model, 100)             # max_model_len=512 needs 512 tokens in each tier
 
     def build(rank, folder):
-        from seesaw_ds.distributed.builder import build_engine
         errors = {}
         for name, budgets in (("host", dict(kv_host_gb=small)), ("device", dict(kv_device_gb=small))):
-            try:
-                build_engine(folder, dtype="float32", max_model_len=512, **budgets)
+            try:    # the host tier is a property of a layout pair: PP2 -> TP2
+                _build(folder, max_model_len=512, parallel={"prefill": {"pp": 2}, "decode": {"tp": 2}},
+                       **budgets).close()
                 errors[name] = None
             except ValueError as e:
                 errors[name] = str(e)
         return errors
 
-    out = run_ranks(1, build, str(tmp_path / "model"), out_dir=str(tmp_path))
-    need = f"{_bytes_for_tokens(model, 512):.4f} GB"      # 32 blocks of 16 tokens, all layers and heads
-    for name in ("host", "device"):
+    out = run_ranks(2, build, str(tmp_path / "model"), out_dir=str(tmp_path))
+    full = _bytes_for_tokens(model, 512)        # 32 blocks of 16 tokens, all layers and heads
+    for name, need in (("host", full), ("device", full / 2)):   # a TP2 rank holds 1 of the 2 KV heads
         err = out[name]
-        assert err and f"kv.{name}_gb={small:g} GB" in err and "max_model_len=512" in err and need in err, err
+        assert err and f"kv.{name}_gb={small:g} GB" in err and "max_model_len=512" in err, err
+        assert f"{need:.4f} GB" in err, err
 
 
 def _generate_prompts(rank, folder, parallel, prompts):
-    from seesaw_ds.distributed.builder import build_engine
-    engine = build_engine(folder, dtype="float32", parallel=parallel, kv_host_gb=0.01, kv_device_gb=0.01,
-                          block_size=8, max_num_batched_tokens=1024, max_model_len=400)
+    engine = _build(folder, parallel=parallel, kv_host_gb=0.01, kv_device_gb=0.01, block_size=8,
+                    max_num_batched_tokens=1024, max_model_len=400)
     for i, p in enumerate(prompts):
         engine.add_request(str(i), p, SamplingParams(max_tokens=4, ignore_eos=True))
     out = {}

@@ -57,8 +57,8 @@ def test_async_stash_of_a_real_prefill_is_bit_identical_to_sync(tmp_path):
     ids, pos, meta, per_seq = _packed_prefill([5, 40, 17, 90, 1, 33], host_blocks=40, seed=1)
 
     sync_store, async_store = _store(cfg, tmp_path, "sync"), _store(cfg, tmp_path, "async")
-    _prefill_into(runner, KVStasher(sync_store, asynchronous=False), ids, pos, meta)
-    stasher = KVStasher(async_store, asynchronous=True)
+    _prefill_into(runner, KVStasher(sync_store, range(sync_store.shape[2]), asynchronous=False), ids, pos, meta)
+    stasher = KVStasher(async_store, range(async_store.shape[2]), asynchronous=True)
     _prefill_into(runner, stasher, ids, pos, meta)
     stasher.flush()
     assert torch.equal(async_store.tensor, sync_store.tensor)
@@ -81,14 +81,12 @@ def test_async_stash_of_a_real_prefill_is_bit_identical_to_sync(tmp_path):
 def test_writes_for_a_head_range_land_in_those_heads_only(tmp_path):
     cfg = ModelConfig.from_hf(tiny_hf_model("llama", num_key_value_heads=3, num_attention_heads=6).config)
     store = _store(cfg, tmp_path, "heads", dtype=torch.float32)
-    store.kv_heads = range(1, 3)                       # a tensor-parallel rank's heads
-    stasher = KVStasher(store)
+    stasher = KVStasher(store, range(1, 3))            # a tensor-parallel rank's heads
     g = torch.Generator().manual_seed(0)
     key = torch.randn(1, 2, 9, cfg.head_dim, generator=g)
     value = torch.randn(1, 2, 9, cfg.head_dim, generator=g)
     slots = torch.randperm(store.shape[3], generator=g)[:9]
     stasher.write(2, key.transpose(2, 3).contiguous().transpose(2, 3), value, slots)   # strided key
-    store.kv_heads = range(0, 1)                       # changing the rank's heads later must not matter
     stasher.flush()
     expected = torch.zeros(store.shape)
     expected[2, 0, 1:3][:, slots] = key[0]
@@ -121,7 +119,7 @@ def test_flush_waits_for_every_pending_write(tmp_path):
     cfg = ModelConfig.from_hf(tiny_hf_model("llama").config)
     store = GatedStore(cfg, 40, BLOCK, torch.float32, str(tmp_path / "gated"), create=True)
     expected = torch.zeros(store.shape)
-    stasher = KVStasher(store, max_pending=64)
+    stasher = KVStasher(store, range(store.shape[2]), max_pending=64)
     writes = list(_random_writes(store, 30))
     for layer, k, v, slots in writes:
         stasher.write(layer, k, v, slots)              # returns at once: nothing has landed yet
@@ -141,7 +139,7 @@ def test_flush_waits_for_every_pending_write(tmp_path):
 def test_a_full_queue_holds_the_writer_back(tmp_path):
     cfg = ModelConfig.from_hf(tiny_hf_model("llama").config)
     store = GatedStore(cfg, 40, BLOCK, torch.float32, str(tmp_path / "gated"), create=True)
-    stasher = KVStasher(store, max_pending=2)
+    stasher = KVStasher(store, range(store.shape[2]), max_pending=2)
     writes = list(_random_writes(store, 4))
     threading.Timer(0.3, store.gate.set).start()
     t0 = time.perf_counter()
@@ -154,7 +152,7 @@ def test_a_full_queue_holds_the_writer_back(tmp_path):
 def test_background_error_surfaces_on_flush_then_the_stasher_recovers(tmp_path):
     cfg = ModelConfig.from_hf(tiny_hf_model("llama").config)
     store = _store(cfg, tmp_path, "err", dtype=torch.float32)
-    stasher = KVStasher(store)
+    stasher = KVStasher(store, range(store.shape[2]))
     (layer, k, v, slots), (layer2, k2, v2, slots2) = _random_writes(store, 2)
     stasher.write(layer, k, v, slots + store.shape[3])   # slots past the end of the store
     stasher.write(layer2, k2, v2, slots2)                # dropped: the step has failed already
@@ -174,10 +172,10 @@ def test_sync_mode_raises_at_the_write_and_bad_shapes_are_refused(tmp_path):
     store = _store(cfg, tmp_path, "sync", dtype=torch.float32)
     ((layer, k, v, slots),) = _random_writes(store, 1)
     with pytest.raises((IndexError, RuntimeError)):
-        KVStasher(store, asynchronous=False).write(layer, k, v, slots + store.shape[3])
+        KVStasher(store, range(store.shape[2]), asynchronous=False).write(layer, k, v, slots + store.shape[3])
     with pytest.raises(ValueError, match="slots"):
-        KVStasher(store).write(layer, k, v, slots[:-1] if len(slots) > 1 else torch.cat([slots, slots]))
+        KVStasher(store, range(store.shape[2])).write(layer, k, v, slots[:-1] if len(slots) > 1 else torch.cat([slots, slots]))
     with pytest.raises(ValueError, match="value"):
-        KVStasher(store).write(layer, k, v[:, :, :0], slots)
+        KVStasher(store, range(store.shape[2])).write(layer, k, v[:, :, :0], slots)
     with pytest.raises(ValueError, match="max_pending"):
-        KVStasher(store, max_pending=0)
+        KVStasher(store, range(store.shape[2]), max_pending=0)

@@ -55,8 +55,8 @@ def test_more_sequences_than_the_pool_holds():
     rng = random.Random(3)
     lengths = [rng.randint(1, 150) for _ in range(24)]
     llm = _check("llama", lengths, max_tokens=20,
-                 llm_kwargs=dict(kv_cache_gb=600 * 2 * 3 * 2 * 16 * 4 / (1 << 30), block_size=8,
-                                 max_num_batched_tokens=256))
+                 llm_kwargs=dict(kv_device_gb=600 * 2 * 3 * 2 * 16 * 4 / (1 << 30), block_size=8,
+                                 max_num_batched_tokens=256, max_model_len=200))
     stats = llm.engine.stats
     assert llm.engine.scheduler.allocator.num_blocks * 8 < sum(lengths) + 24 * 20
     assert stats.prefill_steps > 1 and max(stats.decode_batch_sizes) > 1

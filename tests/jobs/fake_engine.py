@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import time
 
+from seesaw_ds.engine.stats import EngineStats
+
 
 @dataclasses.dataclass
 class FakeRequestOutput:
@@ -32,7 +34,8 @@ class ReversingEngine:
         self.waiting: list[tuple[str, list[int], object]] = []
         self.running: dict[str, tuple[list[int], object, list[int]]] = {}
         self.max_in_flight = 0
-        self.stage = "decode"
+        self.stats = EngineStats(stage="decode")
+        self.kv_metrics = {}
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params) -> None:
         if request_id in self.running or any(r == request_id for r, _, _ in self.waiting):

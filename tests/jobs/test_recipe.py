@@ -82,6 +82,9 @@ def test_overrides_are_yaml_typed_and_checked():
     ("auto", "auto"), (None, "seesaw"), ("seesaw", "seesaw"), ({"tp": 2}, {"tp": 2, "pp": 1, "dp": 1}),
     ({"prefill": {"pp": 2}, "decode": {"tp": 2}, "dp": 2}, {"prefill": {"tp": 1, "pp": 2},
                                                            "decode": {"tp": 2, "pp": 1}, "dp": 2}),
+    ("AUTO", "auto"), ("TP2", {"tp": 2, "pp": 1, "dp": 1}), ("1proc", {"tp": 1, "pp": 1, "dp": 1}),
+    ("pp2->tp2", {"prefill": {"tp": 1, "pp": 2}, "decode": {"tp": 2, "pp": 1}, "dp": 1}),   # same grammar as LLM()
+    ("TP1xDP2", {"tp": 1, "pp": 1, "dp": 2}),
 ])
 def test_parallel_forms(value, expected):
     assert parse_recipe(with_(parallel=value)).parallel == expected
@@ -89,12 +92,22 @@ def test_parallel_forms(value, expected):
 
 @pytest.mark.parametrize("value, needle", [
     ({"tp": 0}, "parallel.tp must be an int >= 1"), ({"tq": 2}, "parallel.tq is unknown"),
-    ({"prefill": {"pp": 2}}, "parallel.decode is required"), ("fast", "parallel must be auto, seesaw or a mapping"),
-    ({"prefill": {"pp": 2}, "decode": {"tp": 4}}, "prefill uses 2 devices per replica but decode uses 4"),
+    ({"prefill": {"pp": 2}}, "parallel.decode is required"),
+    ("fast", "parallel must be auto (the planner), seesaw, a label (1proc, TP2, PP2, PP2->TP2, ...) or a mapping"),
+    (7, "parallel must be auto (the planner), seesaw,"),
+    ({"prefill": {"pp": 2}, "decode": {"tp": 4}}, "parallel has prefill on 2 ranks per replica (tp*pp) but decode on"),
     ({"prefill": {"dp": 2}, "decode": {"tp": 2}}, "parallel.prefill.dp is unknown"),
+    ({"prefill": {"pp": 2}, "decode": {"tp": 0}}, "recipe key parallel.decode.tp must be an int >= 1, got 0"),
+    ("PP2->TQ2", "recipe key parallel.decode is 'tq2' in label 'PP2->TQ2'"),
 ])
 def test_parallel_errors(value, needle):
     assert needle in error_of(with_(parallel=value))
+
+
+def test_parallel_error_keys_are_dotted_recipe_keys():
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(with_(parallel={"prefill": {"pp": 0}, "decode": {"tp": 2}}))
+    assert info.value.key == "parallel.prefill.pp" and info.value.message == "must be an int >= 1, got 0"
 
 
 def _leaf_keys(cls, prefix=""):
@@ -132,7 +145,7 @@ def test_malformed_yaml_is_one_line_with_file_and_line(tmp_path):
 def test_shipped_recipes_load(name):
     recipe = load_recipe(str(REPO / "recipes" / f"{name}.yaml"))
     assert recipe.output.dir
-    assert recipe.llm_kwargs()["model"] == recipe.model.name
+    assert recipe.engine_config().model == recipe.model.name
 
 
 def test_arxiv_recipe_names_the_hub_dataset_with_fallback():

@@ -155,7 +155,7 @@ def test_real_engine_matches_hf_greedy(tmp_path, tokenizer):
                         sampling={"temperature": 0.0, "max_tokens": 6, "ignore_eos": True, "seed": None, "logprobs": 2},
                         data={"columns": {"prompt": "text", "id": "key"}},
                         engine={"max_model_len": 256, "max_num_seqs": 4, "kv": {"device_gb": 0.01}})
-    llm = seesaw_ds.LLM(**recipe.llm_kwargs())
+    llm = seesaw_ds.LLM(config=recipe.engine_config())
     run_recipe(recipe, llm)
     got = output_rows(tmp_path / "out", tmp_path)
     for r in rows:

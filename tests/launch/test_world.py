@@ -1,7 +1,7 @@
 """Pure job planning: replica roles tile the world, recipe layouts resolve or fail by name, reports add up."""
 import pytest
 
-from seesaw_ds.jobs.parallel_spec import validate_parallel
+from seesaw_ds.jobs.parallel_spec import data_parallel_size, describe_layouts, validate_parallel
 from seesaw_ds.jobs.report import combine, format_report
 from seesaw_ds.jobs.schema import RecipeError
 from seesaw_ds.jobs.world import JobWorld, recipe_layouts, replica_role, row_label
@@ -31,6 +31,10 @@ def test_recipe_layouts_forms():
     two = recipe_layouts(validate_parallel({"prefill": {"pp": 2}, "decode": {"tp": 2}}), 2, cfg())
     assert two == StageLayouts(Layout(pp=2), Layout(tp=2)) and row_label(two) == "prefill=tp1pp2 decode=tp2pp1 dp=1"
     assert recipe_layouts(validate_parallel({"dp": 2}), 2, cfg()) == StageLayouts.static(Layout(dp=2))
+    label = validate_parallel("PP2->TP2")                   # a label means what the mapping means
+    assert recipe_layouts(label, 2, cfg()) == two and describe_layouts(label) == row_label(two)
+    assert describe_layouts(validate_parallel("TP2")) == "tp2pp1 dp=1" and describe_layouts("auto") == "auto"
+    assert data_parallel_size(validate_parallel("TP2")) == 1 and data_parallel_size("seesaw") is None
     assert recipe_layouts("auto", 1, cfg()) == StageLayouts.static(Layout())
     assert recipe_layouts("seesaw", 1, cfg()) == StageLayouts.static(Layout())
     assert recipe_layouts("seesaw", 2, cfg()) == StageLayouts(Layout(pp=2), Layout(tp=2))

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM("embedded:smollm2", dtype="float32", kv_cache_gb=0.5)
+    return LLM("embedded:smollm2", dtype="float32", kv_device_gb=0.5)
 
 
 def test_greedy_equals_hf_generate_on_chat_and_text(llm):

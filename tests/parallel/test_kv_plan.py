@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-from seesaw_ds.parallel.copy import apply_kv_moves, read_from_store, write_to_store
 from seesaw_ds.parallel.kv_plan import KVRect, kv_ownership, kv_reshard_plan, moves_from, moves_into
 from seesaw_ds.parallel.layout import Layout
 
@@ -24,6 +23,28 @@ def _cases():
         for src, dst in _pairs(layers, kv):
             yield pytest.param(layers, heads, kv, src, dst,
                                id=f"L{layers}kv{kv}-tp{src.tp}pp{src.pp}-to-tp{dst.tp}pp{dst.pp}")
+
+
+# ---- test-local reference executors of the KV plan ----------------------------------------------------
+# Local KV tensors share the host store's head-major order:  kv: [layers, 2, kv_heads, tokens, head_dim]
+# where a rank's tensor spans only its owned (layers, heads) rectangle.
+
+def apply_kv_moves(moves, sources, destinations):
+    """Copy every move from its source rank's tensor into its destination rank's tensor."""
+    for move in moves:
+        src_layers, src_heads = move.src_slices
+        dst_layers, dst_heads = move.dst_slices
+        destinations[move.dst_rank][dst_layers, :, dst_heads].copy_(sources[move.src_rank][src_layers, :, src_heads])
+
+
+def write_to_store(store, owned, local):
+    layers, heads = owned.slices
+    store[layers, :, heads].copy_(local)
+
+
+def read_from_store(store, owned):
+    layers, heads = owned.slices
+    return store[layers, :, heads].clone(memory_format=torch.contiguous_format)
 
 
 def _reference_block(store, rect):

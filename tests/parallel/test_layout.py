@@ -39,8 +39,10 @@ def test_rank_order_matches_deepspeed_process_topology():
 
 def test_validate_messages(make_cfg):
     cfg = make_cfg(num_layers=4, num_kv_heads=3, num_heads=9)
-    with pytest.raises(ValueError, match="decode tp=4 needs 4 ranks per replica; world size is 2"):
-        resolve_layouts({"prefill": {"pp": 2}, "decode": {"tp": 4}}, 2, cfg)
+    with pytest.raises(ValueError, match="prefill pp=4 needs 4 ranks per replica; world size is 2"):
+        resolve_layouts({"prefill": {"pp": 4}, "decode": {"tp": 4}}, 2, cfg)
+    with pytest.raises(ValueError, match="prefill pp=2 needs 2 ranks per replica; world size is 1"):
+        resolve_layouts("PP2->TP2", 1, cfg)
     with pytest.raises(ValueError, match="prefill pp=5 exceeds the model's 4 layers"):
         resolve_layouts({"prefill": {"pp": 5}, "decode": {"tp": 5}}, 5, cfg)
     with pytest.raises(ValueError, match="decode tp=4 exceeds the model's 3 KV heads"):
@@ -51,10 +53,12 @@ def test_validate_messages(make_cfg):
         StageLayouts(prefill=Layout(pp=2), decode=Layout(dp=2))
     with pytest.raises(ValueError, match="tp\\*pp=1 differs"):
         StageLayouts(prefill=Layout(pp=2), decode=Layout())
-    with pytest.raises(ValueError, match="unknown layout keys"):
+    with pytest.raises(ValueError, match="parallel.extra is unknown; expected prefill, decode, dp"):
         resolve_layouts({"prefill": {"pp": 2}, "decode": {"tp": 2}, "extra": {}}, 2, cfg)
-    with pytest.raises(ValueError, match="unknown layout keys \\['ep'\\]"):
-        Layout.from_dict({"ep": 2})
+    with pytest.raises(ValueError, match="parallel.ep is unknown; expected one of tp, pp, dp"):
+        resolve_layouts({"ep": 2}, 2, cfg)
+    with pytest.raises(ValueError, match="has prefill on 2 ranks per replica \\(tp\\*pp\\) but decode on 4"):
+        resolve_layouts({"prefill": {"pp": 2}, "decode": {"tp": 4}}, 2, cfg)
 
 
 def test_parse_per_stage_and_static(make_cfg):
@@ -64,7 +68,40 @@ def test_parse_per_stage_and_static(make_cfg):
     assert not layouts.is_static
     static = resolve_layouts({"tp": 2, "dp": 1}, 2, cfg)
     assert static.is_static and static.decode == Layout(tp=2)
-    assert resolve_layouts(None, 2, cfg) == auto_layouts(2, cfg)
+    assert resolve_layouts(None, 2, cfg) == auto_layouts(2, cfg) == resolve_layouts("Seesaw", 2, cfg)
+    assert resolve_layouts({}, 2, cfg) == StageLayouts.static(Layout(dp=2))       # {} pins nothing: DP fills
+    assert resolve_layouts(layouts, 4, cfg) is layouts                            # StageLayouts: checked as is
+    with pytest.raises(ValueError, match="covers 4 ranks; world size is 2"):
+        resolve_layouts(layouts, 2, cfg)
+
+
+@pytest.mark.parametrize("label, world, expected", [
+    ("1proc", 1, StageLayouts.static(Layout())),
+    ("tp1", 1, StageLayouts.static(Layout())),
+    ("TP2", 2, StageLayouts.static(Layout(tp=2))),
+    ("TP2", 4, StageLayouts.static(Layout(tp=2, dp=2))),                      # no DP in the label: it fills
+    ("pp2", 2, StageLayouts.static(Layout(pp=2))),
+    ("PP2->TP2", 2, StageLayouts(Layout(pp=2), Layout(tp=2))),
+    (" pp2 -> tp2 ", 2, StageLayouts(Layout(pp=2), Layout(tp=2))),
+    ("PP2xTP2", 4, StageLayouts.static(Layout(tp=2, pp=2))),
+    ("TP2xDP2", 4, StageLayouts.static(Layout(tp=2, dp=2))),
+])
+def test_labels_resolve(make_cfg, label, world, expected):
+    cfg = make_cfg(num_kv_heads=4, num_heads=8)
+    assert resolve_layouts(label, world, cfg) == expected
+
+
+def test_printers():
+    seesaw = StageLayouts(Layout(pp=2), Layout(tp=2))
+    assert seesaw.describe() == "prefill tp=1 pp=2 dp=1 -> decode tp=2 pp=1 dp=1"
+    assert seesaw.describe(compact=True) == "prefill=tp1pp2 decode=tp2pp1 dp=1"
+    assert seesaw.label() == "PP2->TP2"
+    static = StageLayouts.static(Layout(tp=2, dp=3))
+    assert static.describe() == "tp=2 pp=1 dp=3" and static.describe(compact=True) == "tp2pp1 dp=3"
+    assert static.label() == "TP2xDP3"
+    assert StageLayouts.static(Layout()).label() == "1proc"
+    assert StageLayouts.static(Layout(dp=2)).label() == "DP2"
+    assert StageLayouts(Layout(pp=2, dp=2), Layout(tp=2, dp=2)).label() == "PP2xDP2->TP2xDP2"
 
 
 @pytest.mark.parametrize("world, layers, kv, replica", [

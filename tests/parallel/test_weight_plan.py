@@ -4,10 +4,12 @@ import pytest
 import torch
 
 from seesaw_ds.models.config import ModelConfig
-from seesaw_ds.parallel.copy import assemble_full, materialize_shard
+from seesaw_ds.parallel.copy import bind_views
 from seesaw_ds.parallel.layout import Layout
 from seesaw_ds.parallel.weight_plan import (AUTOTP_GRAIN_SIZE, grain_split_sizes, head_split_sizes,
-                                            hf_weight_shapes, stage_layer_ranges, tp_head_ranges, weight_plan)
+                                            hf_weight_shapes, stage_layer_ranges, tp_head_ranges, weight_plan,
+                                            whole_model_entries)
+from tests.parallel.reference_copy import assemble_full, materialize_shard
 
 BASE = dict(model_type="llama", num_layers=7, hidden_size=144, intermediate_size=200, num_heads=9, num_kv_heads=3,
             head_dim=16, vocab_size=50, max_position=128, rope_theta=1e4, tie_embeddings=False, qkv_bias=False,
@@ -128,12 +130,74 @@ def test_plan_tiles_and_round_trips(cfg, layout):
         assert torch.equal(back[name], full[name]), name
 
 
-def test_tied_head_shares_the_embedding_tensor_on_a_single_stage():
+def test_whole_model_entries_read_the_embedding_for_a_tied_head():
     cfg = ModelConfig(**{**BASE, "tie_embeddings": True})
+    entries = {e.name: e for e in whole_model_entries(cfg)}
+    head = entries["lm_head.weight"]
+    assert head.source_name == "model.embed_tokens.weight" and not head.primary
+    assert head.shape == (cfg.vocab_size, cfg.hidden_size)
+    assert set(entries) == set(hf_weight_shapes(cfg)) | {"lm_head.weight"}
+    untied = ModelConfig(**BASE)
+    assert {e.name: e.source_name for e in whole_model_entries(untied)}["lm_head.weight"] == "lm_head.weight"
+
+
+def _module_with(shapes: dict) -> torch.nn.Module:
+    """A module tree with one NaN-filled parameter per dotted name (what a rank's model holds)."""
+    root = torch.nn.Module()
+    for name, shape in shapes.items():
+        *path, leaf = name.split(".")
+        node = root
+        for part in path:
+            if not hasattr(node, part):
+                node.add_module(part, torch.nn.Module())
+            node = getattr(node, part)
+        node.register_parameter(leaf, torch.nn.Parameter(torch.full(shape, float("nan")), requires_grad=False))
+    return root
+
+
+@pytest.mark.parametrize("cfg, layout", list(_cases())[::3])
+def test_bind_views_points_every_rank_at_its_slices(cfg, layout):
     full = _full_state(cfg)
-    shard = materialize_shard(weight_plan(cfg, Layout()).shards[0], full)
-    assert shard["lm_head.weight"] is shard["model.embed_tokens.weight"]
-    assert torch.equal(shard["lm_head.weight"], full["model.embed_tokens.weight"])
+    for local, entries in enumerate(weight_plan(cfg, layout).shards):
+        pp_stage, tp_rank = divmod(local, layout.tp)
+        module = _module_with({e.name: e.shape for e in entries})
+        moved = bind_views(module, entries, full)
+        assert moved == sum(4 * torch.Size(e.shape).numel() for e in entries)
+        ref = _reference_shard(cfg, layout, pp_stage, tp_rank, full)
+        params = dict(module.named_parameters())
+        for e in entries:
+            p = params[e.name]
+            assert torch.equal(p, ref[e.name]), e.name
+            storage = full[e.source_name].untyped_storage()
+            assert p.untyped_storage().data_ptr() == storage.data_ptr(), f"{e.name} is not a view"
+        assert bind_views(module, entries, full, check_equal=True) == 0      # already bound
+        new = {n: t + 1 for n, t in full.items()}                            # a replaced master copy
+        assert bind_views(module, entries, new) == moved
+        for t in new.values():                                               # writes show through
+            t.mul_(-2)
+        for e in entries:
+            assert torch.equal(params[e.name], new[e.source_name][e.source_slices]), e.name
+
+
+def test_bind_views_errors_name_the_tensor():
+    cfg = ModelConfig(**{**BASE, "tie_embeddings": True, "num_layers": 1})
+    entries = whole_model_entries(cfg)
+    full = _full_state(cfg)
+    module = _module_with({e.name: e.shape for e in entries if e.name != "lm_head.weight"})
+    module.add_module("lm_head", torch.nn.Module())
+    module.lm_head.weight = module.model.embed_tokens.weight                # one Parameter, two names
+    released = bind_views(module, entries, full)
+    assert released == sum(t.numel() * 4 for t in full.values())           # the tied head counted once
+    assert module.lm_head.weight.data_ptr() == full["model.embed_tokens.weight"].data_ptr()
+    with pytest.raises(ValueError, match="differs"):
+        bind_views(module, entries, {n: t + 1 for n, t in full.items()}, check_equal=True)
+    bad = dict(full, **{"model.norm.weight": torch.zeros(cfg.hidden_size - 1)})
+    with pytest.raises(ValueError, match="model.norm.weight"):
+        bind_views(module, entries, bad)
+    with pytest.raises(ValueError, match="float64"):
+        bind_views(module, entries, {n: t.double() for n, t in full.items()})
+    with pytest.raises(KeyError, match="does not have"):
+        bind_views(torch.nn.Linear(2, 2), entries, full)
 
 
 def test_smollm2_head_split():

@@ -150,8 +150,7 @@ def test_draining_pipeline_pays_a_bubble_per_step(llama70b):
 
 def test_planner_defaults_follow_the_engine():
     from seesaw_ds.distributed import pipe_executor
-    from seesaw_ds.llm import LLM
-    import inspect
+    from seesaw_ds.engine.config import EngineConfig
     assert OPTIONS.prefill_micro_batches == pipe_executor.PREFILL_MICRO_BATCHES
     assert OPTIONS.decode_micro_batches == pipe_executor.DECODE_MICRO_BATCHES
-    assert OPTIONS.max_batched_tokens == inspect.signature(LLM).parameters["max_num_batched_tokens"].default
+    assert OPTIONS.max_batched_tokens == EngineConfig().max_num_batched_tokens

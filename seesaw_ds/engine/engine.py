@@ -1,0 +1,192 @@
+"""The engine: one loop for every layout, from one process to a PP -> TP pair over ranks.
+
+    step: schedule -> [land last step's prefetch] -> [switch runtime] -> runtime.prepare (swap out, onboard,
+          prefetch) -> runtime.forward (micro-batches) -> runtime.finish (flush the stash) -> sample once,
+          on the rank that holds the logits -> broadcast -> postprocess
+
+Every rank of a replica runs the same (pure) scheduler in lockstep; one process is the same engine with a
+`NullComm`. Built by `build_engine` (builder.py), which decides the runtimes and whether the host tier is used.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+
+from seesaw_ds.engine.runtime import StageRuntime
+from seesaw_ds.engine.sampler import sample
+from seesaw_ds.engine.sampling_params import SamplingParams
+from seesaw_ds.engine.scheduler import ScheduledBatch, Scheduler
+from seesaw_ds.engine.sequence import RequestOutput, Sequence
+from seesaw_ds.engine.stats import EngineStats
+
+log = logging.getLogger("seesaw_ds")
+
+
+class Engine:
+    def __init__(self, scheduler: Scheduler, prefill: StageRuntime, decode: StageRuntime, comm, *,
+                 weights, layouts, model_config, model_folder: str | None = None, stats: EngineStats | None = None,
+                 eos_token_ids=(), detokenize: Callable | None = None, sliding_window: int | None = None,
+                 on_close: Iterable[Callable[[], None]] = ()):
+        self.scheduler = scheduler
+        self.layouts = layouts               # StageLayouts: prefill and decode layouts (equal when static)
+        self.model_config = model_config     # ModelConfig
+        self.model_folder = model_folder     # the HF folder the weights came from (None: an in-memory model)
+        self.runtimes = {"prefill": prefill, "decode": decode}
+        self.comm = comm
+        self.weights = weights               # WeightViews: the master copy and every module's views of it
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.detokenize = detokenize
+        self.sliding_window = sliding_window
+        self.stats = stats or EngineStats(device_blocks=scheduler.allocator.num_blocks)
+        self._current: StageRuntime | None = None
+        self._t_start = time.perf_counter()
+        self._stage_mark = (0, 0.0)          # (kv bytes, copy seconds) at the start of the current runtime
+        self._sequences: dict[str, Sequence] = {}
+        self._on_close = list(on_close)
+        self.closed = False
+
+    # ---- requests ------------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        self._check_open()
+        request_id = str(request_id)
+        if request_id in self._sequences:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        seq = Sequence(request_id, [int(t) for t in prompt_token_ids], params, self.eos_token_ids,
+                       self.scheduler.config.max_model_len)
+        self.scheduler.add(seq)
+        self._sequences[request_id] = seq
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Drop an unfinished request (every rank calls it between steps); its KV blocks are freed at once,
+        or as soon as a load in flight lands. Returns its partial output (finish_reason "abort"), or None
+        for an unknown or finished request."""
+        seq = self._sequences.pop(str(request_id), None)
+        if seq is None or not self.scheduler.abort(seq):
+            return None
+        return self._output(seq)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def kv_metrics(self) -> dict:
+        """The KV tiers now: blocks in use, requests waiting / stashed / running, preemptions, swap-outs."""
+        return self.scheduler.metrics
+
+    # ---- the loop ------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        self._check_open()
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        t0 = time.perf_counter()
+        if batch.wait_prefetch:              # before a switch: those copies belong to the decode runtime
+            self.runtimes["decode"].land()
+        runtime = self.runtimes["prefill" if batch.is_prefill else "decode"]
+        switch_s = self._enter(runtime) if runtime is not self._current else 0.0
+        self.stats.device_blocks_peak = max(self.stats.device_blocks_peak, self.scheduler.allocator.num_used)
+        runtime.prepare(batch)
+        logits = runtime.forward(batch, self.scheduler.config.block_size, self.sliding_window)
+        runtime.finish(self.stats)
+        tokens, logprobs = self._sample_and_share(logits, batch, runtime.sampling_rank)
+        finished = self.scheduler.postprocess(batch, tokens, logprobs)
+        self.stats.account(batch.is_prefill, len(batch.seqs), batch.num_tokens,
+                           time.perf_counter() - t0 - switch_s)
+        if self.scheduler.has_host_tier:
+            self.stats.host_occupancy.append(self.scheduler.host_occupancy)
+        for seq in finished:
+            self._sequences.pop(seq.request_id, None)
+        return [self._output(s) for s in finished]
+
+    def _enter(self, runtime: StageRuntime) -> float:
+        """Make `runtime` current; record a switch unless this is the run's first runtime. Returns seconds."""
+        previous, self._current = self._current, runtime
+        moved, copy_s = self.stats.kv_copy_totals()
+        rank_bytes, rank_copy_s = moved - self._stage_mark[0], copy_s - self._stage_mark[1]
+        self._stage_mark = (moved, copy_s)
+        if previous is None:                 # the first runtime is a start, not a switch
+            return 0.0
+        t0 = time.perf_counter()
+        # Weights: both topologies hold views of the node's master copy, so on a CPU nothing is copied
+        # (weight_bytes 0); on an accelerator this is where the new layout's shards would be materialised.
+        # NOTE: the all-reduce is also the barrier: every rank has flushed its prefill writes (finish() of
+        # each prefill step) before any rank onboards from the store.
+        kv_bytes = self.comm.all_reduce(rank_bytes)
+        dt = time.perf_counter() - t0
+        occupancy = self.scheduler.host_occupancy
+        self.stats.switch_s += dt
+        self.stats.switches.append({
+            "from": previous.name, "to": runtime.name, "seconds": dt, "at_s": time.perf_counter() - self._t_start,
+            "weight_bytes": 0, "kv_bytes": kv_bytes, "kv_bytes_rank": rank_bytes, "kv_copy_s": rank_copy_s,
+            "host_occupancy": occupancy})
+        if self.comm.rank == 0:
+            log.info("stage switch %s -> %s (%.3f s; the %s stage moved %.1f MB of KV; host store %.0f%% full)",
+                     previous.name, runtime.name, dt, previous.name, kv_bytes / 1e6, 100 * occupancy)
+        return dt
+
+    def _sample_and_share(self, logits, batch: ScheduledBatch, src: int):
+        tokens = torch.zeros(len(batch.seqs), dtype=torch.long)
+        logprobs = None
+        if self.comm.rank == src:
+            ids, logprobs = sample(logits, batch.seqs)
+            tokens = torch.tensor(ids, dtype=torch.long)
+        tokens = self.comm.broadcast(tokens, src=src)
+        if any(s.params.logprobs is not None for s in batch.seqs):
+            logprobs = self.comm.broadcast_object(logprobs, src=src)
+        return tokens.tolist(), logprobs
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        detok = self.detokenize if self.comm.rank == 0 else None
+        text = detok(seq.output_token_ids) if detok else ""
+        return RequestOutput(seq.request_id, seq.prompt_token_ids, list(seq.output_token_ids), text,
+                             seq.finish_reason, seq.logprobs)
+
+    # ---- weights -------------------------------------------------------------------------------------
+    def update_weights(self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]] | None) -> int:
+        """Write new weights (Hugging Face names; a trainer's state_dict or named_parameters) into the master
+        copy that every layout's modules view; every rank calls it, rank 0's `weights` are written (others
+        may pass None). The first update takes a private, writable copy of a shared master file and re-binds
+        every layout's views to it, so the cached copy of the checkpoint is never changed. Returns bytes."""
+        self._check_open()
+        if self.has_unfinished():
+            raise RuntimeError("update_weights between generate calls only: requests are still in flight")
+        t0 = time.perf_counter()
+        nbytes = self.weights.update(weights, self.comm)
+        self.stats.weight_updates += 1
+        self.stats.weight_update_bytes += nbytes
+        self.stats.weight_update_s += time.perf_counter() - t0
+        return nbytes
+
+    # ---- lifecycle -----------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Join threads, release the KV tiers and the master copy's private memory; idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        errors = []
+        for runtime in {id(r): r for r in self.runtimes.values()}.values():
+            try:
+                runtime.close()
+            except Exception as err:  # noqa: BLE001 - close the rest, then report the first
+                errors.append(err)
+        for fn in reversed(self._on_close):
+            try:
+                fn()
+            except Exception as err:  # noqa: BLE001
+                errors.append(err)
+        self._on_close = []
+        if errors:
+            raise errors[0]
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("the engine is closed")
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
