@@ -30,7 +30,6 @@ if TYPE_CHECKING:  # annotations only: the spec checks of a recipe must not wait
     from seesaw_ds.models.config import ModelConfig
 
 _LAYOUT_KEYS = ("tp", "pp", "dp")
-_STAGES = ("prefill", "decode")
 __all__ = ["Layout", "LayoutSpecError", "RankCoords", "StageLayouts", "auto_layouts", "parse_layout_spec",
            "resolve_layouts"]
 
@@ -115,9 +114,9 @@ class StageLayouts:
     decode: Layout
 
     def __post_init__(self):
-        for stage in _STAGES:
-            if not isinstance(getattr(self, stage), Layout):
-                raise TypeError(f"StageLayouts.{stage} must be a Layout, got {type(getattr(self, stage)).__name__}")
+        for name, layout in (("prefill", self.prefill), ("decode", self.decode)):
+            if not isinstance(layout, Layout):
+                raise TypeError(f"StageLayouts.{name} must be a Layout, got {type(layout).__name__}")
         if self.prefill.dp != self.decode.dp:
             raise ValueError(f"StageLayouts.decode: dp={self.decode.dp} differs from prefill dp={self.prefill.dp}; "
                              "DP stays fixed across stages")
