@@ -41,4 +41,6 @@ class WeightViews:
         return self.master.content_key
 
     def close(self) -> None:
+        """Forget the bindings and drop the master's tensors (a private copy's memory goes with the modules)."""
         self.bindings = []
+        self.master.close()

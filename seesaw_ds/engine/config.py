@@ -38,6 +38,3 @@ class EngineConfig:
             raise ValueError(f"kv.threshold must be in [0, 1), got {self.kv_threshold!r}")
         if self.micro_batches < 0:
             raise ValueError(f"micro_batches must be >= 0, got {self.micro_batches!r}")
-
-    def replace(self, **changes) -> "EngineConfig":
-        return dataclasses.replace(self, **changes)

@@ -85,10 +85,6 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     @property
-    def host_occupancy(self) -> float:
-        return 0.0
-
-    @property
     def metrics(self) -> dict:
         return {"device_used": self.allocator.num_used, "waiting": len(self.waiting),
                 "running": len(self.running), "num_preemptions": self.num_preemptions}

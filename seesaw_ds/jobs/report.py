@@ -72,11 +72,3 @@ def write_report(directory: str, report: Mapping[str, Any]) -> str:
     """`job_summary.json` of the last run into the output folder (atomically; shards are untouched)."""
     text = json.dumps(report, indent=2, default=str).encode()
     return atomic_write(directory, SUMMARY_NAME, lambda handle: handle.write(text))
-
-
-def read_report(directory: str) -> dict[str, Any] | None:
-    path = os.path.join(directory, SUMMARY_NAME)
-    if not os.path.exists(path):
-        return None
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)

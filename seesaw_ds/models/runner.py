@@ -36,10 +36,6 @@ class ModelRunner:
         self.rotary_emb = inner.rotary_emb
         self.lm_head = hf_model.lm_head
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.embed_tokens.weight.dtype
-
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids[None, :])                     # [1, T, H]
 

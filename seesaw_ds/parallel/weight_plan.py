@@ -204,13 +204,6 @@ class WeightPlan:
             raise ValueError(f"WeightPlan.shards has {len(self.shards)} ranks; layout {self.layout.describe()} "
                              f"needs {self.layout.ranks_per_replica}")
 
-    @property
-    def full_shapes(self) -> dict[str, tuple[int, ...]]:
-        return hf_weight_shapes(self.cfg)
-
-    def for_local_rank(self, local_rank: int) -> tuple[ShardEntry, ...]:
-        return self.shards[local_rank]
-
     def for_global_rank(self, global_rank: int) -> tuple[ShardEntry, ...]:
         return self.shards[self.layout.coords(global_rank).local_rank]
 

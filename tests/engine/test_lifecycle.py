@@ -95,6 +95,9 @@ def test_abort_frees_blocks_and_the_rest_finish_exactly():
         assert out[i] == hf_greedy(model, prompts[int(i)], MAX_TOKENS)
     engine.scheduler.allocator.check_integrity()
     assert engine.scheduler.allocator.num_used == 0
+    with engine:                     # the engine is its own context manager too
+        pass
+    assert engine.closed
     llm.close()
 
 

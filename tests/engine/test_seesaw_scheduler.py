@@ -160,3 +160,35 @@ def test_request_that_cannot_fit_is_rejected_and_the_rest_still_finish(host, dev
 def test_tier_config_errors_name_the_bad_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         TierConfig(**kwargs)
+
+
+def test_abort_in_every_state_frees_both_tiers():
+    # 4 prompts of 8 tokens (blocks of 4): all stashed by one prefill; the device pool holds only two of
+    # them, so after the first decode step two run, one is prefetching (in flight) and one stays stashed
+    cfg = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=32, block_size=4)
+    sched = SeesawScheduler(cfg, TierConfig(host_blocks=16, device_blocks=7, prefetch=True))
+    seqs = [Sequence(str(i), list(range(1, 9)), SamplingParams(max_tokens=6)) for i in range(4)]
+    for s in seqs:
+        sched.add(s)
+    batch = sched.schedule()
+    assert batch.is_prefill and len(batch.seqs) == 4
+    sched.postprocess(batch, [5] * 4)
+    batch = sched.schedule()                                   # onboard: loads land now (nothing running)
+    sched.postprocess(batch, [5] * len(batch.seqs))
+    batch = sched.schedule()                                   # decode the runners, prefetch the next
+    states = {s.request_id: s.status.value for s in seqs}
+    running = [s for s in seqs if states[s.request_id] == "running"]
+    others = [s for s in seqs if states[s.request_id] in ("stashed", "prefetching")]
+    assert running and others, states
+    for seq in others + running[:1]:
+        assert sched.abort(seq) and seq.finish_reason == "abort"
+    assert not sched.abort(running[0])                         # already gone
+    sched.postprocess(batch, [5] * len(batch.seqs))
+    while sched.has_unfinished():                              # in-flight loads land and are freed
+        batch = sched.schedule()
+        if batch is None:
+            break
+        sched.postprocess(batch, [5] * len(batch.seqs))
+    assert sched.device.num_used == 0 and sched.host.num_used == 0
+    sched.device.check_integrity()
+    sched.host.check_integrity()
