@@ -47,8 +47,8 @@ class LLM:
         self._owns_process_group = init_distributed() if distributed else False
         comm = TorchComm() if distributed else NullComm()
         self.is_main = comm.rank == 0
-        self.tokenizer = _load_tokenizer(config, comm)
-        self.engine = build_engine(config, comm=comm, tokenizer=self.tokenizer, announce=announce)
+        self.engine = build_engine(config, comm=comm, announce=announce)
+        self.tokenizer = self.engine.tokenizer
         self._leave = leave_distributed if self._owns_process_group else None
         self.model_name = config.model
 
@@ -160,17 +160,6 @@ class LLM:
                 bar.update(1)
         bar.close()
         return [results[f"{base}{i}"] for i in range(len(prompts))]
-
-
-def _load_tokenizer(config: EngineConfig, comm):
-    """The model's tokenizer, or None for a weights-only folder (token-id prompts still work)."""
-    from transformers import AutoTokenizer
-    from seesaw_ds.models.loader import default_cache_dir, resolve_model_folder
-    folder = comm.on_rank0_then_all(lambda: resolve_model_folder(config.model, config.cache_dir or default_cache_dir()))
-    try:
-        return AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError, TypeError, AttributeError):
-        return None
 
 
 __all__ = ["LLM", "SamplingParams", "parse_dtype"]

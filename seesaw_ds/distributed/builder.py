@@ -34,7 +34,7 @@ from seesaw_ds.engine.seesaw_scheduler import SeesawScheduler, TierConfig
 from seesaw_ds.engine.stats import EngineStats
 from seesaw_ds.kv.pool import KVPool, KVPoolSpec
 from seesaw_ds.models.config import ModelConfig, parse_dtype
-from seesaw_ds.models.loader import default_cache_dir, load_model_config, resolve_model_folder
+from seesaw_ds.models.loader import default_cache_dir, load_model_config, load_tokenizer, resolve_model_folder
 from seesaw_ds.models.runner import ModelRunner
 from seesaw_ds.parallel.kv_plan import kv_ownership, kv_reshard_plan, moves_from, moves_into
 from seesaw_ds.parallel.layout import Layout, StageLayouts, resolve_layouts
@@ -114,7 +114,7 @@ def describe_engine(layouts: StageLayouts, host_blocks: int, host_bytes: int, po
 
 def build_engine(config: EngineConfig, *, comm=None, tokenizer=None, hf_model=None, announce=None) -> Engine:
     """`comm`: the replica's communicator (default: every launched rank, WORLD_SIZE > 1, else one
-    process); `hf_model`: an in-memory transformers model to serve (one process; its tensors are the master);
+    process); `tokenizer`: default, the model folder's own (None for an in-memory model); `hf_model`: an in-memory transformers model to serve (one process; its tensors are the master);
     `announce(line)`: where rank 0 prints the start-up line (default: the `seesaw_ds` logger)."""
     on_close = []
     if comm is None:            # every launched rank (a process group this call makes, close() removes)
@@ -147,12 +147,11 @@ def build_engine(config: EngineConfig, *, comm=None, tokenizer=None, hf_model=No
     if hf_model is None:
         weights = WeightViews(MasterWeights(comm.on_rank0_then_all(lambda: prepare_master(folder, dtype, cache_dir))))
         full = ModelRunner(build_hf_model(folder, weights.master, dtype))   # views: no weight bytes allocated
-        weights.bindings.append((full.hf_model, whole_model_entries(cfg)))
     else:
         weights = WeightViews(MasterWeights.from_tensors(
             {n: p.data for n, p in hf_model.named_parameters(remove_duplicate=False)}))
         full = ModelRunner(hf_model.eval())
-        weights.bindings.append((full.hf_model, whole_model_entries(cfg)))
+    weights.bindings.append((full.hf_model, whole_model_entries(cfg)))      # already views of the master
     on_close.append(weights.close)
     executors = {}
     for layout in (layouts.prefill, layouts.decode):
@@ -198,10 +197,11 @@ def build_engine(config: EngineConfig, *, comm=None, tokenizer=None, hf_model=No
     on_close.append(lambda: setattr(pool, "tensor", torch.empty(0)))
     if comm.rank == 0:
         (announce or log.info)(describe_engine(layouts, host_blocks, host_bytes, blocks))
-    detok = (lambda ids: tokenizer.decode(ids, skip_special_tokens=True)) if tokenizer is not None else None
+    if tokenizer is None and folder is not None:
+        tokenizer = load_tokenizer(folder)
     eos = cfg.eos_token_ids or _tokenizer_eos(tokenizer)
     return Engine(scheduler, prefill, decode, comm, weights=weights, layouts=layouts, model_config=cfg,
-                  model_folder=folder, stats=stats, eos_token_ids=eos, detokenize=detok,
+                  model_folder=folder, stats=stats, eos_token_ids=eos, tokenizer=tokenizer,
                   sliding_window=cfg.sliding_window, on_close=on_close)
 
 

@@ -18,15 +18,12 @@ import uuid
 
 import torch
 
+from seesaw_ds.distributed.shm_buffers import shm_dir
 from seesaw_ds.models.config import ModelConfig
 
 
 PAGE_BYTES = 4096
 MAX_SLICE_RUNS = 8     # above this many runs of slots, one index_copy_ beats a copy per run
-
-
-def shm_dir() -> str:
-    return "/dev/shm" if os.path.isdir("/dev/shm") else os.environ.get("TMPDIR", "/tmp")
 
 
 def slot_runs(slots: torch.Tensor) -> list[tuple[int, int, int]]:

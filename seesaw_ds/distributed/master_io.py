@@ -20,13 +20,13 @@ from typing import Mapping
 
 import torch
 
+from seesaw_ds.distributed.shm_buffers import shm_dir
 from seesaw_ds.models.config import parse_dtype
 
 ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
              "BOOL": torch.bool}
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
-SHM_DIR = "/dev/shm"
 SHM_PREFIX = "seesaw-master-"
 _ALIGN = 64     # byte alignment of each tensor inside a shared writable copy
 
@@ -116,7 +116,7 @@ def write_safetensors_atomic(path: str, tensors: Mapping[str, torch.Tensor],
 def shm_path(tag: str = "") -> str:
     """A fresh, unguessable name in /dev/shm (the tag, sanitised, only helps a reader of `ls`)."""
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in str(tag))[:32]
-    return os.path.join(SHM_DIR, f"{SHM_PREFIX}{safe + '-' if safe else ''}{uuid.uuid4().hex}")
+    return os.path.join(shm_dir(), f"{SHM_PREFIX}{safe + '-' if safe else ''}{uuid.uuid4().hex}")
 
 
 def create_shm_file(path: str, nbytes: int) -> int:

@@ -1,9 +1,15 @@
-"""DeepSpeed's shared-memory all-reduce on CPU ranks leaves its buffers in /dev/shm. Standard library only,
-so a calibration rank can use it without importing the engine."""
+"""Shared memory of the node: where our files go (`shm_dir`), and the cleanup of DeepSpeed's CPU all-reduce
+buffers, which it leaves in /dev/shm. Standard library only, so a calibration rank can use it without
+importing the engine."""
 from __future__ import annotations
 
 import glob
 import os
+
+
+def shm_dir() -> str:
+    """/dev/shm where the node has it (memory shared by every process of the node), else TMPDIR."""
+    return "/dev/shm" if os.path.isdir("/dev/shm") else os.environ.get("TMPDIR", "/tmp")
 
 
 def cleanup_deepspeed_shm() -> None:

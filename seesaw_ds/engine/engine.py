@@ -28,7 +28,7 @@ log = logging.getLogger("seesaw_ds")
 class Engine:
     def __init__(self, scheduler: Scheduler, prefill: StageRuntime, decode: StageRuntime, comm, *,
                  weights, layouts, model_config, model_folder: str | None = None, stats: EngineStats | None = None,
-                 eos_token_ids=(), detokenize: Callable | None = None, sliding_window: int | None = None,
+                 eos_token_ids=(), tokenizer=None, sliding_window: int | None = None,
                  on_close: Iterable[Callable[[], None]] = ()):
         self.scheduler = scheduler
         self.layouts = layouts               # StageLayouts: prefill and decode layouts (equal when static)
@@ -38,7 +38,7 @@ class Engine:
         self.comm = comm
         self.weights = weights               # WeightViews: the master copy and every module's views of it
         self.eos_token_ids = tuple(eos_token_ids)
-        self.detokenize = detokenize
+        self.tokenizer = tokenizer           # None: token ids only (outputs carry no text)
         self.sliding_window = sliding_window
         self.stats = stats or EngineStats(device_blocks=scheduler.allocator.num_blocks)
         self._current: StageRuntime | None = None
@@ -139,8 +139,8 @@ class Engine:
         return tokens.tolist(), logprobs
 
     def _output(self, seq: Sequence) -> RequestOutput:
-        detok = self.detokenize if self.comm.rank == 0 else None
-        text = detok(seq.output_token_ids) if detok else ""
+        decode = self.tokenizer is not None and self.comm.rank == 0
+        text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True) if decode else ""
         return RequestOutput(seq.request_id, seq.prompt_token_ids, list(seq.output_token_ids), text,
                              seq.finish_reason, seq.logprobs)
 

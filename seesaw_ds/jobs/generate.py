@@ -89,16 +89,10 @@ def _set_threads(world) -> None:
 
 def _load_model_meta(recipe: Recipe, comm: Comm):
     """(folder, ModelConfig, tokenizer or None); rank 0 resolves (converts) the model first."""
-    from transformers import AutoTokenizer
-    from seesaw_ds.models.loader import default_cache_dir, load_model_config, resolve_model_folder
+    from seesaw_ds.models.loader import default_cache_dir, load_model_config, load_tokenizer, resolve_model_folder
     cache_dir = recipe.model.cache_dir or default_cache_dir()
     folder = comm.from_rank0(lambda: resolve_model_folder(recipe.model.name, cache_dir))
-    cfg = load_model_config(folder)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError, TypeError, AttributeError):
-        tokenizer = None
-    return folder, cfg, tokenizer
+    return folder, load_model_config(folder), load_tokenizer(folder)
 
 
 def _auto_planner(recipe: Recipe, tokenizer) -> Callable:

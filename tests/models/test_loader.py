@@ -3,14 +3,14 @@ import json
 import pytest
 
 from seesaw_ds.models.config import ModelConfig, UnsupportedArchitecture
-from seesaw_ds.models.loader import load_model, resolve_model_folder
+from seesaw_ds.models.loader import load_model_config, resolve_model_folder
 from tests.conftest import tiny_hf_model
 
 
 def test_unsupported_architecture_names_it_and_lists_supported(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
     with pytest.raises(UnsupportedArchitecture, match="unsupported architecture 'GPT2LMHeadModel'.*llama"):
-        load_model(str(tmp_path))
+        load_model_config(str(tmp_path))
 
 
 def test_missing_paths_are_clear_errors(tmp_path):
@@ -35,8 +35,10 @@ def test_model_config_normalises_each_family(kind):
 
 
 def test_folder_round_trip(tmp_path):
+    from seesaw_ds import LLM
     model = tiny_hf_model("llama")
-    model.save_pretrained(tmp_path)
-    loaded = load_model(str(tmp_path), dtype="bfloat16")
-    assert loaded.config.model_type == "llama" and str(loaded.hf_model.dtype) == "torch.bfloat16"
-    assert loaded.tokenizer is None                  # weights-only folder: token ids still work
+    model.save_pretrained(tmp_path / "model")
+    with LLM(str(tmp_path / "model"), dtype="bfloat16", cache_dir=str(tmp_path / "cache"), kv_device_gb=0.01) as llm:
+        assert llm.config.model_type == "llama"
+        assert str(llm.engine.weights.master["lm_head.weight"].dtype) == "torch.bfloat16"
+        assert llm.tokenizer is None                 # weights-only folder: token ids still work
