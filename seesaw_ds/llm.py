@@ -137,6 +137,9 @@ class LLM:
     @torch.inference_mode()
     def generate(self, prompts, sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
+        """One RequestOutput per prompt, in order. With `SamplingParams(n=N)` the prompt is prefilled once and
+        `output.samples` holds its N samples (token ids, text, finish reason and, with `logprobs` set, each
+        sampled token's log-probability in `token_logprobs`); the flat fields are sample 0's."""
         prompts = self._as_list(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()

@@ -22,7 +22,10 @@ from seesaw_ds.distributed.executors import build_executor
 from seesaw_ds.distributed.host_kv import HostKVStore
 from seesaw_ds.distributed.kv_moves import TierCopies
 from seesaw_ds.distributed.master import MasterWeights, build_hf_model, prepare_master
-from seesaw_ds.distributed.shm_buffers import cleanup_deepspeed_shm
+from seesaw_ds.distributed.pipe_executor import PipelineExecutor, prefill_window_tokens
+from seesaw_ds.distributed.liveness import collective_timeout, stop_watching, watch_peers
+from seesaw_ds.distributed.private_dirs import check_trusted_folders
+from seesaw_ds.distributed.shm_buffers import cleanup_deepspeed_shm, sweep_stale_shm
 from seesaw_ds.distributed.stash import KVStasher
 from seesaw_ds.distributed.weight_views import WeightViews
 from seesaw_ds.engine.comm import NullComm, TorchComm
@@ -56,21 +59,34 @@ def check_kv_budget(cfg, name: str, gb: float, max_model_len: int, block_size: i
 
 
 def init_distributed() -> bool:
-    """Initialise the default process group if needed; True if this call did it."""
+    """Initialise the default process group if needed; True if this call did it. Refuses extension folders
+    other users can write, sweeps stale /dev/shm files, sets our collective timeout (liveness.py) and starts
+    the peer watch (a dead peer ends this rank with one line; SIGTERM / SIGINT clean up /dev/shm)."""
     import torch.distributed as dist
     if dist.is_initialized():
         return False
     import deepspeed
     from deepspeed.accelerator import get_accelerator
     os.environ.setdefault("LOCAL_SIZE", os.environ.get("WORLD_SIZE", "1"))   # DeepSpeed's CPU all-reduce needs it
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    check_trusted_folders()    # before DeepSpeed loads its compiled all-reduce op from there
+    sweep_stale_shm()          # files of killed jobs (DeepSpeed would even reuse a buffer of the same name)
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+                               timeout=collective_timeout())
+    if os.environ["LOCAL_SIZE"] != os.environ.get("WORLD_SIZE", "1"):
+        # several nodes: DeepSpeed's shared-memory all-reduce spans one node only and is not set up (its op
+        # would crash); AutoTP's all-reduce then takes the process group's (gloo / NCCL) over the link
+        from deepspeed.comm import comm as ds_comm
+        ds_comm.cdb.shm_vector_kernel_level = 0
     atexit.register(cleanup_deepspeed_shm)
+    watch_peers()              # a peer gone while this rank waits in a collective ends it with one line
     return True
 
 
 def leave_distributed() -> None:
-    """Undo init_distributed: destroy the process group and DeepSpeed's shared-memory buffers."""
+    """Undo init_distributed: stop the peer watch, destroy the process group and DeepSpeed's shared-memory
+    buffers."""
     import torch.distributed as dist
+    stop_watching()
     if dist.is_initialized():
         dist.destroy_process_group()
     cleanup_deepspeed_shm()
@@ -85,10 +101,12 @@ def release_freed_host_memory() -> None:
         pass
 
 
-def _open_host_store(comm, cfg, blocks, block_size, dtype) -> HostKVStore:
+def _open_host_store(comm, cfg, blocks, block_size, dtype, budget: str) -> HostKVStore:
+    """Rank 0 creates the store (a full /dev/shm: one error naming `budget` and the free space, on every
+    rank), the others map it, then its name goes. On any failure no file is left."""
     path = comm.broadcast_object(HostKVStore.new_path() if comm.rank == 0 else None, src=0)
     store = comm.on_rank0_then_all(lambda: HostKVStore(cfg, blocks, block_size, dtype, path,
-                                                       create=comm.rank == 0))
+                                                       create=comm.rank == 0, budget=budget))
     try:
         comm.barrier()
     finally:
@@ -123,9 +141,26 @@ def build_engine(config: EngineConfig, *, comm=None, tokenizer=None, hf_model=No
             on_close.append(leave_distributed)
         import torch.distributed as dist
         comm = TorchComm() if dist.is_initialized() and hf_model is None else NullComm()
+    try:
+        return _build_engine(config, comm, tokenizer, hf_model, announce, on_close)
+    except BaseException:
+        _undo(on_close)         # a failed start-up: the store's mapping, the weights, a process group made here
+        raise
+
+
+def _undo(on_close) -> None:
+    for fn in reversed(on_close):
+        try:
+            fn()
+        except Exception:  # noqa: BLE001 - the start-up error is the one to report
+            log.debug("cleanup after a failed start-up failed", exc_info=True)
+
+
+def _build_engine(config: EngineConfig, comm, tokenizer, hf_model, announce, on_close: list) -> Engine:
     dtype = parse_dtype(config.dtype) if hf_model is None else hf_model.dtype
     if hf_model is None:
         cache_dir = config.cache_dir or default_cache_dir()
+        check_trusted_folders(cache_dir)
         folder = comm.on_rank0_then_all(lambda: resolve_model_folder(config.model, cache_dir))
         cfg = load_model_config(folder)
     else:
@@ -165,7 +200,11 @@ def build_engine(config: EngineConfig, *, comm=None, tokenizer=None, hf_model=No
     blocks = comm.all_reduce(dev_spec.num_blocks, op="min")     # every rank must agree on the block count
     pool = KVPool(KVPoolSpec(dev_spec.layers, dev_spec.kv_heads, blocks, bs, cfg.head_dim, dtype))
     stats = EngineStats(device_blocks=blocks)
-    sched_cfg = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, max_model_len, bs)
+    for executor in executors.values():
+        if isinstance(executor, PipelineExecutor):
+            executor.report_progress(stats)        # a long pipelined prefill pass shows its progress
+    sched_cfg = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens, max_model_len, bs,
+                                prefill_window_tokens=prefill_window_tokens(layouts.prefill.pp))
     if layouts.is_static:
         runtime = StageRuntime("static", layouts.decode, decode_rect, executors[layouts.decode], pool,
                                _sampling_rank(layouts.decode), micro_batches=config.micro_batches)
@@ -174,7 +213,7 @@ def build_engine(config: EngineConfig, *, comm=None, tokenizer=None, hf_model=No
         host_blocks = host_bytes = 0
     else:
         host_spec = KVPoolSpec.from_budget(cfg, int(config.kv_host_gb * (1 << 30)), bs, dtype)
-        store = _open_host_store(comm, cfg, host_spec.num_blocks, bs, dtype)
+        store = _open_host_store(comm, cfg, host_spec.num_blocks, bs, dtype, f"kv.host_gb={config.kv_host_gb:g}")
         on_close.append(store.close)
         stash_async = config.stash_async
         if stash_async is None:       # a stash thread overlaps a device's compute; on CPUs it takes a core

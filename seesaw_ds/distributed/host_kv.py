@@ -8,8 +8,10 @@ move of the KV re-shard plan (`parallel/kv_plan.py`) at a time, and write a swap
 (`save_from`, the inverse). Head-major means a tensor-parallel rank's slice of a token range is contiguous
 per (layer, k/v).
 
-The backing file lives in /dev/shm under a per-job name and is unlinked as soon as every rank has mapped it,
-so nothing is left behind, whether the job ends well or not.
+The backing file lives in /dev/shm under a per-job name, private to its user (created 0600, exclusively, no
+symlink followed), its pages reserved up front (a /dev/shm too small is one error at start-up, not SIGBUS),
+and is unlinked as soon as every rank has mapped it, so nothing is left behind, whether the job ends well
+or not (a rank stopped before that removes it; a killed one leaves it to the next start-up's sweep).
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ import uuid
 
 import torch
 
+from seesaw_ds.distributed.node import node_key
+from seesaw_ds.distributed.master_io import create_shm_file, unlink_shm_file
 from seesaw_ds.distributed.shm_buffers import shm_dir
 from seesaw_ds.models.config import ModelConfig
 
@@ -42,31 +46,42 @@ def slot_runs(slots: torch.Tensor) -> list[tuple[int, int, int]]:
 
 class HostKVStore:
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, path: str,
-                 create: bool):
+                 create: bool, budget: str = "the host KV store"):
+        """`create`: make the file (private: mode 0600, O_EXCL | O_NOFOLLOW, so an existing file or a planted
+        symlink is refused) and reserve its pages, else map the file another rank made. `budget` names the
+        setting that sized it in the error a full /dev/shm gives (e.g. "kv.host_gb=4")."""
         self.num_blocks, self.block_size = num_blocks, block_size
         self.shape = (cfg.num_layers, 2, cfg.num_kv_heads, num_blocks * block_size, cfg.head_dim)
         numel = 1
         for n in self.shape:
             numel *= n
         nbytes = numel * torch.empty((), dtype=dtype).element_size()
-        if create:
-            with open(path, "wb") as f:
-                f.truncate(nbytes)
-                try:
-                    os.posix_fallocate(f.fileno(), 0, nbytes)    # the node's pages now, not mid-prefill
-                except (AttributeError, OSError):
-                    pass
         self.path = path
-        self.tensor = torch.from_file(path, shared=True, size=numel, dtype=dtype).view(self.shape)
-        # NOTE: map every page writable in this process up front (one element per page): first touches of a
-        # shared mapping fault page by page, which made the first prefill's stash several times slower
-        flat = self.tensor.view(-1)
-        flat[::max(1, PAGE_BYTES // flat.element_size())].zero_()
+        fd = None
+        if create:      # the node's pages now (posix_fallocate), not a SIGBUS mid-prefill
+            fd = create_shm_file(path, nbytes, purpose=f"the host KV store ({budget})",
+                                 remedy=f"lower {budget.split('=')[0]}" if "=" in budget else "free memory")
+        elif not os.path.isfile(path) or os.path.islink(path) or os.path.getsize(path) != nbytes:
+            raise RuntimeError(f"the host KV store {path} is missing or holds the wrong size on this node: every "
+                               f"rank of a replica must share one node's /dev/shm")
+        try:
+            self.tensor = torch.from_file(path, shared=True, size=numel, dtype=dtype).view(self.shape)
+            # NOTE: map every page writable in this process up front (one element per page): first touches of
+            # a shared mapping fault page by page, which made the first prefill's stash several times slower
+            flat = self.tensor.view(-1)
+            flat[::max(1, PAGE_BYTES // flat.element_size())].zero_()
+        except BaseException:
+            if create:
+                unlink_shm_file(path)
+            raise
+        finally:
+            if fd is not None:
+                os.close(fd)
         self._runs: tuple[torch.Tensor | None, list] = (None, [])     # (slots, their runs) of the last write
 
     @staticmethod
     def new_path(job_token: str | None = None) -> str:
-        return os.path.join(shm_dir(), f"seesaw-kv-{job_token or uuid.uuid4().hex}")
+        return os.path.join(shm_dir(), f"seesaw-kv-{node_key()}-{job_token or uuid.uuid4().hex}")
 
     @property
     def nbytes(self) -> int:
@@ -78,10 +93,7 @@ class HostKVStore:
         self.tensor = torch.empty((0,) * len(self.shape), dtype=self.tensor.dtype)
 
     def unlink(self) -> None:
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        unlink_shm_file(self.path)
 
     # ---- the attention hook's sink during prefill ---------------------------------------------------
     def write(self, layer: int, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor,

@@ -100,7 +100,7 @@ class MasterWeights:
             except BaseException as err:  # noqa: BLE001 - re-raised below, after the others hear of it
                 error = err
                 if created:
-                    os.unlink(path)
+                    io.unlink_shm_file(path)
         told = comm.broadcast_object((path, None if error is None else f"{type(error).__name__}: {error}"), src=0)
         if error is not None:
             raise error
@@ -119,7 +119,8 @@ class MasterWeights:
                 everyone = comm.all_reduce(int(mapped), "min")    # every rank has mapped it (or failed)
             finally:
                 if comm.rank == 0:
-                    os.unlink(told[0])                            # the mappings keep the memory alive
+                    io.unlink_shm_file(told[0])                   # the mappings keep the memory alive
+                comm.barrier()                                    # NOTE: then the name is gone on every rank
         if not everyone:
             raise RuntimeError("a rank could not map the writable master copy (its error is printed there)")
         return self._wrap(io.tensors_over(buf, self.tensors, offsets), self.content_key, shared=True,

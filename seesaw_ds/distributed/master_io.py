@@ -20,7 +20,8 @@ from typing import Mapping
 
 import torch
 
-from seesaw_ds.distributed.shm_buffers import shm_dir
+from seesaw_ds.distributed.node import node_key
+from seesaw_ds.distributed.shm_buffers import forget, remember, shm_dir
 from seesaw_ds.models.config import parse_dtype
 
 ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
@@ -75,7 +76,8 @@ def map_safetensors(path: str) -> dict[str, torch.Tensor]:
 
 def write_safetensors_atomic(path: str, tensors: Mapping[str, torch.Tensor],
                              metadata: Mapping[str, str] | None = None) -> None:
-    """Write `tensors` to `path` all or nothing: a temp file beside it, fsync, rename, fsync of the folder.
+    """Write `tensors` to `path` all or nothing: a private temp file beside it (mode 0600, created
+    exclusively), fsync, rename, fsync of the folder.
 
     Readers never see a partial file; on any failure the temp file is removed and the error re-raised.
     """
@@ -90,8 +92,10 @@ def write_safetensors_atomic(path: str, tensors: Mapping[str, torch.Tensor],
     blob += b" " * (-len(blob) % 8)
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+    remember(tmp)                  # a rank stopped mid-write removes it (shm_buffers.cleanup_on_stop)
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(fd, "wb") as f:
             f.write(struct.pack("<Q", len(blob)) + blob)
             for t in tensors.values():
                 if t.numel():
@@ -99,12 +103,14 @@ def write_safetensors_atomic(path: str, tensors: Mapping[str, torch.Tensor],
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException:          # a full disk included: no model-sized temp file is left behind
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
         raise
+    finally:
+        forget(tmp)
     dir_fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -116,14 +122,22 @@ def write_safetensors_atomic(path: str, tensors: Mapping[str, torch.Tensor],
 def shm_path(tag: str = "") -> str:
     """A fresh, unguessable name in /dev/shm (the tag, sanitised, only helps a reader of `ls`)."""
     safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in str(tag))[:32]
-    return os.path.join(shm_dir(), f"{SHM_PREFIX}{safe + '-' if safe else ''}{uuid.uuid4().hex}")
+    return os.path.join(shm_dir(), f"{SHM_PREFIX}{safe + '-' if safe else ''}{node_key()}-{uuid.uuid4().hex}")
 
 
-def create_shm_file(path: str, nbytes: int) -> int:
+class ShmSpaceError(OSError):
+    """A shared-memory file could not be reserved: the message names what asked for how much, and the free
+    space of the folder (so a small /dev/shm ends in one clear line at start-up, not in SIGBUS later)."""
+
+
+def create_shm_file(path: str, nbytes: int, purpose: str = "a writable copy of the weights",
+                    remedy: str = "free memory") -> int:
     """Create `path` exclusively (an existing file or symlink there is refused: FileExistsError), mode 0600,
     and reserve `nbytes` (posix_fallocate, so a full /dev/shm fails here and not later with SIGBUS on a
-    page fault). Returns the open read-write fd. On failure nothing is left at `path`."""
+    page fault: ShmSpaceError naming `purpose` and `remedy`). Returns the open read-write fd. On failure
+    nothing is left at `path`; until the caller unlinks it, a stopped rank removes it (`remember`)."""
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    remember(path)
     try:
         if nbytes:
             os.posix_fallocate(fd, 0, nbytes)
@@ -131,13 +145,26 @@ def create_shm_file(path: str, nbytes: int) -> int:
     except BaseException as err:
         os.close(fd)
         os.unlink(path)
+        forget(path)
         if isinstance(err, OSError):
-            st = os.statvfs(os.path.dirname(path))
-            raise OSError(err.errno, f"cannot reserve {nbytes} bytes in {path} for a writable copy of the "
-                                     f"weights ({err.strerror}); {os.path.dirname(path)} has "
-                                     f"{st.f_bavail * st.f_frsize} bytes free. Enlarge /dev/shm (e.g. docker "
-                                     f"--shm-size) or free memory") from err
+            folder = os.path.dirname(path)
+            st = os.statvfs(folder)
+            free, size = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+            raise ShmSpaceError(err.errno, f"cannot reserve {nbytes} bytes ({nbytes / (1 << 30):.2f} GiB) in "
+                                           f"{folder} for {purpose} ({err.strerror}); {folder} has {free} "
+                                           f"bytes free ({free / (1 << 30):.2f} GiB of {size / (1 << 30):.2f} "
+                                           f"GiB). {remedy[:1].upper() + remedy[1:]}, or enlarge {folder} "
+                                           f"(e.g. docker --shm-size)") from err
         raise
+
+
+def unlink_shm_file(path: str) -> None:
+    """Remove the name of a file made by `create_shm_file` (its mappings keep the memory alive)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    forget(path)
 
 
 def map_shared(path: str, nbytes: int) -> mmap.mmap:
@@ -226,7 +253,7 @@ def prepare_master(folder: str, dtype: str | torch.dtype, cache_dir: str) -> str
         path = master_path(folder, dtype, cache_dir, key)
         if os.path.exists(path):
             return path
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         tensors = {}
         for file in _weight_files(folder):
             for name, t in map_safetensors(file).items():

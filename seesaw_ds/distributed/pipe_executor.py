@@ -9,10 +9,14 @@ flat tuple of tensors travels (DeepSpeed passes only tensors):
 Prefill writes each stage's layers x all KV heads to the KV target (the host store); decode reads the
 stage's own paged pool. The last stage returns last-token logits; other stages return None.
 
-Micro-batches: a pass fills and drains the pipeline (decode needs this step's tokens before the next step),
-so m micro-batches over pp stages take (m + pp - 1) micro-batch times, and every micro-batch pays each
-layer's fixed cost again. Prefill (long, compute-bound micro-batches) is cut into up to 8; decode runs as
-one (the README's planner section has the measurements behind both).
+Micro-batches: a pass fills and drains the pipeline, so m micro-batches over pp stages take (m + pp - 1)
+micro-batch times, and every micro-batch pays each layer's fixed cost again. Decode needs this step's tokens
+before the next step, so it runs as one micro-batch per step. Prefill has no such dependency, so a prefill
+stage is a stream: the scheduler admits a window of up to `prefill_window_tokens(pp)` prompt tokens per step
+(many more than the decode-era step budget), and the pass cuts it into `PREFILL_WINDOW` micro-batches of
+balanced token counts (about `PREFILL_MICRO_TOKENS` each when the window is full). The fill-and-drain
+bubble is thus paid once per window of many micro-batches, i.e. about once per stage on a job's
+prompts; the first tokens are sampled from the logits of every micro-batch of the pass.
 
 NOTE: the head hands its logits to the executor through `StageState.logits`, and gives DeepSpeed a fixed
 [1] placeholder: the engine sums the last stage's outputs across micro-batches (as losses), which fails
@@ -27,8 +31,14 @@ from seesaw_ds.engine.inputs import ModelInputs
 from seesaw_ds.kv.attention import AttentionMetadata
 from seesaw_ds.models.runner import ModelRunner
 
-PREFILL_MICRO_BATCHES = 8
+PREFILL_MICRO_TOKENS = 2048   # a prefill micro-batch's size in a full window (tokens)
+PREFILL_WINDOW = 16           # prefill micro-batches per pipeline pass (the bubble's share: (pp - 1) / 16)
 DECODE_MICRO_BATCHES = 1
+
+
+def prefill_window_tokens(pp: int) -> int:
+    """Prompt tokens a prefill step of a `pp`-stage pipeline admits (0: no pipeline, the step budget rules)."""
+    return PREFILL_WINDOW * PREFILL_MICRO_TOKENS if pp > 1 else 0
 
 
 class StageState:
@@ -39,6 +49,12 @@ class StageState:
         self.sliding_window = sliding_window
         self.kv = None                   # set by the executor before each pass
         self.logits: list[torch.Tensor] = []   # last stage: [B_mb, V] per micro-batch of the current pass
+        self.last_layer = -1             # this rank's last decoder layer: a micro-batch past it is done here
+        self.stats = None                # EngineStats: prefill progress per micro-batch (mid-step), if set
+
+    def micro_batch_done(self, num_tokens: int) -> None:
+        if self.stats is not None:
+            self.stats.prefill_tokens_done += num_tokens
 
 
 class EmbedPipe(nn.Module):
@@ -67,6 +83,8 @@ class DecoderPipe(nn.Module):
                                      sliding_window=self.state.sliding_window)
         h = self.state.runner.run_layers(h, positions, range(self.layer_idx, self.layer_idx + 1), meta,
                                          self.state.kv)
+        if self.layer_idx == self.state.last_layer and meta.is_prefill:
+            self.state.micro_batch_done(int(positions.numel()))
         return (h, positions, slots, seq_info, block_tables, logits_indices, is_prefill)
 
 
@@ -98,7 +116,7 @@ class PipelineExecutor:
     """Runs micro-batched passes through a DeepSpeed `PipelineEngine` built over this rank's stage."""
 
     def __init__(self, runner: ModelRunner, num_layers: int, num_kv_heads: int, pp: int,
-                 sliding_window: int | None, prefill_micro_batches: int = PREFILL_MICRO_BATCHES,
+                 sliding_window: int | None, prefill_micro_batches: int = PREFILL_WINDOW,
                  decode_micro_batches: int = DECODE_MICRO_BATCHES):
         import deepspeed
         from deepspeed.pipe import LayerSpec, PipelineModule
@@ -118,8 +136,13 @@ class PipelineExecutor:
         parts = module.parts                       # layer-spec boundaries: [embed, L decoders, head]
         lo, hi = parts[self.stage_id], parts[self.stage_id + 1]
         self.layers = range(max(lo - 1, 0), min(hi - 1, num_layers))   # this stage's decoder layers
+        self.state.last_layer = self.layers[-1] if len(self.layers) else -1
         self.kv_heads = range(num_kv_heads)
         self.prefill_micro_batches, self.decode_micro_batches = prefill_micro_batches, decode_micro_batches
+
+    def report_progress(self, stats) -> None:
+        """Advance `stats.prefill_tokens_done` as each prefill micro-batch leaves this rank's stage."""
+        self.state.stats = stats
 
     def micro_batches(self, is_prefill: bool) -> int:
         return self.prefill_micro_batches if is_prefill else self.decode_micro_batches

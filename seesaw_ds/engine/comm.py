@@ -61,18 +61,63 @@ class TorchComm(NullComm):
 
     def on_rank0_then_all(self, fn: Callable[[], Any]) -> Any:
         """fn() on rank 0 first (a one-time conversion, a file it creates), then on the others, which reuse
-        its result. An error on rank 0 reaches the others as a RuntimeError instead of a hang."""
-        ok, result = True, None
-        if self.rank == 0:
-            try:
-                result = fn()
-            except BaseException as err:  # noqa: BLE001 - re-raised below, after the others hear of it
-                ok, result = False, err
-        status = self.broadcast_object(ok if self.rank == 0 else None, src=0)
+        its result. Rank 0's error is raised on every rank (the same exception where it can be sent, else a
+        RuntimeError) instead of a hang. However long fn() takes, no collective waits longer than a
+        heartbeat (`rank0_heart_beaten`), so the process group's timeout bounds only a real hang."""
+        ok, result = rank0_heart_beaten(self, fn)
         if self.rank == 0:
             if not ok:
                 raise result
             return result
-        if not status:
-            raise RuntimeError("rank 0 failed while preparing a shared resource (its error is printed there)")
+        if not ok:
+            raise result if isinstance(result, BaseException) else RuntimeError(
+                f"rank 0 failed while preparing a shared resource: {result}")
         return fn()
+
+
+def heartbeat_seconds() -> float:
+    """How often rank 0 tells the others it is still busy: a quarter of the collective timeout, at most 10 s."""
+    from seesaw_ds.distributed.liveness import collective_timeout
+    return min(10.0, collective_timeout().total_seconds() / 4)
+
+
+def rank0_heart_beaten(comm, fn: Callable[[], Any], send_result: bool = False) -> tuple[bool, Any]:
+    """Run fn() on rank 0 of `comm` (anything with rank and broadcast_object) while every other rank waits
+    in a broadcast that rank 0 repeats every `heartbeat_seconds()`: (ok, result or exception) on rank 0;
+    on the others (ok, rank 0's result if `send_result` else None, or its exception or the exception's
+    text). Collective."""
+    import threading
+    if comm.rank != 0:
+        while True:
+            status = comm.broadcast_object(None, src=0)
+            if status != "busy":
+                return status
+    box: list = [False, None]
+
+    def work():
+        try:
+            box[:] = [True, fn()]
+        except BaseException as err:  # noqa: BLE001 - handed to the caller, and to the other ranks
+            box[:] = [False, err]
+
+    worker = threading.Thread(target=work, name="seesaw-rank0-work", daemon=True)
+    worker.start()
+    beat = heartbeat_seconds()
+    while True:
+        worker.join(beat)
+        if worker.is_alive():
+            comm.broadcast_object("busy", src=0)
+            continue
+        ok, result = box
+        comm.broadcast_object((True, result if send_result else None) if ok else (False, _sendable(result)), src=0)
+        return ok, result
+
+
+def _sendable(err: BaseException) -> Any:
+    """The exception itself when it survives pickling, else its text."""
+    import pickle
+    try:
+        copy = pickle.loads(pickle.dumps(err))
+        return copy if type(copy) is type(err) and str(copy) == str(err) else f"{type(err).__name__}: {err}"
+    except Exception:  # noqa: BLE001 - any pickling failure: send the text
+        return f"{type(err).__name__}: {err}"

@@ -16,10 +16,11 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 from seesaw_ds.engine.runtime import StageRuntime
+from seesaw_ds.engine.sample_groups import copy_blocks, first_token_forks, make_samples, release_orphans
 from seesaw_ds.engine.sampler import sample
 from seesaw_ds.engine.sampling_params import SamplingParams
-from seesaw_ds.engine.scheduler import ScheduledBatch, Scheduler
-from seesaw_ds.engine.sequence import RequestOutput, Sequence
+from seesaw_ds.engine.scheduler import Scheduler
+from seesaw_ds.engine.sequence import RequestOutput, SampleOutput, Sequence, SequenceStatus
 from seesaw_ds.engine.stats import EngineStats
 
 log = logging.getLogger("seesaw_ds")
@@ -44,7 +45,7 @@ class Engine:
         self._current: StageRuntime | None = None
         self._t_start = time.perf_counter()
         self._stage_mark = (0, 0.0)          # (kv bytes, copy seconds) at the start of the current runtime
-        self._sequences: dict[str, Sequence] = {}
+        self._requests: dict[str, list[Sequence]] = {}     # unfinished request -> its n samples
         self._on_close = list(on_close)
         self.closed = False
 
@@ -52,21 +53,26 @@ class Engine:
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         self._check_open()
         request_id = str(request_id)
-        if request_id in self._sequences:
+        if request_id in self._requests:
             raise ValueError(f"duplicate request id {request_id!r}")
-        seq = Sequence(request_id, [int(t) for t in prompt_token_ids], params, self.eos_token_ids,
-                       self.scheduler.config.max_model_len)
-        self.scheduler.add(seq)
-        self._sequences[request_id] = seq
+        samples = make_samples(request_id, [int(t) for t in prompt_token_ids], params, self.eos_token_ids,
+                               self.scheduler.config.max_model_len)
+        self.scheduler.add(samples[0])          # the prompt is prefilled once; the others fork off it
+        self._requests[request_id] = samples
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Drop an unfinished request (every rank calls it between steps); its KV blocks are freed at once,
-        or as soon as a load in flight lands. Returns its partial output (finish_reason "abort"), or None
-        for an unknown or finished request."""
-        seq = self._sequences.pop(str(request_id), None)
-        if seq is None or not self.scheduler.abort(seq):
+        or as soon as a load in flight lands. Returns its partial output (finish_reason "abort" for each
+        unfinished sample), or None for an unknown or finished request."""
+        samples = self._requests.pop(str(request_id), None)
+        if samples is None:
             return None
-        return self._output(seq)
+        for seq in samples:
+            seq.forks = []                      # not forked yet: they hold no blocks
+        for seq in samples:
+            if not seq.is_finished and not self.scheduler.abort(seq):
+                seq.finish_reason = "abort"
+        return self._output(samples)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -89,17 +95,44 @@ class Engine:
         switch_s = self._enter(runtime) if runtime is not self._current else 0.0
         self.stats.device_blocks_peak = max(self.stats.device_blocks_peak, self.scheduler.allocator.num_used)
         runtime.prepare(batch)
+        copies, self.scheduler.fork_copies = self.scheduler.fork_copies, []
+        if copies:                           # forked samples' own copy of the prompt's last, partial block
+            if batch.is_prefill:
+                raise RuntimeError("internal: sample forks scheduled in a prefill step")
+            copy_blocks(runtime.kv, copies)
         logits = runtime.forward(batch, self.scheduler.config.block_size, self.sliding_window)
         runtime.finish(self.stats)
-        tokens, logprobs = self._sample_and_share(logits, batch, runtime.sampling_rank)
-        finished = self.scheduler.postprocess(batch, tokens, logprobs)
+        forks = first_token_forks(batch.seqs) if batch.is_prefill else []
+        rows = list(range(len(batch.seqs))) + [row for row, _ in forks]
+        tokens, logprobs = self._sample_and_share(logits, batch.seqs + [f for _, f in forks], rows,
+                                                  runtime.sampling_rank)
+        finished = self._first_tokens(batch.seqs, forks, tokens, logprobs)
+        finished += self.scheduler.postprocess(batch, tokens[:len(batch.seqs)],
+                                               logprobs[:len(batch.seqs)] if logprobs else None)
+        release_orphans(self.scheduler, [s for s in finished if s.forks])
         self.stats.account(batch.is_prefill, len(batch.seqs), batch.num_tokens,
                            time.perf_counter() - t0 - switch_s)
         if self.scheduler.has_host_tier:
             self.stats.host_occupancy.append(self.scheduler.host_occupancy)
+        outputs = []
         for seq in finished:
-            self._sequences.pop(seq.request_id, None)
-        return [self._output(s) for s in finished]
+            samples = self._requests.get(seq.request_id)
+            if samples is not None and all(s.is_finished for s in samples):
+                del self._requests[seq.request_id]
+                outputs.append(self._output(samples))
+        return outputs
+
+    @staticmethod
+    def _first_tokens(seqs: list[Sequence], forks, tokens, logprobs) -> list[Sequence]:
+        """Give each fork of a prefilled sequence its first token; one that finishes on it never forks."""
+        finished, offset = [], len(seqs)
+        for k, (row, fork) in enumerate(forks):
+            fork.append(int(tokens[offset + k]), logprobs[offset + k] if logprobs else None)
+            if fork.is_finished:
+                fork.status = SequenceStatus.FINISHED
+                seqs[row].forks.remove(fork)
+                finished.append(fork)
+        return finished
 
     def _enter(self, runtime: StageRuntime) -> float:
         """Make `runtime` current; record a switch unless this is the run's first runtime. Returns seconds."""
@@ -127,22 +160,33 @@ class Engine:
                      previous.name, runtime.name, dt, previous.name, kv_bytes / 1e6, 100 * occupancy)
         return dt
 
-    def _sample_and_share(self, logits, batch: ScheduledBatch, src: int):
-        tokens = torch.zeros(len(batch.seqs), dtype=torch.long)
+    def _sample_and_share(self, logits, seqs: list[Sequence], rows: list[int], src: int):
+        """One token per sequence, sequence i drawing from logits row rows[i] (n samples of one prompt share
+        its row at prefill), sampled on the rank holding the logits and broadcast to the others."""
+        tokens = torch.zeros(len(seqs), dtype=torch.long)
         logprobs = None
         if self.comm.rank == src:
-            ids, logprobs = sample(logits, batch.seqs)
+            if rows != list(range(len(rows))):
+                logits = logits[torch.tensor(rows, dtype=torch.long, device=logits.device)]
+            ids, logprobs = sample(logits, seqs)
             tokens = torch.tensor(ids, dtype=torch.long)
         tokens = self.comm.broadcast(tokens, src=src)
-        if any(s.params.logprobs is not None for s in batch.seqs):
+        if any(s.params.logprobs is not None for s in seqs):
             logprobs = self.comm.broadcast_object(logprobs, src=src)
         return tokens.tolist(), logprobs
 
-    def _output(self, seq: Sequence) -> RequestOutput:
+    def _output(self, samples: list[Sequence]) -> RequestOutput:
         decode = self.tokenizer is not None and self.comm.rank == 0
-        text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True) if decode else ""
-        return RequestOutput(seq.request_id, seq.prompt_token_ids, list(seq.output_token_ids), text,
-                             seq.finish_reason, seq.logprobs)
+        outs = []
+        for seq in samples:
+            text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True) if decode else ""
+            chosen = None if seq.logprobs is None else \
+                [d[t] for t, d in zip(seq.output_token_ids, seq.logprobs)]
+            outs.append(SampleOutput(seq.sample_index, list(seq.output_token_ids), text, seq.finish_reason,
+                                     seq.logprobs, chosen))
+        first = outs[0]
+        return RequestOutput(samples[0].request_id, samples[0].prompt_token_ids, first.token_ids, first.text,
+                             first.finish_reason, first.logprobs, samples=outs)
 
     # ---- weights -------------------------------------------------------------------------------------
     def update_weights(self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]] | None) -> int:

@@ -1,8 +1,10 @@
 """Decides, each step, which sequences to prefill or decode. Pure bookkeeping: no tensors.
 
 Policy (one stage per step, prefill first, as in continuous batching without chunking):
-  * prefill: admit waiting sequences FIFO while the token budget, `max_num_seqs` and free KV blocks allow;
-    the first one is admitted even over the token budget (no prompt is ever starved by the budget);
+  * prefill: admit waiting sequences FIFO while the prefill budget, `max_num_seqs` and free KV blocks allow;
+    the first one is admitted even over the budget (no prompt is ever starved by the budget). The prefill
+    budget is `max_num_batched_tokens`, raised to `prefill_window_tokens` where the prefill stage is a
+    pipeline that streams a window of many micro-batches per pass (pipe_executor.py);
   * otherwise decode every running sequence, giving each the block its next token needs; when the pool is
     full the most recently admitted sequence is preempted (blocks freed, recomputed later), never dropped.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from seesaw_ds.engine.sample_groups import fork_samples
 from seesaw_ds.engine.sequence import Sequence, SequenceStatus
 from seesaw_ds.kv.allocator import BlockAllocator
 
@@ -21,11 +24,19 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 8192
     max_model_len: int = 2048
     block_size: int = 16
+    prefill_window_tokens: int = 0     # > max_num_batched_tokens: a prefill step's larger budget (a stream)
 
     def __post_init__(self):
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"SchedulerConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.prefill_window_tokens < 0:
+            raise ValueError(f"SchedulerConfig.prefill_window_tokens must be >= 0, got {self.prefill_window_tokens}")
+
+    @property
+    def prefill_budget(self) -> int:
+        """Prompt tokens one prefill step admits (the first prompt aside)."""
+        return max(self.max_num_batched_tokens, self.prefill_window_tokens)
 
 
 @dataclass
@@ -60,6 +71,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.fork_copies: list[tuple[int, int]] = []   # device block copies before the forward (sample_groups)
 
     # ---- admission -----------------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -113,7 +125,7 @@ class Scheduler:
         while self.waiting and len(self.running) + len(picked) < cfg.max_num_seqs:
             seq = self.waiting[0]
             need = seq.blocks_needed(cfg.block_size)
-            if picked and tokens + seq.num_tokens > cfg.max_num_batched_tokens:
+            if picked and tokens + seq.num_tokens > cfg.prefill_budget:
                 break
             if not self.allocator.can_allocate(need):
                 break
@@ -134,6 +146,7 @@ class Scheduler:
     def _grow_running(self) -> list[Sequence]:
         """Give every running sequence the block its next token needs; when the pool is full, preempt the
         youngest not yet scheduled (or the sequence itself). Returns the sequences to decode."""
+        self.fork_copies += fork_samples(self)          # samples of one request share its prompt's blocks
         bs, scheduled, queue = self.config.block_size, [], list(self.running)
         while queue:
             seq = queue.pop(0)

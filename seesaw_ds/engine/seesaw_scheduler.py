@@ -13,7 +13,7 @@ Stages switch rarely:
     left to onboard and room on the device). Recomputed leftovers thus ride along with a real refill
     instead of costing a round trip each.
 Every step schedules at most `max_num_seqs` sequences and (one prefill prompt aside) at most
-`max_num_batched_tokens` tokens. A request that could never fit either tier is rejected at admission, so
+`max_num_batched_tokens` tokens (a prefill step: `SchedulerConfig.prefill_budget`, a pipeline's window). A request that could never fit either tier is rejected at admission, so
 schedule() returns a batch whenever work remains.
 
 A runner that must give up its device blocks during decode (the pool is full and others grow) is swapped
@@ -185,7 +185,7 @@ class SeesawScheduler(Scheduler):
         cfg, picked, tokens = self.config, [], 0
         while self.waiting and len(picked) < cfg.max_num_seqs:
             seq = self.waiting[0]
-            if picked and tokens + seq.num_tokens > cfg.max_num_batched_tokens:
+            if picked and tokens + seq.num_tokens > cfg.prefill_budget:
                 break
             need = seq.blocks_needed(cfg.block_size)
             if not self.host.can_allocate(need):

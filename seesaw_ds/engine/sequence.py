@@ -18,7 +18,7 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)      # identity: two samples of one request may hold equal fields
 class Sequence:
     request_id: str
     prompt_token_ids: list[int]
@@ -32,6 +32,10 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     logprobs: list[dict[int, float]] | None = None
+    sample_index: int = 0                  # which of the request's n samples this is
+    # samples of the same request that fork off this one once it decodes (sample_groups.py): they share
+    # its prompt KV blocks; until then they hold no blocks (their first token is sampled at its prefill)
+    forks: list["Sequence"] = field(default_factory=list)
 
     def __post_init__(self):
         if self.params.logprobs is not None:
@@ -71,7 +75,21 @@ class Sequence:
 
 
 @dataclass
+class SampleOutput:
+    """One of a request's n samples. `token_logprobs[t]` is the log-probability of the sampled token t under
+    the model (log_softmax of the raw logits, temperature and top-k/p not applied: what a trainer's forward
+    gives); set when `SamplingParams.logprobs` is not None, as is `logprobs` (chosen + top-N per token)."""
+    index: int
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    logprobs: list[dict[int, float]] | None = None
+    token_logprobs: list[float] | None = None
+
+
+@dataclass
 class RequestOutput:
+    """A finished request. `samples` holds all n samples in index order; the flat fields are sample 0's."""
     request_id: str
     prompt_token_ids: list[int]
     token_ids: list[int]
@@ -79,3 +97,4 @@ class RequestOutput:
     finish_reason: str
     logprobs: list[dict[int, float]] | None = None
     prompt: str | None = None
+    samples: list[SampleOutput] = field(default_factory=list)

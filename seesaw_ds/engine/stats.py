@@ -30,6 +30,8 @@ class EngineStats:
     prefill_steps: int = 0
     decode_steps: int = 0
     prefill_tokens: int = 0
+    prefill_tokens_done: int = 0    # prompt tokens through this rank's prefill stage, advanced during a step
+    #                                 by executors that report per micro-batch (a pipelined pass), else per step
     decode_tokens: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
@@ -63,6 +65,7 @@ class EngineStats:
         if is_prefill:
             self.prefill_steps += 1
             self.prefill_tokens += num_tokens
+            self.prefill_tokens_done = self.prefill_tokens
             self.prefill_s += seconds
         else:
             self.decode_steps += 1

@@ -29,7 +29,11 @@ def bad_input_errors() -> tuple[type[BaseException], ...]:
     from seesaw_ds.engine.scheduler import RequestRejected
     from seesaw_ds.jobs.inputs import InputError
     from seesaw_ds.jobs.outputs import OutputError
-    return RecipeError, InputError, OutputError, FileNotFoundError, RequestRejected
+    from seesaw_ds.distributed.master_io import ShmSpaceError
+    from seesaw_ds.distributed.private_dirs import UnsafeFolderError
+    from seesaw_ds.models.config import UnsupportedArchitecture
+    return RecipeError, InputError, OutputError, FileNotFoundError, RequestRejected, UnsupportedArchitecture, \
+        ShmSpaceError, UnsafeFolderError
 
 
 class Comm:
@@ -56,18 +60,21 @@ class Comm:
 
     def from_rank0(self, fn: Callable[[], Any]) -> Any:
         """fn() on rank 0, its result on every rank; a bad input on rank 0 is raised on every rank."""
-        box: list[Any] = [None]
-        if self.world.rank == 0:
+        def guarded():
             try:
-                box = [("ok", fn())]
+                return "ok", fn()
             except bad_input_errors() as err:
-                box = [("error", str(err))]
                 if not self.world.is_multi_rank:
                     raise
-        if self.world.is_multi_rank:
-            import torch.distributed as dist
-            dist.broadcast_object_list(box, src=0)
-        status, value = box[0]
+                return "error", str(err)
+        if not self.world.is_multi_rank:
+            status, value = guarded()
+        else:   # the others wait in a heartbeat, not in one collective as long as a conversion or calibration
+            from seesaw_ds.engine.comm import TorchComm, rank0_heart_beaten
+            ok, result = rank0_heart_beaten(TorchComm(), guarded, send_result=True)
+            if not ok:
+                raise result if isinstance(result, BaseException) else RuntimeError(f"rank 0 failed: {result}")
+            status, value = result
         if status == "error":
             raise RecipeError("", value)
         return value
@@ -76,8 +83,9 @@ class Comm:
         if self.world.is_multi_rank:
             import torch.distributed as dist
             if dist.is_initialized():
+                from seesaw_ds.distributed.builder import leave_distributed
                 dist.barrier()
-                dist.destroy_process_group()
+                leave_distributed()
 
 
 def _set_threads(world) -> None:
@@ -90,8 +98,16 @@ def _set_threads(world) -> None:
 def _load_model_meta(recipe: Recipe, comm: Comm):
     """(folder, ModelConfig, tokenizer or None); rank 0 resolves (converts) the model first."""
     from seesaw_ds.models.loader import default_cache_dir, load_model_config, load_tokenizer, resolve_model_folder
+    from seesaw_ds.jobs.startup_checks import check_model_folder, check_model_spec
     cache_dir = recipe.model.cache_dir or default_cache_dir()
-    folder = comm.from_rank0(lambda: resolve_model_folder(recipe.model.name, cache_dir))
+
+    def resolve():
+        check_model_spec(recipe)
+        folder = resolve_model_folder(recipe.model.name, cache_dir)
+        check_model_folder(recipe, folder)
+        load_model_config(folder)       # NOTE: its error, from rank 0 only
+        return folder
+    folder = comm.from_rank0(resolve)
     return folder, load_model_config(folder), load_tokenizer(folder)
 
 
@@ -132,12 +148,12 @@ def _count(n: int, noun: str) -> str:
 
 def run(recipe: Recipe, world, announce: Callable[[str], None] = print) -> dict[str, Any]:
     """The whole job on this rank; returns the combined report (every rank gets it)."""
-    from seesaw_ds import LLM
     from seesaw_ds.jobs.inputs import open_inputs
-    from seesaw_ds.jobs.job import run_recipe, summary_dict
-    from seesaw_ds.jobs.report import combine, format_report, write_report
-    from seesaw_ds.jobs.tracking import Tracker, engine_metrics
-    from seesaw_ds.jobs.world import describe, recipe_layouts, replica_role, row_label
+    from seesaw_ds.jobs.job import claim_output_dir, release_output_dir
+    from seesaw_ds.jobs.startup_checks import check_engine_fits
+    from seesaw_ds.jobs.world import describe, recipe_layouts, replica_role
+    from seesaw_ds.prebuild import ensure_built
+    ensure_built(announce if world.rank == 0 else (lambda _: None))   # never inside the job's clock
     comm = Comm(world)
     main_rank = world.rank == 0
     say = announce if main_rank else (lambda _: None)
@@ -149,9 +165,27 @@ def run(recipe: Recipe, world, announce: Callable[[str], None] = print) -> dict[
     plan_auto = _auto_planner(recipe, tokenizer)
     layouts = comm.from_rank0(lambda: recipe_layouts(recipe.parallel, world.size, cfg, plan_auto))
     role = replica_role(layouts, world.rank)
+    comm.from_rank0(lambda: check_engine_fits(recipe, cfg, layouts, role.single_process_engine))
     say(f"layouts: {describe(layouts)} ({_count(world.size, 'rank')}, {_count(role.num_replicas, 'replica')} of "
         f"{_count(len(role.ranks), 'rank')}; model {recipe.model.name} -> {folder})")
     source = open_inputs(recipe, tokenizer, replica=role.replica, num_replicas=role.num_replicas, announce=say)
+    fingerprint = comm.from_rank0(lambda: claim_output_dir(recipe, source, say))   # before weights load
+    try:
+        return _run_engine(recipe, world, comm, layouts, role, source, fingerprint, announce)
+    finally:
+        if main_rank:
+            release_output_dir(recipe)
+
+
+def _run_engine(recipe: Recipe, world, comm: Comm, layouts, role, source, fingerprint,
+                announce: Callable[[str], None]) -> dict[str, Any]:
+    from seesaw_ds import LLM
+    from seesaw_ds.jobs.job import run_recipe, summary_dict
+    from seesaw_ds.jobs.report import combine, format_report, write_report
+    from seesaw_ds.jobs.tracking import Tracker, engine_metrics
+    from seesaw_ds.jobs.world import describe, row_label
+    main_rank = world.rank == 0
+    say = announce if main_rank else (lambda _: None)
     if role.single_process_engine:
         llm = LLM(config=recipe.engine_config(), distributed=False)
     else:
@@ -161,7 +195,7 @@ def run(recipe: Recipe, world, announce: Callable[[str], None] = print) -> dict[
     tracker.attach(llm.engine)
     summary = run_recipe(recipe, llm, replica=role.replica, num_replicas=role.num_replicas, is_main=main_rank,
                          is_writer=role.is_writer, layouts=row_label(layouts), barrier=comm.barrier,
-                         source=source, tracker=tracker, print_summary=False)
+                         source=source, tracker=tracker, print_summary=False, fingerprint=fingerprint, lock=False)
     mine = {"summary": summary_dict(summary), "engine": _engine_report(llm.engine), "writer": role.is_writer}
     gathered = [r for r in comm.all_gather(mine) if r["writer"]]
     report = combine(gathered, describe(layouts), world.size)
@@ -192,7 +226,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    except Exception:  # noqa: BLE001 - a crash: the full story, from every rank
+    except Exception as err:  # noqa: BLE001 - a crash: the full story, from every rank, then one line
         traceback.print_exc()
+        from seesaw_ds.distributed.liveness import say_fatal
+        say_fatal(f"{type(err).__name__}: {err}")
         return 1
     return 0

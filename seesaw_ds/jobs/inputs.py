@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 import datasets
 
 from seesaw_ds.jobs.outputs import RESERVED_COLUMNS
-from seesaw_ds.jobs.prompts import PromptRenderer, RowProblem
+from seesaw_ds.jobs.prompts import PromptRenderer, RowProblem, TooLong
 from seesaw_ds.jobs.recipe import Recipe
 from seesaw_ds.jobs.schema import RecipeError
 from seesaw_ds.jobs.sources import LoadedSource, load_source
@@ -82,6 +82,11 @@ class PromptSource:
             loaded = dataclasses.replace(loaded, dataset=loaded.dataset.select_columns(self._needed_columns()))
             self.loaded = loaded
         self._columns_checked = columns is not None
+        if loaded.num_rows == 0:
+            raise InputError(f"data.source {loaded.name} has no rows" + (
+                f" (data.split {self.data.split!r})" if self.data.split != "train" else "") + "; nothing to do")
+        if self.data.columns.id is not None and isinstance(self.loaded.dataset, datasets.Dataset):
+            check_unique_ids(self.loaded.dataset, self.data.columns.id)
 
     # ---- setup checks --------------------------------------------------------------------------------------
     def _needed_columns(self) -> list[str]:
@@ -126,23 +131,24 @@ class PromptSource:
     # ---- rows -> items -----------------------------------------------------------------------------------------
     def items(self, skip_ids: set[str] | frozenset = frozenset()) -> Iterator[PromptItem]:
         """This replica's rows in source order, minus `skip_ids` (rows already written) and skipped rows."""
-        seen_ids: set[str] = set()  # NOTE: only with data.columns.id; one string per row of this replica
-        for index, row in enumerate(self.loaded.dataset):
-            if index % self.num_replicas != self.replica:
-                continue
+        seen_ids: dict[str, int] = {}  # NOTE: only with data.columns.id; every replica's rows, so an id that
+        for index, row in enumerate(self.loaded.dataset):   # two replicas share is caught by both
+            mine = index % self.num_replicas == self.replica
             if not self._columns_checked:
                 self._check_columns(list(row))
                 self._columns_checked = True
             try:
                 row_id = self._row_id(index, row)
             except RowProblem as problem:
-                self._bad_row(BAD_ID, index, problem.detail, self.data.bad_rows)
+                if mine:
+                    self._bad_row(BAD_ID, index, problem.detail, self.data.bad_rows)
                 continue
             if self.data.columns.id is not None:
                 if row_id in seen_ids:
-                    raise InputError(f"data row {index}: id {row_id!r} (column {self.data.columns.id!r}) "
-                                     f"repeats an earlier row; ids must be unique")
-                seen_ids.add(row_id)
+                    raise _repeated_id(index, row_id, self.data.columns.id, seen_ids[row_id])
+                seen_ids[row_id] = index
+            if not mine:
+                continue
             if row_id in skip_ids:
                 self.stats.already_done += 1
                 continue
@@ -181,13 +187,27 @@ class PromptSource:
         except RowProblem as problem:
             self._bad_row(BAD_MAX_TOKENS, index, problem.detail, self.data.bad_rows)
             return None
+        room = self.recipe.engine.max_model_len - max_tokens
+        limit = room if self.data.max_prompt_tokens is None else min(self.data.max_prompt_tokens, room)
         try:
-            prompt = self.renderer.render(row)
+            prompt = self.renderer.render(row, self.renderer.max_chars(limit))
         except RowProblem as problem:
             self._bad_row(_row_problem_reason(problem), index, problem.detail, self.data.bad_rows)
             return None
-        room = self.recipe.engine.max_model_len - max_tokens
-        limit = room if self.data.max_prompt_tokens is None else min(self.data.max_prompt_tokens, room)
+        except TooLong as long:
+            detail = (f"id {row_id!r}: prompt of {long.chars} characters is far over the limit of {limit} tokens "
+                      f"(engine.max_model_len {self.recipe.engine.max_model_len} - max_tokens {max_tokens}; not "
+                      f"tokenized)")
+            if self.data.over_limit != "truncate":
+                self._bad_row(OVER_LIMIT, index, detail, self.data.over_limit)
+                return None
+            prompt = None
+        if prompt is None:  # a huge prompt to truncate (by characters first)
+            prompt = self.renderer.truncate(row, None, limit) if limit >= 1 else None
+            if prompt is None:
+                self.stats.skip(OVER_LIMIT, index)
+                return None
+            self.stats.truncated += 1
         if len(prompt.token_ids) > limit:
             detail = (f"prompt of {len(prompt.token_ids)} tokens is over the limit of {limit} "
                       f"(engine.max_model_len {self.recipe.engine.max_model_len} - max_tokens {max_tokens}"
@@ -206,6 +226,22 @@ class PromptSource:
             return None
         extra = {name: row[name] for name in self.data.columns.carry}
         return PromptItem(index, row_id, prompt.text, list(prompt.token_ids), max_tokens, extra)
+
+
+def _repeated_id(index: int, row_id: str, column: str, first: int) -> InputError:
+    return InputError(f"data row {index}: id {row_id!r} (column {column!r}) repeats an earlier row (data row "
+                      f"{first}); ids must be unique")
+
+
+def check_unique_ids(dataset, column: str) -> None:
+    """At start-up, for an in-memory source: the first repeated id (rows of every replica), as InputError."""
+    seen: dict[str, int] = {}
+    for index, value in enumerate(dataset[column]):
+        if value is None or isinstance(value, (list, dict)) or str(value) == "":
+            continue          # a bad id: counted (or refused) at its row
+        if str(value) in seen:
+            raise _repeated_id(index, str(value), column, seen[str(value)])
+        seen[str(value)] = index
 
 
 def open_inputs(recipe: Recipe, tokenizer, *, replica: int = 0, num_replicas: int = 1,

@@ -14,7 +14,10 @@ import dataclasses
 from typing import Any, Callable
 
 from seesaw_ds.jobs.inputs import PromptSource, open_inputs
-from seesaw_ds.jobs.outputs import DiscardWriter, ShardWriter, job_fingerprint, output_schema, prepare_output_dir
+from seesaw_ds.jobs.identity import data_content_key, model_content_key
+from seesaw_ds.jobs.output_lock import hold_output_lock
+from seesaw_ds.jobs.outputs import (DiscardWriter, ShardWriter, check_resumable, job_fingerprint, output_schema,
+                                    prepare_output_dir)
 from seesaw_ds.jobs.parallel_spec import data_parallel_size, describe_layouts
 from seesaw_ds.jobs.recipe import Recipe
 from seesaw_ds.jobs.runner import JobSummary, run_job
@@ -22,15 +25,46 @@ from seesaw_ds.jobs.schema import RecipeError
 from seesaw_ds.jobs.tracking import Tracker
 
 
+def content_fingerprint(recipe: Recipe, source: PromptSource) -> dict[str, Any]:
+    """The resume fingerprint, with the content identity of the model and of the data (jobs/identity.py)."""
+    return job_fingerprint(recipe, source.loaded.name, model_content_key(recipe.model.name),
+                           data_content_key(source.loaded))
+
+
+def claim_output_dir(recipe: Recipe, source: PromptSource, announce: Callable[[str], None] = print) -> dict:
+    """Before the engine is built: lock output.dir for this process (released by `release_output_dir`) and
+    check that its rows may be resumed; returns the fingerprint. Raises OutputError naming what differs."""
+    if not recipe.output.dir:
+        raise RecipeError("output.dir", "is required")
+    fingerprint = content_fingerprint(recipe, source)
+    lock = hold_output_lock(recipe.output.dir, announce)
+    try:
+        if not recipe.output.overwrite:
+            check_resumable(lock.directory, recipe.output.resume, fingerprint)
+    except BaseException:
+        lock.release()
+        raise
+    return fingerprint
+
+
+def release_output_dir(recipe: Recipe) -> None:
+    """Drop the hold `claim_output_dir` took (no-op when this process holds none)."""
+    from seesaw_ds.jobs.output_lock import release_held
+    release_held(recipe.output.dir)
+
+
 def run_recipe(recipe: Recipe, llm: Any, *, replica: int = 0, num_replicas: int | None = None,
                is_main: bool = True, is_writer: bool = True, layouts: str | None = None,
                barrier: Callable[[], None] | None = None, source: PromptSource | None = None,
                tracker: Tracker | None = None, params_factory: Callable[..., Any] | None = None,
-               print_summary: bool = True, announce: Callable[[str], None] = print) -> JobSummary:
+               print_summary: bool = True, announce: Callable[[str], None] = print,
+               fingerprint: dict[str, Any] | None = None, lock: bool = True) -> JobSummary:
     """Run `recipe` on `llm` (an object with .tokenizer and .engine) for one data-parallel replica.
 
     `source`: this replica's inputs if already opened; `tracker`: a wandb tracker owned by the caller (when
-    None and `is_main`, one is made from the recipe and finished here); `is_main`: shows progress."""
+    None and `is_main`, one is made from the recipe and finished here); `is_main`: shows progress;
+    `fingerprint`: as `claim_output_dir` gave it (computed here when None); `lock`: the folder's writer of
+    replica 0 locks output.dir while it runs (False: the caller holds the job's lock)."""
     fixed_dp = data_parallel_size(recipe.parallel)
     num_replicas = num_replicas or fixed_dp or 1
     if fixed_dp is not None and fixed_dp != num_replicas:
@@ -40,8 +74,24 @@ def run_recipe(recipe: Recipe, llm: Any, *, replica: int = 0, num_replicas: int 
     if source is None:
         source = open_inputs(recipe, llm.tokenizer, replica=replica, num_replicas=num_replicas,
                              announce=announce if replica == 0 and is_writer else (lambda _: None))
-    fingerprint = job_fingerprint(recipe, source.loaded.name)
+    if fingerprint is None:
+        fingerprint = content_fingerprint(recipe, source)
     leader = replica == 0 and is_writer
+    held = None
+    if leader and lock and recipe.output.dir:
+        held = hold_output_lock(recipe.output.dir, announce)
+    try:
+        return _run_replica(recipe, llm, source, fingerprint, leader=leader, replica=replica,
+                            num_replicas=num_replicas, is_main=is_main, is_writer=is_writer, layouts=layouts,
+                            barrier=barrier, tracker=tracker, params_factory=params_factory,
+                            print_summary=print_summary, announce=announce)
+    finally:
+        if held is not None:
+            held.release()
+
+
+def _run_replica(recipe, llm, source, fingerprint, *, leader, replica, num_replicas, is_main, is_writer, layouts,
+                 barrier, tracker, params_factory, print_summary, announce) -> JobSummary:
     if leader:
         directory = prepare_output_dir(recipe.output, fingerprint, recipe)
     if barrier is not None:

@@ -5,6 +5,7 @@ Layout of output.dir:
     part-r000-00000.parquet            replica 0, shard 0 (one row per finished input row)
     part-r001-00000.parquet            replica 1, shard 0
     .tmp-part-r000-00001.parquet.PID   a shard being written (ignored; removed when its replica restarts)
+    .seesaw-job.lock                   host and pid of the job writing here (jobs/output_lock.py)
 
 Load the rows with (also `load_output(dir)`):
     datasets.load_dataset("parquet", data_files=f"{dir}/part-*.parquet", split="train")
@@ -26,6 +27,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from seesaw_ds.jobs.recipe import OutputSection, Recipe
+from seesaw_ds.jobs.shard_schema import (CORE_FIELDS, LOGPROBS_FIELD, RESERVED_COLUMNS,  # noqa: F401
+                                         TOKEN_ID_FIELDS, is_unknown, output_schema, resolve_schema)
 from seesaw_ds.jobs.schema import RecipeError, flatten, to_plain
 
 MANIFEST_NAME = "manifest.json"
@@ -34,39 +37,12 @@ TMP_PREFIX = ".tmp-"
 _SHARD_RE = re.compile(r"^part-r(\d+)-(\d+)\.parquet$")
 FORMAT_VERSION = 1
 
-CORE_FIELDS = (
-    pa.field("id", pa.string()), pa.field("row_index", pa.int64()),
-    pa.field("prompt", pa.string()), pa.field("completion", pa.string()),
-    pa.field("prompt_tokens", pa.int32()), pa.field("completion_tokens", pa.int32()),
-    pa.field("finish_reason", pa.string()),
-    pa.field("temperature", pa.float64()), pa.field("top_k", pa.int32()), pa.field("top_p", pa.float64()),
-    pa.field("max_tokens", pa.int32()), pa.field("seed", pa.int64()),
-    pa.field("model", pa.string()), pa.field("layouts", pa.string()),
-)
-TOKEN_ID_FIELDS = (pa.field("prompt_token_ids", pa.list_(pa.int32())),
-                   pa.field("completion_token_ids", pa.list_(pa.int32())))
-# per output token: the chosen token and the top-N alternatives, as [{token_id, logprob}, ...]
-LOGPROBS_FIELD = pa.field("logprobs", pa.list_(pa.list_(pa.struct([("token_id", pa.int32()),
-                                                                   ("logprob", pa.float32())]))))
-RESERVED_COLUMNS = frozenset(f.name for f in CORE_FIELDS + TOKEN_ID_FIELDS + (LOGPROBS_FIELD,))
-
-
 class OutputError(RuntimeError):
     pass
 
 
 def shard_name(replica: int, seq: int) -> str:
     return f"part-r{replica:03d}-{seq:05d}.parquet"
-
-
-def output_schema(token_ids: bool, carry_types: Mapping[str, pa.DataType | None] = (),
-                  logprobs: bool = False) -> pa.Schema | None:
-    """The shard schema, or None when a carried column's type is only known from the first rows."""
-    carry_types = dict(carry_types)
-    if any(t is None for t in carry_types.values()):
-        return None
-    fields = list(CORE_FIELDS) + (list(TOKEN_ID_FIELDS) if token_ids else []) + ([LOGPROBS_FIELD] if logprobs else [])
-    return pa.schema(fields + [pa.field(name, t) for name, t in carry_types.items()])
 
 
 # ---- fingerprint -------------------------------------------------------------------------------------------
@@ -78,13 +54,20 @@ def resolved_dtype(name: str) -> str:
     return str(parse_dtype(name)).replace("torch.", "")
 
 
-def job_fingerprint(recipe: Recipe, source_used: str) -> dict[str, Any]:
-    """Flat {dotted key: value} of every recipe part that decides what the rows contain."""
+def job_fingerprint(recipe: Recipe, source_used: str, model_content: str | None = None,
+                    data_content: str | None = None) -> dict[str, Any]:
+    """Flat {dotted key: value} of every recipe part that decides what the rows contain; `model_content` and
+    `data_content` (jobs/identity.py) name the bytes behind model.name and data.source."""
     data = to_plain(recipe.data)
     for key in ("streaming", "fallback"):  # how rows are read, not which rows
         data.pop(key)
     data["source"] = source_used
-    tree = {"model": {"name": recipe.model.name, "dtype": resolved_dtype(recipe.model.dtype)},
+    if data_content is not None:
+        data["content"] = data_content
+    model = {"name": recipe.model.name, "dtype": resolved_dtype(recipe.model.dtype)}
+    if model_content is not None:
+        model["content"] = model_content
+    tree = {"model": model,
             "sampling": to_plain(recipe.sampling), "data": data,
             "engine": {"max_model_len": recipe.engine.max_model_len},
             "output": {"token_ids": recipe.output.token_ids}}
@@ -96,6 +79,10 @@ def job_fingerprint(recipe: Recipe, source_used: str) -> dict[str, Any]:
 SAME_ROWS_VALUES = {"data.bad_rows": frozenset({"skip", "error"}), "data.over_limit": frozenset({"skip", "error"})}
 
 
+CONTENT_KEYS = {"model.content": lambda fp: f"the model's weights at {fp.get('model.name')}",
+                "data.content": lambda fp: f"the data at {fp.get('data.source')}"}
+
+
 def fingerprint_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     changes = []
     for key in sorted(set(old) | set(new)):
@@ -103,7 +90,11 @@ def fingerprint_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[
             continue
         if old.get(key, "(unset)") != new.get(key, "(unset)"):
             before, after = (json.dumps(d[key]) if key in d else "(unset)" for d in (old, new))
-            changes.append(f"{key} changed from {before} to {after}")
+            what = CONTENT_KEYS.get(key)
+            if what is not None and key in old and key in new:
+                changes.append(f"{what(new)} changed since these rows were made ({key} was {before}, now {after})")
+            else:
+                changes.append(f"{key} changed from {before} to {after}")
     return changes
 
 
@@ -153,21 +144,10 @@ def _remove_leftovers(directory: str, replica: int | None) -> int:
 
 
 # ---- preparing the folder (once per job) ---------------------------------------------------------------------
-def prepare_output_dir(output: OutputSection, fingerprint: Mapping[str, Any], recipe: Recipe) -> str:
-    """Create or check output.dir against the fingerprint; call once per job before replicas start writing."""
-    if not output.dir:
-        raise RecipeError("output.dir", "is required")
-    directory = os.path.abspath(os.path.expanduser(output.dir))
-    os.makedirs(directory, exist_ok=True)
+def check_resumable(directory: str, resume: bool, fingerprint: Mapping[str, Any]) -> bool:
+    """True when `directory` holds a manifest these rows may be added to; raise OutputError when its rows were
+    made with another recipe, model or data, or when it has shards it may not resume. Changes nothing."""
     manifest_path = os.path.join(directory, MANIFEST_NAME)
-    if output.overwrite:
-        for _, _, path in existing_shards(directory):
-            os.remove(path)
-        _remove_leftovers(directory, None)
-        if os.path.exists(manifest_path):
-            os.remove(manifest_path)
-    for path in glob.glob(os.path.join(directory, f"{TMP_PREFIX}{MANIFEST_NAME}.*")):
-        os.remove(path)  # a manifest write cut short
     shards = existing_shards(directory)
     if os.path.exists(manifest_path):
         with open(manifest_path, encoding="utf-8") as handle:
@@ -176,13 +156,38 @@ def prepare_output_dir(output: OutputSection, fingerprint: Mapping[str, Any], re
         if changes:
             raise OutputError(f"output.dir {directory} holds rows made with a different recipe: "
                               f"{'; '.join(changes)}; use a new output.dir or output.overwrite=true")
-        if shards and not output.resume:
+        if shards and not resume:
             raise OutputError(f"output.dir {directory} already has {len(shards)} shards and output.resume is "
                               f"false; use a new output.dir or output.overwrite=true")
-        return directory
+        return True
     if shards:
         raise OutputError(f"output.dir {directory} has {len(shards)} shards but no {MANIFEST_NAME}; "
                           f"use a new output.dir or output.overwrite=true")
+    return False
+
+
+def prepare_output_dir(output: OutputSection, fingerprint: Mapping[str, Any], recipe: Recipe) -> str:
+    """Create or check output.dir against the fingerprint; call once per job before replicas start writing."""
+    if not output.dir:
+        raise RecipeError("output.dir", "is required")
+    directory = os.path.abspath(os.path.expanduser(output.dir))
+    os.makedirs(directory, exist_ok=True)
+    manifest_path = os.path.join(directory, MANIFEST_NAME)
+    if output.overwrite:
+        from seesaw_ds.jobs.output_lock import other_live_owner
+        owner = other_live_owner(directory)
+        if owner is not None:   # NOTE: never wipe a folder another live job writes into
+            raise OutputError(f"output.dir {directory} is in use by another job ({owner}); output.overwrite "
+                              f"does not touch it; wait for that job or use another output.dir")
+        for _, _, path in existing_shards(directory):
+            os.remove(path)
+        _remove_leftovers(directory, None)
+        if os.path.exists(manifest_path):
+            os.remove(manifest_path)
+    for path in glob.glob(os.path.join(directory, f"{TMP_PREFIX}{MANIFEST_NAME}.*")):
+        os.remove(path)  # a manifest write cut short
+    if check_resumable(directory, output.resume, fingerprint):
+        return directory
     manifest = {
         "format": FORMAT_VERSION, "fingerprint": dict(fingerprint), "fingerprint_hash": _hash(fingerprint),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -216,6 +221,12 @@ class ShardWriter:
         own = [seq for rep, seq, _ in shards if rep == replica]
         self.next_seq = max(own) + 1 if own else 0
         self.schema = schema if schema is not None or not shards else pq.read_schema(shards[0][2])
+        for _, _, path in shards if self.schema is not None else ():  # types fixed by earlier shards stay
+            if not any(is_unknown(f) for f in self.schema):
+                break
+            earlier = pq.read_schema(path)
+            self.schema = pa.schema([earlier.field(f.name) if is_unknown(f) and f.name in earlier.names
+                                     and not is_unknown(earlier.field(f.name)) else f for f in self.schema])
         self.done_ids = read_completed_ids(directory)
         self.rows: list[dict[str, Any]] = []
         self.rows_written = 0
@@ -229,9 +240,9 @@ class ShardWriter:
         rows = self.rows if max_rows is None else self.rows[:max_rows]
         if not rows:
             return None
+        if self.schema is None or any(is_unknown(f) for f in self.schema):
+            self.schema = resolve_schema(self.schema, rows)
         table = pa.Table.from_pylist(rows, schema=self.schema)
-        if self.schema is None:
-            self.schema = table.schema
         name = shard_name(self.replica, self.next_seq)
         if os.path.exists(os.path.join(self.directory, name)):
             raise OutputError(f"shard {name} already exists in {self.directory}; is another replica {self.replica} "

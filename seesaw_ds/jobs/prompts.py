@@ -23,6 +23,17 @@ class RowProblem(Exception):
         self.kind, self.detail = kind, detail
 
 
+MIN_UNTOKENIZED_CHARS = 1 << 16    # prompts shorter than this are always tokenized (an exact count is cheap)
+
+
+class TooLong(Exception):
+    """A prompt with more characters than its token limit allows, found before tokenizing it."""
+
+    def __init__(self, chars: int, max_chars: int):
+        super().__init__(f"prompt of {chars} characters")
+        self.chars, self.max_chars = chars, max_chars
+
+
 @dataclasses.dataclass(frozen=True)
 class RenderedPrompt:
     text: str
@@ -47,6 +58,12 @@ class PromptRenderer:
             raise RecipeError(key, "needs a tokenizer with a chat template; this tokenizer has none")
         fields = data.template_fields()
         self.body_field = data.truncate_field or (fields[0] if len(fields) == 1 else None)
+        self.chars_per_token = _longest_token_chars(tokenizer)
+
+    def max_chars(self, limit: int) -> int:
+        """Characters above which a prompt surely has more than `limit` tokens (no token covers more than
+        `chars_per_token` characters), so it need not be tokenized to be found too long."""
+        return max(4 * max(limit, 1) * self.chars_per_token, MIN_UNTOKENIZED_CHARS)
 
     # ---- rendering ----------------------------------------------------------------------------------------
     def _chat(self, messages: list[dict[str, str]]) -> str:
@@ -121,24 +138,30 @@ class PromptRenderer:
     def _decode(self, ids) -> str:
         return self.tokenizer.decode(list(ids)) if self.tokenizer is not None else ""
 
-    def render(self, row: dict) -> RenderedPrompt:
-        """Raise RowProblem for an empty or non-text prompt."""
+    def render(self, row: dict, max_chars: int | None = None) -> RenderedPrompt:
+        """Raise RowProblem for an empty or non-text prompt, TooLong for text over `max_chars` characters (a
+        huge row is never tokenized whole)."""
         if self.data.columns.prompt_token_ids is not None:
             return self._token_ids(row)
         parts = self._parts(row)
+        if max_chars is not None and parts.body is not None and len(parts.body) > max_chars:
+            raise TooLong(len(parts.body), max_chars)
         text = parts.compose(parts.body) if parts.body is not None else parts.compose("")
+        if max_chars is not None and len(text) > max_chars:
+            raise TooLong(len(text), max_chars)
         return RenderedPrompt(text, self._encode(text, parts.special_tokens))
 
     # ---- truncation ------------------------------------------------------------------------------------------
-    def truncate(self, row: dict, prompt: RenderedPrompt, limit: int) -> RenderedPrompt | None:
-        """A prompt of at most `limit` tokens with the body shortened, or None when that cannot be done."""
+    def truncate(self, row: dict, prompt: RenderedPrompt | None, limit: int) -> RenderedPrompt | None:
+        """A prompt of at most `limit` tokens with the body shortened, or None when that cannot be done.
+        A body far longer than `limit` tokens is first cut by characters, so it is never tokenized whole."""
         if self.data.columns.prompt_token_ids is not None:
             return RenderedPrompt(self._decode(prompt.token_ids[:limit]), prompt.token_ids[:limit])
         parts = self._parts(row)
         if parts.body is None:
             return None
         budget = limit - len(self._encode(parts.compose(""), parts.special_tokens))
-        body_ids = self._encode(parts.body, False)
+        body_ids = self._encode(parts.body[:self.max_chars(limit)], False)
         for _ in range(4):  # decode/re-encode can merge tokens at the cut: shrink until it fits
             if budget < 1:
                 return None
@@ -148,3 +171,12 @@ class PromptRenderer:
                 return RenderedPrompt(text, ids)
             budget -= len(ids) - limit
         return None
+
+
+def _longest_token_chars(tokenizer) -> int:
+    """The most characters one ordinary token of `tokenizer` spells (1 when it cannot say)."""
+    try:
+        special = set(getattr(tokenizer, "all_special_tokens", None) or ())
+        return max(1, max((len(t) for t in tokenizer.get_vocab() if t not in special), default=1))
+    except (AttributeError, TypeError, NotImplementedError):
+        return 1

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import sys
+import threading
 import time
 from typing import Any, Callable, Protocol
 
@@ -93,9 +95,30 @@ class JobSummary:
 
 
 def _show_rate(bar: Any, engine: Any, summary: JobSummary, seconds: float) -> None:
-    """The bar's postfix: the engine's current stage and tokens/s (prompt + output) so far."""
+    """The bar's postfix: the engine's current stage, the prompt tokens prefilled so far (this rank's
+    stage of a pipeline: it moves during a long prefill pass) and tokens/s (prompt + output) so far."""
     rate = (summary.prompt_tokens + summary.completion_tokens) / max(seconds, 1e-9)
-    bar.set_postfix(stage=engine.stats.stage or "starting", tok_s=f"{rate:.0f}", refresh=False)
+    bar.set_postfix(stage=engine.stats.stage or "starting", prefilled=f"{engine.stats.prefill_tokens_done} tok",
+                    tok_s=f"{rate:.0f}", refresh=False)
+
+
+def _tick(bar: Any, engine: Any, summary: JobSummary, start: float, clock: Callable[[], float],
+          every_s: float = 0.5) -> threading.Thread | None:
+    """Refresh the bar's postfix from a thread while one engine step runs long (a prefill stage can be one
+    pipeline pass of many micro-batches); the thread ends when the bar closes."""
+    if bar.disable:
+        return None
+
+    def loop() -> None:
+        while not bar.disable:
+            time.sleep(every_s)
+            if not bar.disable:
+                _show_rate(bar, engine, summary, clock() - start)
+                bar.refresh()
+
+    thread = threading.Thread(target=loop, name="seesaw-progress", daemon=True)
+    thread.start()
+    return thread
 
 
 def _throughput(rows: int, summary: JobSummary, seconds: float, shards: int) -> dict[str, float]:
@@ -103,6 +126,18 @@ def _throughput(rows: int, summary: JobSummary, seconds: float, shards: int) -> 
     return {"rows": rows, "requests_per_s": rows / seconds,
             "tokens_per_s": (summary.prompt_tokens + summary.completion_tokens) / seconds,
             "output_tokens_per_s": summary.completion_tokens / seconds, "shards": shards}
+
+
+def _keep_finished_rows(writer: ShardWriter) -> None:
+    """On the way out of an error or interrupt: write the rows already finished, so a rerun does not redo
+    them; a failure here must not hide the error that ended the job."""
+    if not writer.rows:
+        return
+    try:
+        writer.flush()
+    except Exception as err:  # noqa: BLE001 - the job's own error is the one to report
+        print(f"warning: {len(writer.rows)} finished rows were not written ({type(err).__name__}: {err}); "
+              f"a rerun redoes them", file=sys.stderr)
 
 
 def run_job(recipe: Recipe, source: PromptSource, engine: Engine, writer: ShardWriter, *,
@@ -122,6 +157,7 @@ def run_job(recipe: Recipe, source: PromptSource, engine: Engine, writer: ShardW
     window, shard_rows = recipe.engine.window, recipe.output.shard_rows
     start = last_flush = last_postfix = clock()
     bar = tqdm(total=source.rows_for_replica(), disable=not show_progress, unit="row", dynamic_ncols=True)
+    _tick(bar, engine, summary, start, clock)
     finished_rows = 0
     exhausted = False
     try:
@@ -166,6 +202,7 @@ def run_job(recipe: Recipe, source: PromptSource, engine: Engine, writer: ShardW
         if log_fn is not None:
             log_fn(_throughput(finished_rows, summary, clock() - start, writer.shards_written))
     finally:
+        _keep_finished_rows(writer)
         bar.n = source.stats.handled - len(pending)
         _show_rate(bar, engine, summary, clock() - start)   # NOTE: a job under 0.5 s shows its rate too
         bar.close()

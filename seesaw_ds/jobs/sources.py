@@ -129,7 +129,45 @@ def _load_local(path: str, data: DataSection):
     if ext not in _FILE_BUILDERS:
         raise RecipeError("data.source", f"file {path} has an unknown extension {ext!r} "
                                          f"(expected one of {', '.join(_FILE_BUILDERS)})")
+    if _FILE_BUILDERS[ext] in ("json", "csv") and not check_utf8(path):
+        raise RecipeError("data.source", f"file {path} is empty (no rows); nothing to do")
+    if _FILE_BUILDERS[ext] == "parquet" and _parquet_rows(path) == 0:
+        raise RecipeError("data.source", f"file {path} is empty (no rows); nothing to do")
     return datasets.load_dataset(_FILE_BUILDERS[ext], data_files=path, split="train", streaming=data.streaming)
+
+
+def _parquet_rows(path: str) -> int | None:
+    import pyarrow.parquet as pq
+    try:
+        return pq.read_metadata(path).num_rows
+    except Exception as err:  # noqa: BLE001 - any parse failure: not a parquet file
+        raise RecipeError("data.source", f"file {path} is not a readable parquet file "
+                                         f"({type(err).__name__}: {err})") from None
+
+
+def check_utf8(path: str, chunk_bytes: int = 1 << 20) -> bool:
+    """A text data file must be UTF-8: the first bad byte is reported by line and byte offset at start-up,
+    not as a reader's traceback. Returns whether the file holds anything but white space."""
+    import codecs
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, line, has_text = 0, 1, False
+    with open(path, "rb") as handle:
+        while True:
+            chunk = handle.read(chunk_bytes)
+            pending = decoder.getstate()[0]     # bytes of a character split across chunks
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as err:
+                seen = pending + chunk
+                line += chunk[:max(err.start - len(pending), 0)].count(b"\n")
+                raise RecipeError("data.source", f"file {path} is not UTF-8 text: byte 0x{seen[err.start]:02x} at "
+                                                 f"line {line} (byte offset {offset - len(pending) + err.start}); "
+                                                 f"re-encode it as UTF-8") from None
+            if not chunk:
+                return has_text
+            has_text = has_text or bool(chunk.strip())
+            line += chunk.count(b"\n")
+            offset += len(chunk)
 
 
 def _load_one(name: str, data: DataSection, tokenizer):

@@ -108,15 +108,16 @@ def _prefill(query, key, value, meta: AttentionMetadata, scaling: float, window:
     return torch.cat(outs, dim=2).transpose(1, 2)          # [1, T, H, D]
 
 
-def _decode(query, pool: KVPool, layer: int, meta: AttentionMetadata, scaling: float):
-    # query: [1, H, B, D] (one new token per sequence)
-    k_cache, v_cache = pool.layer(layer)                    # [num_blocks, block_size, Hkv, D]
-    op = paged_decode_op() if query.device.type == "cpu" else None
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                     scaling: float, op=None) -> torch.Tensor:
+    """q [B, H, D] (one new token per sequence) over each sequence's cached keys -> [B, H, D].
+
+    `op` is `paged_decode_op()` fetched once by a caller that runs many layers (None: fetch it here)."""
+    op = op or (paged_decode_op() if q.device.type == "cpu" else None)
     if op is not None:                                      # reads the pool in place: no gather
-        out = op(query[0].transpose(0, 1), k_cache, v_cache, meta.block_tables, meta.context_lens,
-                 float(scaling), meta.sliding_window or 0)  # [B, H, D]
-        return out.unsqueeze(0)                             # [1, B, H, D]
-    q = query[0].transpose(0, 1).unsqueeze(2)               # [B, H, 1, D]
+        return op(q, k_cache, v_cache, meta.block_tables, meta.context_lens, float(scaling),
+                  meta.sliding_window or 0)
+    q = q.unsqueeze(2)                                      # [B, H, 1, D]
     bs, hkv, d = k_cache.shape[1:]
     out = torch.empty_like(q)
     for rows, tables, mask in meta.decode_groups(bs):
@@ -126,7 +127,13 @@ def _decode(query, pool: KVPool, layer: int, meta: AttentionMetadata, scaling: f
         v = v_cache[tables].view(b, m * bs, hkv, d).transpose(1, 2)
         out[rows] = F.scaled_dot_product_attention(q[rows], k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
                                                    scale=scaling, enable_gqa=True)
-    return out.transpose(1, 2).transpose(0, 1)              # [B, 1, H, D] -> [1, B, H, D]
+    return out[:, :, 0]                                     # [B, H, D]
+
+
+def _decode(query, pool: KVPool, layer: int, meta: AttentionMetadata, scaling: float):
+    # query: [1, H, B, D] (one new token per sequence)
+    k_cache, v_cache = pool.layer(layer)                    # [num_blocks, block_size, Hkv, D]
+    return decode_attention(query[0].transpose(0, 1), k_cache, v_cache, meta, scaling).unsqueeze(0)
 
 
 def seesaw_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,

@@ -1,7 +1,9 @@
 """Runs a Hugging Face Llama-family model over packed, ragged batches with the paged KV pool.
 
 The layer math is transformers' own (so every checkpoint stays exact); attention is ours, through the
-registered `seesaw_paged` hook, and the norms and MLP activation run fused ops with the same rounding. The model is split into three pieces that a pipeline stage can own:
+registered `seesaw_paged` hook, and the norms and MLP activation run fused ops with the same rounding. Decode
+steps take the lean path (models/decode_path.py): the same ops over the same weights, called directly. The
+model is split into three pieces that a pipeline stage can own:
 
     embed(input_ids)                      [T] -> [1, T, H]
     run_layers(h, positions, layers)      [1, T, H] -> [1, T, H]   (layers: a contiguous global range)
@@ -13,6 +15,7 @@ import torch
 
 from seesaw_ds.kv.attention import ATTN_IMPLEMENTATION, AttentionMetadata, paged_attention
 from seesaw_ds.kv.pool import KVPool
+from seesaw_ds.models.decode_path import LeanDecoder, lean_decode_enabled
 from seesaw_ds.models.fused import use_fused_layer_ops
 
 
@@ -35,6 +38,7 @@ class ModelRunner:
         self.norm = inner.norm
         self.rotary_emb = inner.rotary_emb
         self.lm_head = hf_model.lm_head
+        self.lean = LeanDecoder(self.layers) if lean_decode_enabled() else None
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids[None, :])                     # [1, T, H]
@@ -43,6 +47,8 @@ class ModelRunner:
                    meta: AttentionMetadata, pool: KVPool) -> torch.Tensor:
         position_ids = positions[None, :]                                # [1, T]
         cos_sin = self.rotary_emb(h, position_ids)
+        if not meta.is_prefill and self.lean is not None and self.lean.supported:
+            return self.lean.run(h, cos_sin, layers, meta, pool)
         with paged_attention(meta, pool):
             for i in layers:
                 h = self.layers[i](h, attention_mask=None, position_ids=position_ids,

@@ -4,7 +4,10 @@ Workload model (means only):
 - Prefill pushes all `n * P` prompt tokens, decode produces `n * O` tokens; the two stages add up.
 - A stage runs at the batch the memory allows (`batch_limit` at the mean decode context P + O/2), capped
   by the number of requests; a prefill step also by the engine's token budget per step. Decode steps see
-  that mean context. Pipeline passes use the engine's micro-batch counts (`PlannerOptions`).
+  that mean context. Pipeline passes use the engine's micro-batch counts (`PlannerOptions`): a decode step
+  is one pass that fills and drains the pipeline; a pipelined prefill stage streams windows of
+  `prefill_window_tokens` through one pass each, so its bubble is paid once per window of
+  `prefill_micro_batches` micro-batches (close to the steady-state pipeline), not once per step budget.
 - Static layout: KV stays on the device, no switches.
 - Re-sharded pair (Seesaw): same dp in both stages; by default the decode layout has no more pipeline
   stages than the prefill one, as in the paper. Prefill writes each prompt's KV to the host tier; decode
@@ -33,10 +36,12 @@ class PlannerOptions:
     decode_pp_at_most_prefill_pp: bool = True
     max_tp: int | None = None           # None: num_kv_heads
     # What the engine does (seesaw_ds.distributed.pipe_executor): pipeline micro-batches per prefill step,
-    # per decode step (None: pp), and prompt tokens per prefill step (None: no budget).
-    prefill_micro_batches: int | None = 8
+    # per decode step (None: pp), prompt tokens per prefill step (None: no budget), and prompt tokens per
+    # prefill step where prefill is a pipeline (its stream window; None: the step budget applies).
+    prefill_micro_batches: int | None = 16
     decode_micro_batches: int | None = 1
     max_batched_tokens: int | None = 8192
+    prefill_window_tokens: int | None = 16 * 2048
     pipeline_drains: bool = True        # False: the paper's steady-state pipeline (no bubble per step)
 
     def __post_init__(self):
@@ -44,7 +49,8 @@ class PlannerOptions:
         for field in ("memory_utilization", "host_kv_fraction"):
             if not 0 < getattr(self, field) <= 1:
                 raise ValueError(f"PlannerOptions.{field} must be in (0, 1], got {getattr(self, field)}")
-        for field in ("max_tp", "prefill_micro_batches", "decode_micro_batches", "max_batched_tokens"):
+        for field in ("max_tp", "prefill_micro_batches", "decode_micro_batches", "max_batched_tokens",
+                      "prefill_window_tokens"):
             value = getattr(self, field)
             if value is not None and value < 1:
                 raise ValueError(f"PlannerOptions.{field} must be >= 1 or None, got {value}")
@@ -142,8 +148,11 @@ def estimate_stage(cfg: ModelConfig, cluster: ClusterSpec, degrees: rl.Degrees, 
     batch = min(limit, workload.num_requests)
     if stage == rl.PREFILL:
         seq_len, micro_batches = workload.mean_prompt_len, options.prefill_micro_batches
-        if options.max_batched_tokens:
-            batch = max(1, min(batch, int(options.max_batched_tokens * degrees[2] // seq_len)))
+        budget = options.max_batched_tokens
+        if budget and degrees[1] > 1 and options.prefill_window_tokens:
+            budget = max(budget, options.prefill_window_tokens)     # the pipeline's stream window
+        if budget:
+            batch = max(1, min(batch, int(budget * degrees[2] // seq_len)))
     else:
         seq_len, micro_batches = workload.decode_context_len, options.decode_micro_batches
     step = rl.stage_step_time(cfg, cluster, degrees, stage, batch, seq_len, options.dtype, micro_batches,

@@ -136,12 +136,12 @@ def _generate_prompts(rank, folder, parallel, prompts):
 
 
 def test_pipeline_micro_batches_of_unequal_sizes(tmp_path):
-    # one long prompt and nine short ones in one prefill step: the 8 micro-batches hold 1, 1, ..., 3
-    # sequences, so a later micro-batch is wider than the first (DeepSpeed sums last-stage outputs)
+    # one long prompt and 19 short ones in one prefill step: the 16 micro-batches of the pass hold 1, 1, ...,
+    # 2 sequences, so a later micro-batch is wider than the first (DeepSpeed sums last-stage outputs)
     model = tiny_hf_model("llama")
     model.save_pretrained(tmp_path / "model")
     g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(2, 320, (n,), generator=g).tolist() for n in (300, 2, 3, 4, 5, 6, 7, 8, 9, 10)]
+    prompts = [torch.randint(2, 320, (n,), generator=g).tolist() for n in (300, *range(2, 21))]
     out = run_ranks(2, _generate_prompts, str(tmp_path / "model"), {"pp": 2}, prompts, out_dir=str(tmp_path))
     for prompt, tokens in zip(prompts, out):
         assert tokens == hf_greedy(model, prompt, 4)

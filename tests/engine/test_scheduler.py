@@ -82,3 +82,16 @@ def test_prefill_respects_token_budget_and_admits_oversized_alone():
     assert first.is_prefill and [s.request_id for s in first.seqs] == ["r0"]
     second = sched.schedule()
     assert [s.request_id for s in second.seqs] == ["r1", "r2"]
+
+
+def test_a_pipelined_prefill_step_admits_its_stream_window():
+    # a pipeline prefill stage admits a window of many micro-batches per step, not the decode-era budget
+    cfg = SchedulerConfig(max_num_batched_tokens=10, block_size=4, prefill_window_tokens=40)
+    assert cfg.prefill_budget == 40
+    sched = Scheduler(cfg, num_blocks=100)
+    for i, n in enumerate([12, 9, 9, 9, 9]):
+        sched.add(Sequence(f"r{i}", [1] * n, SamplingParams(max_tokens=2)))
+    assert [s.request_id for s in sched.schedule().seqs] == ["r0", "r1", "r2", "r3"]
+    assert SchedulerConfig(max_num_batched_tokens=10, prefill_window_tokens=4).prefill_budget == 10
+    with pytest.raises(ValueError, match="prefill_window_tokens"):
+        SchedulerConfig(prefill_window_tokens=-1)

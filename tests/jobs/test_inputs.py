@@ -163,6 +163,52 @@ def test_duplicate_ids_are_refused(tmp_path, tokenizer):
         items_of(make_recipe({"source": path, "columns": {"prompt": "t", "id": "id"}}), tokenizer)
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+def test_an_id_shared_by_two_replicas_is_refused_by_both(tmp_path, tokenizer, streaming):
+    """Rows 2 and 5 share an id and go to different replicas (2 % 2, 5 % 2): each replica alone sees it once."""
+    rows = [{"id": f"r{i}", "t": f"text {i}"} for i in range(8)]
+    rows[5]["id"] = "r2"
+    path = write_jsonl(tmp_path / "in.jsonl", rows)
+    recipe = make_recipe({"source": path, "columns": {"prompt": "t", "id": "id"}, "streaming": streaming})
+    for replica in (0, 1):
+        with pytest.raises(InputError, match=r"data row 5: id 'r2' \(column 'id'\) repeats an earlier row "
+                                             r"\(data row 2\)"):
+            items_of(recipe, tokenizer, replica=replica, num_replicas=2)
+
+
+class EncodeSpy:
+    """Records the longest text the renderer hands to the tokenizer."""
+
+    def __init__(self, monkeypatch):
+        from seesaw_ds.jobs.prompts import PromptRenderer
+        self.longest, original = 0, PromptRenderer._encode
+
+        def encode(renderer, text, special):
+            self.longest = max(self.longest, len(text))
+            return original(renderer, text, special)
+        monkeypatch.setattr(PromptRenderer, "_encode", encode)
+
+
+@pytest.mark.parametrize("policy", ["skip", "error", "truncate"])
+def test_a_huge_row_is_never_tokenized_whole(tmp_path, tokenizer, monkeypatch, policy):
+    huge = "lorem ipsum " * 100_000                          # 1.2 M characters, limit 50 tokens
+    path = write_jsonl(tmp_path / "in.jsonl", [{"id": "small", "text": "short"}, {"id": "huge", "text": huge}])
+    spy = EncodeSpy(monkeypatch)
+    recipe = make_recipe({"source": path, "columns": {"prompt": "text", "id": "id"}, "over_limit": policy},
+                         engine={"max_model_len": 60}, sampling={"max_tokens": 10})
+    if policy == "error":
+        with pytest.raises(InputError, match=r"data row 1: id 'huge': prompt of 1200000 characters is far over "
+                                             r"the limit of 50 tokens .*not tokenized"):
+            items_of(recipe, tokenizer)
+    else:
+        items, source = items_of(recipe, tokenizer)
+        if policy == "skip":
+            assert [i.row_id for i in items] == ["small"] and source.stats.skipped == {"over limit": 1}
+        else:
+            assert items[1].prompt_token_ids == tokenizer(huge[:200])["input_ids"][:50] and source.stats.truncated == 1
+    assert spy.longest <= 1 << 16
+
+
 def write_arrow(path, rows, ipc):
     """An Arrow IPC file of `ipc` kind: "stream" (as `datasets` writes its cache files) or "file" (Feather v2)."""
     table = pa.Table.from_pylist(rows)

@@ -117,3 +117,35 @@ def test_shards_without_manifest_are_refused(tmp_path):
     pq.write_table(output_schema(False).empty_table(), str(directory / "part-r000-00000.parquet"))
     with pytest.raises(OutputError, match=r"has 1 shards but no manifest.json"):
         prepared(tmp_path)
+
+
+def test_a_carry_column_all_none_in_the_first_shard_takes_its_type_later(tmp_path):
+    """The first shard's `ref` values are all None: it must not fix the column to Arrow's null type; later
+    shards (and a resumed writer) write strings, and the folder loads with the documented call."""
+    directory, _ = prepared(tmp_path)
+    writer = ShardWriter(directory, 0, output_schema(True, {"ref": None}))
+    for i in range(3):
+        writer.add(row(i, ref=None))
+    writer.flush()
+    for i in range(3, 6):
+        writer.add(row(i, ref=f"r{i}"))
+    writer.flush()
+    resumed = ShardWriter(directory, 0, output_schema(True, {"ref": None}))
+    resumed.add(row(6, ref="r6"))
+    resumed.flush()
+    assert resumed.schema.field("ref").type == "string"
+    loaded = datasets.load_dataset("parquet", data_files=f"{directory}/part-*.parquet", split="train",
+                                   cache_dir=str(tmp_path / "cache"))
+    assert {r["id"]: r["ref"] for r in loaded} == {f"id{i}": (None if i < 3 else f"r{i}") for i in range(7)}
+
+
+def test_content_changes_are_named(tmp_path):
+    recipe = recipe_for(tmp_path / "out")
+    old = job_fingerprint(recipe, "in.jsonl", "checkpoint aaa", "file size=1")
+    prepare_output_dir(recipe.output, old, recipe)
+    for new, says in ((job_fingerprint(recipe, "in.jsonl", "checkpoint bbb", "file size=1"),
+                       "the model's weights at embedded:smollm2 changed since these rows were made"),
+                      (job_fingerprint(recipe, "in.jsonl", "checkpoint aaa", "file size=2"),
+                       "the data at in.jsonl changed since these rows were made")):
+        with pytest.raises(OutputError, match=says):
+            prepare_output_dir(recipe.output, new, recipe)

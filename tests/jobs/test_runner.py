@@ -69,17 +69,21 @@ def test_every_row_once_with_the_reference_completion(tmp_path, tokenizer, capsy
 
 
 class CrashingEngine(ReversingEngine):
-    """Dies (like a killed process) at its `crash_at_step`-th step."""
+    """Raises `error` (an interrupt by default) at its `crash_at_step`-th step; `finished` holds the ids of
+    every request it finished before that."""
 
-    def __init__(self, tokenizer, crash_at_step):
+    def __init__(self, tokenizer, crash_at_step, error=KeyboardInterrupt):
         super().__init__(tokenizer, max_num_seqs=3)
-        self.steps, self.crash_at_step = 0, crash_at_step
+        self.steps, self.crash_at_step, self.error = 0, crash_at_step, error
+        self.finished = set()
 
     def step(self):
         self.steps += 1
         if self.steps == self.crash_at_step:
-            raise KeyboardInterrupt
-        return super().step()
+            raise self.error
+        outputs = super().step()
+        self.finished.update(o.request_id for o in outputs)
+        return outputs
 
 
 def test_resume_after_a_crash_and_skip_counts(tmp_path, tokenizer):
@@ -89,8 +93,10 @@ def test_resume_after_a_crash_and_skip_counts(tmp_path, tokenizer):
     crashing.engine = CrashingEngine(tokenizer, crash_at_step=25)
     with pytest.raises(KeyboardInterrupt):
         run_recipe(recipe, crashing, params_factory=SamplingParams, is_main=False)
-    written = len(output_rows(tmp_path / "out", tmp_path))
-    assert 0 < written < 23 and written % 5 == 0  # whole shards only
+    kept = output_rows(tmp_path / "out", tmp_path)
+    assert set(kept) == crashing.engine.finished  # every finished row, the part shard too (flushed on the way out)
+    written = len(kept)
+    assert 0 < written < 23 and written % 5 != 0
     summary = run_recipe(recipe, FakeLLM(tokenizer), params_factory=SamplingParams, is_main=False)
     assert summary.already_done == written and summary.rows_written == 23 - written
     assert summary.skipped == {"empty prompt": 1}
@@ -98,6 +104,18 @@ def test_resume_after_a_crash_and_skip_counts(tmp_path, tokenizer):
     want = expected_rows(tokenizer)
     assert sorted(got) == sorted(want)
     assert all(got[k]["completion"] == want[k]["completion"] for k in want)
+
+
+def test_an_engine_error_keeps_the_finished_rows(tmp_path, tokenizer):
+    recipe = job_recipe(tmp_path)
+    failing = FakeLLM(tokenizer)
+    failing.engine = CrashingEngine(tokenizer, crash_at_step=9, error=RuntimeError("engine failed"))
+    with pytest.raises(RuntimeError, match="engine failed"):
+        run_recipe(recipe, failing, params_factory=SamplingParams, is_main=False)
+    kept = output_rows(tmp_path / "out", tmp_path)
+    assert set(kept) == failing.engine.finished and len(kept) % 5 != 0  # a part shard: written by finally
+    want = expected_rows(tokenizer)
+    assert all(kept[k]["completion"] == want[k]["completion"] for k in kept)
 
 
 def test_two_replicas_write_every_row_once(tmp_path, tokenizer):

@@ -151,6 +151,32 @@ def test_draining_pipeline_pays_a_bubble_per_step(llama70b):
 def test_planner_defaults_follow_the_engine():
     from seesaw_ds.distributed import pipe_executor
     from seesaw_ds.engine.config import EngineConfig
-    assert OPTIONS.prefill_micro_batches == pipe_executor.PREFILL_MICRO_BATCHES
+    assert OPTIONS.prefill_micro_batches == pipe_executor.PREFILL_WINDOW
     assert OPTIONS.decode_micro_batches == pipe_executor.DECODE_MICRO_BATCHES
     assert OPTIONS.max_batched_tokens == EngineConfig().max_num_batched_tokens
+    assert OPTIONS.prefill_window_tokens == pipe_executor.prefill_window_tokens(2)
+    assert pipe_executor.prefill_window_tokens(1) == 0          # no pipeline: the step budget rules
+
+
+def test_pipelined_prefill_streams_close_to_the_steady_pipeline():
+    # A pipelined prefill stage admits a window of many micro-batches per pass, so its bubble is paid once
+    # per window: the prediction sits within the window's (pp - 1) / m share of the steady-state pipeline,
+    # where a step capped by the decode-era budget (2 prompts of 1536 in 4096 tokens) paid (pp - 1) / 2.
+    cfg, a10 = load_model_config("llama-3-15b"), parse_cluster("2xA10")
+    arxiv = WorkloadSpec("arxiv-like", 1536, 64, 16)
+    stream = estimate_stage(cfg, a10, (1, 2, 1), "prefill", arxiv, OPTIONS)
+    steady = estimate_stage(cfg, a10, (1, 2, 1), "prefill", arxiv,
+                            dataclasses.replace(OPTIONS, pipeline_drains=False))
+    stepped = estimate_stage(cfg, a10, (1, 2, 1), "prefill", arxiv,
+                             dataclasses.replace(OPTIONS, max_batched_tokens=4096, prefill_window_tokens=None,
+                                                 prefill_micro_batches=8))
+    assert stream.batch == 16                      # every prompt in one window: one pass
+    assert stream.step.bubble == pytest.approx(stream.step.total / 17)     # (pp - 1) / (m + pp - 1), m = 16
+    assert stream.tokens_per_s == pytest.approx(steady.tokens_per_s * 16 / 17)
+    assert stepped.batch == 2 and stepped.step.bubble == pytest.approx(stepped.step.total / 3)
+    assert stream.tokens_per_s > 1.2 * stepped.tokens_per_s
+    # without a pipeline the window does not apply: the step budget caps the batch
+    flat = estimate_stage(cfg, a10, (2, 1, 1), "prefill", arxiv,
+                          dataclasses.replace(OPTIONS, max_batched_tokens=4096))
+    assert flat.batch == 2
+

@@ -88,6 +88,11 @@ void value_heads_bf16(const bf16* p, int64_t ldp, ValuePtr value, float* acc, in
   int64_t g = 0;
   for (; g + kMaxGroup <= G; g += kMaxGroup)
     value_pass_bf16<CV, kMaxGroup>(p + g * ldp, ldp, value, acc + g * D, len);
+  // the rest in one pass over the values (each head's sums are independent: same result as one by one)
+  if constexpr (kMaxGroup == 4) {
+    if (G - g == 3) return value_pass_bf16<CV, 3>(p + g * ldp, ldp, value, acc + g * D, len);
+    if (G - g == 2) return value_pass_bf16<CV, 2>(p + g * ldp, ldp, value, acc + g * D, len);
+  }
   for (; g < G; ++g) value_pass_bf16<CV, 1>(p + g * ldp, ldp, value, acc + g * D, len);
 }
 

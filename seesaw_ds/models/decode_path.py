@@ -1,0 +1,151 @@
+"""The lean decode path: each decoder layer's ops called directly, with the step's metadata resolved once.
+
+A decode step through transformers' modules pays, per layer, for nn.Module dispatch of a dozen modules,
+the attention-interface lookup, the attention hook's context lookups, AutoTP's autograd-Function wrappers
+and, per linear, the wrapper's checks. `LeanDecoder.run` computes the same thing with the same tensors:
+
+    x = norm1(h); q, k, v = q_proj(x), k_proj(x), v_proj(x); rope(q, k); write k, v to the pool
+    h = h + o_proj(paged_attention(q))            (row-parallel: all-reduce, exactly as AutoTP's)
+    h = h + down_proj(act(gate_proj(norm2(h))) * up_proj(norm2(h)))
+
+Each linear runs the very expression its module's forward runs (F.linear for nn.Linear, AutoTP's
+matmul + bias, then `deepspeed.comm.inference_all_reduce` for its row-parallel LinearAllreduce), reading
+the module's weight at call time, so AutoTP's shards and the whole-model views stay the weights of record
+(a re-bind after `update_weights` is seen at once). Rotary embedding is transformers' own function, the
+norms and activation the fused ops of models/fused.py: greedy tokens are identical to the module path
+(tests/models/test_decode_path.py compares logits bit for bit). Modules of an unknown kind are called as
+modules. `SEESAW_DS_LEAN_DECODE=0` turns the path off.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from seesaw_ds.kv.attention import AttentionMetadata, decode_attention
+from seesaw_ds.kv.native import layer_ops, paged_decode_op
+
+LAYERS = {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer"}
+
+
+def lean_decode_enabled() -> bool:
+    return os.environ.get("SEESAW_DS_LEAN_DECODE", "1") not in ("0", "false", "no", "off")
+
+
+def _autotp_linear(module):
+    """A direct call for DeepSpeed AutoTP's linear wrappers (None: not one, or one in a mode we do not
+    reproduce), the same expression as its forward at inference."""
+    try:
+        from deepspeed.module_inject import layers as tp
+    except ImportError:
+        return None
+    kind = type(module)
+    if kind not in (tp.LinearLayer, tp.LinearAllreduce) or module.is_training_mode() or \
+            getattr(module, "defer_collectives_to_compiler", False):
+        return None
+    if kind is tp.LinearLayer:
+        if kind.tp_overlap_comm or getattr(module, "gather_output", False):
+            return None
+
+        def column(x):
+            out = torch.matmul(x, module.weight.transpose(-1, -2))
+            return tp.add_bias(out, module.bias)
+        return column
+    from deepspeed.comm import inference_all_reduce, pg_utils
+    group = module.mp_group
+    parallel = pg_utils.is_parallel(group)
+
+    def row(x):
+        out = torch.matmul(x, module.weight.transpose(-1, -2))
+        if parallel:
+            inference_all_reduce(out, group=group)
+        return tp.add_bias(out, module.bias)
+    return row
+
+
+def linear_call(module):
+    """The cheapest call that computes exactly what `module(x)` computes."""
+    if type(module) is torch.nn.Linear:
+        return lambda x: F.linear(x, module.weight, module.bias)
+    return _autotp_linear(module) or module
+
+
+def _norm_call(module, fused):
+    if fused is not None and getattr(module, "weight", None) is not None and \
+            module.weight.dtype == torch.bfloat16 and hasattr(module, "variance_epsilon"):
+        eps = float(module.variance_epsilon)
+
+        def norm(x):
+            if x.dtype == torch.bfloat16 and x.device.type == "cpu":
+                return fused(x, module.weight, eps)
+            return type(module).forward(module, x)
+        return norm
+    return lambda x: type(module).forward(module, x)
+
+
+class LeanLayer:
+    """One decoder layer's ops, resolved once."""
+
+    def __init__(self, layer, rope, fused):
+        attn, mlp = layer.self_attn, layer.mlp
+        self.index = attn.layer_idx
+        self.head_dim = attn.head_dim
+        self.scaling = float(attn.scaling)
+        self.rope = rope
+        self.norm1 = _norm_call(layer.input_layernorm, fused[0] if fused else None)
+        self.norm2 = _norm_call(layer.post_attention_layernorm, fused[0] if fused else None)
+        self.q, self.k, self.v, self.o = (linear_call(getattr(attn, n)) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        self.gate, self.up, self.down = (linear_call(getattr(mlp, n)) for n in ("gate_proj", "up_proj", "down_proj"))
+        self.act_fn = mlp.act_fn
+        self.silu_mul = fused[1] if fused and _is_silu(mlp) else None
+
+    def act_mul(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        if self.silu_mul is not None and g.dtype == torch.bfloat16:
+            return self.silu_mul(g, u)
+        return self.act_fn(g) * u
+
+    def __call__(self, h, cos, sin, meta: AttentionMetadata, kv, op):
+        """h [1, B, H] -> [1, B, H] (B sequences, one new token each)."""
+        b, d = h.shape[1], self.head_dim
+        x = self.norm1(h)
+        q = self.q(x).view(1, b, -1, d)                                   # [1, B, Hq, D]
+        k = self.k(x).view(1, b, -1, d)                                   # [1, B, Hkv, D]
+        v = self.v(x).view(1, b, -1, d)
+        q, k = self.rope(q, k, cos, sin, unsqueeze_dim=2)                 # element-wise: same bits as [1, H, B, D]
+        kv.write(self.index, k.transpose(1, 2), v.transpose(1, 2), meta.slot_mapping)
+        k_cache, v_cache = kv.layer(self.index)
+        attn = decode_attention(q[0], k_cache, v_cache, meta, self.scaling, op)   # [B, Hq, D]
+        h = h + self.o(attn.reshape(1, b, -1))
+        x = self.norm2(h)
+        return h + self.down(self.act_mul(self.gate(x), self.up(x)))
+
+
+def _is_silu(mlp) -> bool:
+    cfg = getattr(mlp, "config", None)
+    return getattr(cfg, "hidden_act", None) in ("silu", "swish")
+
+
+class LeanDecoder:
+    """The decode path over a runner's layers; `supported` is False when a layer is of a kind it does not
+    know (then the runner keeps transformers' modules)."""
+
+    def __init__(self, layers):
+        self.supported = all(type(layer).__name__ in LAYERS for layer in layers)
+        self._layers = layers
+        self._lean: list[LeanLayer] | None = None
+
+    def _build(self) -> list[LeanLayer]:
+        fused = layer_ops()
+        rope = getattr(sys.modules[type(self._layers[0].self_attn).__module__], "apply_rotary_pos_emb")
+        return [LeanLayer(layer, rope, fused) for layer in self._layers]
+
+    def run(self, h: torch.Tensor, cos_sin, layers: range, meta: AttentionMetadata, kv) -> torch.Tensor:
+        if self._lean is None:
+            self._lean = self._build()
+        cos, sin = cos_sin
+        op = paged_decode_op() if h.device.type == "cpu" else None
+        for i in layers:
+            h = self._lean[i](h, cos, sin, meta, kv, op)
+        return h

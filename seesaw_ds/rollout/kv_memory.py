@@ -1,0 +1,86 @@
+"""Hand the rollout engine's KV memory back to the OS between rollouts, and take it again before the next.
+
+Training and rollout share the ranks' memory: outside `RolloutEngine.generating()` the device KV pool is
+an empty tensor (its allocation freed, then `malloc_trim`) and the host store's shared-memory pages are
+punched out (`madvise(MADV_REMOVE)`: the mapping stays, the tmpfs pages go; touched again they come back
+zero-filled). The engine's objects keep their identity, so nothing inside the engine has to be rebuilt.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+
+import torch
+
+MADV_REMOVE = 9
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def rss_bytes() -> int:
+    """This process's resident memory (anonymous + file + shared pages), from /proc."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return None
+
+
+def _trim() -> None:
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+def _punch_out(tensor: torch.Tensor) -> bool:
+    """Free the shared-memory pages under a file-mapped tensor; False if the OS refused."""
+    libc = _libc()
+    nbytes = tensor.numel() * tensor.element_size()
+    if libc is None or nbytes == 0:
+        return False
+    start = tensor.data_ptr() - tensor.data_ptr() % PAGE
+    length = (tensor.data_ptr() + nbytes - start) // PAGE * PAGE       # whole pages only
+    return libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), MADV_REMOVE) == 0
+
+
+class KVMemory:
+    """The device pool and (layout pairs that switch) the host store of one engine."""
+
+    def __init__(self, engine):
+        self.pool = engine.runtimes["decode"].kv
+        stasher = engine.runtimes["prefill"].stasher
+        self.store = stasher.store if stasher is not None else None
+        self.scheduler = engine.scheduler
+        self.held = True
+
+    @property
+    def pool_bytes(self) -> int:
+        t = self.pool.tensor
+        return t.numel() * t.element_size()
+
+    def release(self) -> None:
+        """Free the KV tiers; the engine must be idle (no request in flight)."""
+        if not self.held:
+            return
+        if self.scheduler.has_unfinished():
+            raise RuntimeError("cannot release KV memory with requests in flight")
+        self.pool.tensor = torch.empty(0, dtype=self.pool.spec.dtype, device=self.pool.tensor.device)
+        if self.store is not None:
+            _punch_out(self.store.tensor)
+        _trim()
+        self.held = False
+
+    def acquire(self) -> None:
+        """Allocate the pool again and fault the host store's pages in (as at build time)."""
+        if self.held:
+            return
+        from deepspeed.accelerator import get_accelerator
+        device = get_accelerator().current_device_name() if self.pool.tensor.device.type != "cpu" else "cpu"
+        self.pool.tensor = torch.zeros(self.pool.spec.shape, dtype=self.pool.spec.dtype, device=device)
+        if self.store is not None:
+            flat = self.store.tensor.view(-1)
+            flat[::max(1, PAGE // flat.element_size())].zero_()
+        self.held = True

@@ -1,0 +1,188 @@
+"""Two network-namespaced hosts on this machine (`launch/local_cluster.py`), DeepSpeed's launcher on each, one
+rank per host, talking over the hosts' veth link (never loopback): data parallel replicas on different hosts
+write one output folder, PP2 prefill -> TP2 decode spans both hosts, and a host lost mid-job (kill -9 of every
+process in its namespace) ends the job within 60 s, leaves no /dev/shm file, and a rerun resumes with every
+row exactly once. Tokens equal Hugging Face greedy generate (which one process also matches).
+
+Needs root and network namespaces; elsewhere these tests skip and say why (the bad-input and node-key tests
+run everywhere)."""
+import glob
+import importlib.util
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from seesaw_ds.distributed import node
+from tests.launch.conftest import GENERATE, REPO, free_port, job_env, recipe_dict, write_recipe
+from tests.launch.test_multi_rank import assert_rows_match, output_rows
+
+LOCAL_CLUSTER = os.path.join(REPO, "launch", "local_cluster.py")
+LOST_HOST_LIMIT_S = 60
+
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location("local_cluster", LOCAL_CLUSTER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def namespaces_unavailable() -> str | None:
+    """Why this machine cannot host the test cluster, or None."""
+    if os.geteuid() != 0:
+        return "needs root to create network namespaces (run as root, e.g. on the project's CI machine)"
+    if shutil.which("ip") is None:
+        return "`ip` (iproute2) is not installed"
+    probe = f"sswprobe{secrets.token_hex(3)}"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    if made.returncode != 0:
+        return f"`ip netns add` fails here: {made.stderr.strip()}"
+    return None
+
+
+needs_namespaces = pytest.mark.skipif(namespaces_unavailable() is not None,
+                                      reason=f"no namespaced hosts: {namespaces_unavailable()}")
+
+
+def cluster_command(prefix, port, recipe, hosts=2):
+    return [sys.executable, LOCAL_CLUSTER, "--hosts", str(hosts), "--ranks", "1", "--prefix", prefix,
+            "--master_port", str(port), "--", GENERATE, "--config", recipe]
+
+
+def run_cluster(cmd, env, timeout=600):
+    """Run the tool to completion; on a timeout, Ctrl-C it (it then tears its hosts down) before failing."""
+    job = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        log, _ = job.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        job.send_signal(signal.SIGINT)
+        log, _ = job.communicate(timeout=60)
+        pytest.fail(f"the cluster run took over {timeout} s:\n{log[-3000:]}")
+    assert job.returncode == 0, f"exit {job.returncode}\n{log[-4000:]}"
+    return log
+
+
+def leftovers(prefix, port):
+    """Namespaces and /dev/shm files of a cluster that should all be gone."""
+    spaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    names = [line.split()[0] for line in spaces.splitlines() if line.startswith(prefix + "-")]
+    ports = glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*") if port else []
+    return names + glob.glob(f"/dev/shm/*-{prefix}-h*") + ports
+
+
+def new_prefix():
+    return f"t{secrets.token_hex(3)}"
+
+
+# ---- everywhere --------------------------------------------------------------------------------------------
+def test_node_key_is_explicit_or_host_and_network_namespace(monkeypatch):
+    monkeypatch.setenv(node.NODE_KEY_ENV, "job 7/h1")
+    assert node.node_key() == "job_7_h1"
+    monkeypatch.delenv(node.NODE_KEY_ENV)
+    key = node.node_key()
+    assert key and key.endswith(node.network_namespace_id()) and "/" not in key
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--link", "fast", "--", "x.py"], "is not a rate"),
+    (["--hosts", "0", "--", "x.py"], "must be >= 1"),
+    (["--prefix", "Bad-Name", "--", "x.py"], "--prefix"),
+    ([], "no command"),
+])
+def test_bad_input_is_one_error_line(args, message):
+    proc = subprocess.run([sys.executable, LOCAL_CLUSTER, *args], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr
+    assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+
+
+# ---- as root -----------------------------------------------------------------------------------------------
+@needs_namespaces
+def test_hosts_have_their_own_network_and_a_shaped_link():
+    tool = load_tool()
+    cluster = tool.LocalCluster(2, link="200mbit", prefix=new_prefix())
+    try:
+        cluster.up()
+        inode = [subprocess.run(cluster.exec_argv(i, ["stat", "-L", "-c", "%i", "/proc/self/ns/net"]),
+                                capture_output=True, text=True, check=True).stdout.strip() for i in range(2)]
+        assert len(set(inode + [node.network_namespace_id()])) == 3       # distinct node keys, shared /dev/shm
+        ping = subprocess.run(cluster.exec_argv(0, ["ping", "-c", "1", "-W", "2", cluster.address(1)]),
+                              capture_output=True, text=True) if shutil.which("ping") else None
+        assert ping is None or ping.returncode == 0, ping.stdout + ping.stderr
+        qdisc = subprocess.run(cluster.exec_argv(1, ["tc", "qdisc", "show", "dev", "eth0"]),
+                               capture_output=True, text=True).stdout
+        assert "tbf" in qdisc and "200Mbit" in qdisc
+        open(f"/dev/shm/seesaw-kv-{cluster.node_key(1)}-test", "wb").close()   # a file a dead host left
+    finally:
+        removed = cluster.down()
+    assert removed == [f"seesaw-kv-{cluster.node_key(1)}-test"]
+    assert not leftovers(cluster.prefix, None)
+
+
+@pytest.mark.slow
+@needs_namespaces
+def test_data_parallel_replicas_on_two_hosts_write_one_folder(tiny_model, articles, reference_rows, tmp_path):
+    prefix, port = new_prefix(), free_port()
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tiny_model[0], articles, str(tmp_path / "out"),
+                                                           parallel={"dp": 2}))
+    log = run_cluster(cluster_command(prefix, port, recipe), job_env(tmp_path))
+    rows = output_rows(tmp_path / "out")
+    assert_rows_match(rows, reference_rows)
+    assert all(row["layouts"] == "tp1pp1 dp=2" for row in rows)
+    assert "[h0] layouts: tp=1 pp=1 dp=2" in log and "[h1] " in log and f"master 10.77.0.1:{port}" in log
+    assert not leftovers(prefix, port)
+
+
+@pytest.mark.slow
+@needs_namespaces
+def test_pp2_tp2_across_hosts_survives_a_lost_host_and_resumes(tiny_model, articles, reference_rows, tmp_path):
+    """Kill -9 every process of host 1 once the first shard is written: host 0's rank must end within 60 s
+    with an error; then the same command on a fresh cluster resumes, every row once, tokens as HF greedy."""
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tiny_model[0], articles, str(out),
+                                                           parallel={"prefill": {"pp": 2}, "decode": {"tp": 2}}))
+    env, prefix, port = job_env(tmp_path), new_prefix(), free_port()
+    job = subprocess.Popen(cluster_command(prefix, port, recipe), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not glob.glob(str(out / "*.parquet")):
+            assert job.poll() is None, f"the job ended before its first shard:\n{job.stdout.read()[-3000:]}"
+            assert time.monotonic() < deadline, "no shard within 600 s"
+            time.sleep(0.05)
+        pids = subprocess.run(["ip", "netns", "pids", f"{prefix}-h1"], capture_output=True, text=True).stdout
+        assert pids.split(), "host 1 has no process to kill"
+        lost_at = time.monotonic()
+        for pid in pids.split():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        log, _ = job.communicate(timeout=LOST_HOST_LIMIT_S + 30)
+        ended_after = time.monotonic() - lost_at
+    finally:
+        if job.poll() is None:
+            job.send_signal(signal.SIGINT)       # the tool tears the cluster down on Ctrl-C
+            job.wait(timeout=60)
+    print(f"the job ended {ended_after:.1f} s after host 1 was lost")
+    assert job.returncode != 0 and ended_after < LOST_HOST_LIMIT_S, log[-3000:]
+    assert "local_cluster: host h1 exited with -9" in log
+    assert any(line.startswith("[h0] ") and "error" in line.lower() for line in log.splitlines()), log[-3000:]
+    assert not leftovers(prefix, port)
+    interrupted = output_rows(out)
+    assert 0 < len(interrupted) < len(reference_rows)
+    assert len({r["id"] for r in interrupted}) == len(interrupted)
+
+    prefix, port = new_prefix(), free_port()
+    log = run_cluster(cluster_command(prefix, port, recipe), env)
+    rows = output_rows(out)
+    assert_rows_match(rows, reference_rows)
+    assert {r["id"] for r in interrupted} <= {r["id"] for r in rows}
+    assert "[h0] layouts: prefill tp=1 pp=2 dp=1 -> decode tp=2 pp=1 dp=1" in log
+    assert not leftovers(prefix, port)
