@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import datetime
 import logging
 import os
 
@@ -25,7 +26,7 @@ from seesaw_ds.distributed.master import MasterWeights, build_hf_model, prepare_
 from seesaw_ds.distributed.pipe_executor import PipelineExecutor, prefill_window_tokens
 from seesaw_ds.distributed.liveness import collective_timeout, stop_watching, watch_peers
 from seesaw_ds.distributed.private_dirs import check_trusted_folders
-from seesaw_ds.distributed.shm_buffers import cleanup_deepspeed_shm, sweep_stale_shm
+from seesaw_ds.distributed.shm_buffers import cleanup_deepspeed_shm, cleanup_on_stop, sweep_stale_shm
 from seesaw_ds.distributed.stash import KVStasher
 from seesaw_ds.distributed.weight_views import WeightViews
 from seesaw_ds.engine.comm import NullComm, TorchComm
@@ -77,7 +78,7 @@ def init_distributed() -> bool:
         # would crash); AutoTP's all-reduce then takes the process group's (gloo / NCCL) over the link
         from deepspeed.comm import comm as ds_comm
         ds_comm.cdb.shm_vector_kernel_level = 0
-    atexit.register(cleanup_deepspeed_shm)
+    atexit.register(cleanup_on_stop)      # this rank's buffers, and those of peers already gone
     watch_peers()              # a peer gone while this rank waits in a collective ends it with one line
     return True
 
@@ -149,11 +150,25 @@ def build_engine(config: EngineConfig, *, comm=None, tokenizer=None, hf_model=No
 
 
 def _undo(on_close) -> None:
+    _settle_peers()
     for fn in reversed(on_close):
         try:
             fn()
         except Exception:  # noqa: BLE001 - the start-up error is the one to report
             log.debug("cleanup after a failed start-up failed", exc_info=True)
+
+
+def _settle_peers(timeout_s: float = 30.0) -> None:
+    """Before a failed start-up tears the process group down, wait (bounded) for the peers: a start-up error
+    is usually the same on every rank, and a rank that destroys the group while a peer still reads from it
+    turns the peer's clear error into a connection reset."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return
+    try:
+        dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout_s))
+    except Exception:  # noqa: BLE001 - a peer that is gone or elsewhere: tear down anyway
+        log.debug("peers did not reach the failed start-up's barrier", exc_info=True)
 
 
 def _build_engine(config: EngineConfig, comm, tokenizer, hf_model, announce, on_close: list) -> Engine:

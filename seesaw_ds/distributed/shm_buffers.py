@@ -26,6 +26,13 @@ def shm_dir() -> str:
     return "/dev/shm" if os.path.isdir("/dev/shm") else os.environ.get("TMPDIR", "/tmp")
 
 
+def deepspeed_buffers_of_this_job() -> list[str]:
+    """Every rank's buffers of this job (same MASTER_PORT). Every rank maps all of them at init, so a name
+    removed on the way out breaks no peer; a rank killed with -9 leaves its own, which this removes."""
+    port = os.environ.get("MASTER_PORT", "")
+    return glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*") if port else []
+
+
 def deepspeed_buffers_of_this_rank() -> list[str]:
     """This rank's buffers (`deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>`, from MASTER_PORT/RANK)."""
     port, rank = os.environ.get("MASTER_PORT", ""), os.environ.get("RANK", "")
@@ -52,12 +59,17 @@ def forget(path: str) -> None:
 
 
 def cleanup_on_stop() -> list[str]:
-    """Remove what a stopped rank would leave: its DeepSpeed buffers and every remembered path. Safe from
-    any thread and more than once. Returns the paths removed."""
+    """Remove what a stopped rank would leave: the job's DeepSpeed buffers (a rank killed with -9 cannot
+    remove its own) and every remembered path, then leftovers of other jobs that are gone. Safe from any
+    thread and more than once. Returns the paths removed."""
     with _pending_lock:
         paths = sorted(_pending)
         _pending.clear()
-    removed = [p for p in paths + deepspeed_buffers_of_this_rank() if _unlink(p)]
+    removed = [p for p in paths + deepspeed_buffers_of_this_job() if _unlink(p)]
+    try:
+        removed += sweep_stale_shm(min_age_s=1.0)    # a starting job maps its files within microseconds
+    except Exception:  # noqa: BLE001 - best effort on the way out
+        pass
     return removed
 
 
