@@ -66,10 +66,7 @@ class HostKVStore:
                                f"rank of a replica must share one node's /dev/shm")
         try:
             self.tensor = torch.from_file(path, shared=True, size=numel, dtype=dtype).view(self.shape)
-            # NOTE: map every page writable in this process up front (one element per page): first touches of
-            # a shared mapping fault page by page, which made the first prefill's stash several times slower
-            flat = self.tensor.view(-1)
-            flat[::max(1, PAGE_BYTES // flat.element_size())].zero_()
+            self.fault_in()
         except BaseException:
             if create:
                 unlink_shm_file(path)
@@ -78,6 +75,12 @@ class HostKVStore:
             if fd is not None:
                 os.close(fd)
         self._runs: tuple[torch.Tensor | None, list] = (None, [])     # (slots, their runs) of the last write
+
+    def fault_in(self) -> None:
+        """Map every page writable in this process up front (one element per page): first touches of a
+        shared mapping fault page by page, which made the first prefill's stash several times slower."""
+        flat = self.tensor.view(-1)
+        flat[::max(1, PAGE_BYTES // flat.element_size())].zero_()
 
     @staticmethod
     def new_path(job_token: str | None = None) -> str:

@@ -77,6 +77,9 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def unfinished_request_ids(self) -> list[str]:
+        return list(self._requests)
+
     @property
     def kv_metrics(self) -> dict:
         """The KV tiers now: blocks in use, requests waiting / stashed / running, preemptions, swap-outs."""

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 
 from seesaw_ds.engine.config import EngineConfig
-from seesaw_ds.engine.sampling_params import SamplingParams
+from seesaw_ds.engine.sampling_params import SamplingParams, sample_seed
 from seesaw_ds.rollout.kv_memory import KVMemory, rss_bytes
 from seesaw_ds.rollout.sync import DEFAULT_BUCKET_BYTES, SyncReport, WeightSync, strip_wrapper_prefix
 
@@ -47,43 +47,11 @@ class RolloutOutput:
     samples: list[Sample] = field(default_factory=list)
 
 
-try:                                    # the engine's own derivation, when it shares one prefill among n
-    from seesaw_ds.engine.sampling_params import sample_seed
-except ImportError:                     # pragma: no cover - an engine without SamplingParams.n
-    def sample_seed(seed: int | None, index: int) -> int | None:
-        """The seed of sample `index` of a prompt whose request seed is `seed` (None stays None)."""
-        return None if seed is None else (seed * 1_000_033 + index) % (1 << 62)
-
-
-def _native_n() -> bool:
-    return "n" in getattr(SamplingParams, "__dataclass_fields__", {})
-
-
-def submit_samples(engine, request_id: str, prompt_ids: list[int], params: SamplingParams, n: int) -> list[str]:
-    """Submit `n` samples of one prompt; returns the request ids to collect. With `SamplingParams.n` the
-    engine prefills the prompt once and forks the samples off it (one request); without it, `n`
-    independent requests with the same derived seeds."""
-    if _native_n():
-        engine.add_request(request_id, prompt_ids, replace(params, n=n))
-        return [request_id]
-    ids = []
-    for i in range(n):
-        engine.add_request(f"{request_id}.{i}", prompt_ids, replace(params, seed=sample_seed(params.seed, i)))
-        ids.append(f"{request_id}.{i}")
-    return ids
-
-
 def _samples_of(out, tokenizer_text) -> list[Sample]:
-    """A finished request's samples (one per request without `n`, all n with it)."""
-    samples = getattr(out, "samples", None) or [out]
-    result = []
-    for s in samples:
-        ids = list(s.token_ids)
-        lps = getattr(s, "token_logprobs", None)
-        if lps is None and s.logprobs is not None:
-            lps = [float(entry[tok]) for entry, tok in zip(s.logprobs, ids)]
-        result.append(Sample(ids, tokenizer_text(ids), s.finish_reason, lps))
-    return result
+    """A finished request's n samples; text decoded here so that every rank has it (the engine decodes on
+    rank 0 only)."""
+    return [Sample(list(s.token_ids), tokenizer_text(s.token_ids), s.finish_reason, s.token_logprobs)
+            for s in out.samples]
 
 
 def _empty_hf_model(module: torch.nn.Module, dtype: torch.dtype):
@@ -173,8 +141,7 @@ class RolloutEngine:
             self.memory["after"] = rss_bytes()
 
     def _drain(self) -> None:
-        pending = getattr(self.engine, "_requests", None) or getattr(self.engine, "_sequences", {})
-        for rid in list(pending):
+        for rid in self.engine.unfinished_request_ids():
             self.engine.abort(rid)
 
     # ---- generation ------------------------------------------------------------------------------------
@@ -195,32 +162,30 @@ class RolloutEngine:
     @torch.inference_mode()
     def generate(self, prompts: list, params: SamplingParams | None = None, n: int | None = None
                  ) -> list[RolloutOutput]:
-        """Per prompt, `n` samples (default `params.n` if the engine has it, else 1): token ids, text,
+        """Per prompt, `n` samples (default `params.n`): token ids, text,
         finish reason, and the sampled tokens' logprobs when `params.logprobs` is set. Every rank calls it
         with the same prompts (one engine over the ranks) or its own (one engine per rank); every rank
         gets the outputs (the engine broadcasts each step's tokens)."""
         if not self.kv.held:
             raise RuntimeError("generate() runs inside `with rollout.generating():`")
         params = params or SamplingParams()
-        if n is None:
-            n = int(getattr(params, "n", 1) or 1)
+        n = params.n if n is None else n
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         t0 = time.perf_counter()
         base = f"rollout{self._calls}-"
         self._calls += 1
         encoded = [self._encode(p) for p in prompts]
-        groups = [submit_samples(self.engine, f"{base}{i}", ids, params, n) for i, (ids, _) in enumerate(encoded)]
+        for i, (ids, _) in enumerate(encoded):       # one request of n samples: the prompt prefilled once
+            self.engine.add_request(f"{base}{i}", ids, replace(params, n=n))
         done = {}
         while self.engine.has_unfinished():
             for out in self.engine.step():
                 done[out.request_id] = out
         outputs = []
         tokens = 0
-        for (ids, text), rids in zip(encoded, groups):
-            row = RolloutOutput(ids, text)
-            for rid in rids:
-                row.samples.extend(_samples_of(done[rid], self._text))
+        for k, (ids, text) in enumerate(encoded):
+            row = RolloutOutput(ids, text, _samples_of(done[f"{base}{k}"], self._text))
             for i, sample in enumerate(row.samples):
                 sample.seed = sample_seed(params.seed, i)
                 tokens += len(sample.token_ids)

@@ -12,6 +12,8 @@ import os
 
 import torch
 
+from seesaw_ds.distributed.builder import release_freed_host_memory
+
 MADV_REMOVE = 9
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -27,12 +29,6 @@ def _libc():
         return ctypes.CDLL("libc.so.6", use_errno=True)
     except OSError:
         return None
-
-
-def _trim() -> None:
-    libc = _libc()
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
 
 
 def _punch_out(tensor: torch.Tensor) -> bool:
@@ -70,7 +66,7 @@ class KVMemory:
         self.pool.tensor = torch.empty(0, dtype=self.pool.spec.dtype, device=self.pool.tensor.device)
         if self.store is not None:
             _punch_out(self.store.tensor)
-        _trim()
+        release_freed_host_memory()
         self.held = False
 
     def acquire(self) -> None:
@@ -81,6 +77,5 @@ class KVMemory:
         device = get_accelerator().current_device_name() if self.pool.tensor.device.type != "cpu" else "cpu"
         self.pool.tensor = torch.zeros(self.pool.spec.shape, dtype=self.pool.spec.dtype, device=device)
         if self.store is not None:
-            flat = self.store.tensor.view(-1)
-            flat[::max(1, PAGE // flat.element_size())].zero_()
+            self.store.fault_in()
         self.held = True
