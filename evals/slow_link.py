@@ -1,18 +1,23 @@
 """Layouts across a slow link: static TP2, static PP2 and PP2 -> TP2 on 2 namespaced hosts x 1 rank
-(`launch/local_cluster.py`, needs root) at several link rates, side by side in one run.
+(`launch/local_cluster.py`, needs root) at several link rates, measured side by side and next to the planner.
 
-    sudo python evals/slow_link.py                                    # unlimited and 200mbit (25 MB/s)
-    sudo python evals/slow_link.py --links unlimited,200mbit,50mbit --workloads arxiv --scale 0.125
+    sudo python evals/slow_link.py                          # unlimited and 200mbit, arxiv + sharegpt
+    sudo python evals/slow_link.py --links unlimited,200mbit,50mbit --workloads arxiv --scale 0.25
+    sudo python evals/slow_link.py --find-best               # the planner's largest-gain case (no engine run)
+    sudo python evals/slow_link.py --model random:h1024-L8-kv2 --links 100mbit   # measure such a case
 
 Every row is the same engine row as evals/throughput.py (evals/peers/seesaw_runner.py: same token ids,
 greedy, EOS ignored, timed after a warm-up), started by DeepSpeed's launcher on each host with the link shaped
 by tc's token bucket. Why ~25 MB/s: a PCIe A10 box has ~125 TFLOP/s of compute over ~16 GB/s of link, i.e.
 ~8 kFLOP per byte moved; a rank here does ~200 GFLOP/s, so the same ratio is ~25 MB/s = 200mbit.
 
-Writes `--out` (JSON: every run's result rows) and prints, per link rate and workload, each layout's
-tokens/s, its ratio to the best static layout at that rate, and the planner's predicted ratio (the calibrated
-local 2-rank cluster, `seesaw_ds.planner.calibrate`, with its all-reduce and pipeline-send figures replaced
-by a ring over the shaped link).
+Before the rows, each link is probed on the same 2-host cluster (`seesaw_ds/planner/link_probe.py`: gloo
+all-reduce and one-way sends, back to back and after a pause) and fitted (`seesaw_ds/planner/link_fit.py`:
+latency, line and sustained bandwidth, token-bucket depth). The prediction for a link is the local 2-rank
+cluster (`seesaw_ds.planner.calibrate`: compute, memory; re-measured at the start of the run unless
+`--reuse-calibration`) with its all-reduce and send costs replaced by that fit. `--probes FILE` reuses (or saves) the probes. Writes `--out` (JSON: probes, fits, rows, runs) and
+prints, per link and workload, each layout's tokens/s, its ratio to the best static layout, the predicted
+ratio and their gap (measured / predicted - 1; `!` past 25%).
 """
 from __future__ import annotations
 
@@ -45,7 +50,7 @@ def run_row(layout: str, link: str, model_dir: str, workload_file: Path, scratch
     cmd = [sys.executable, str(CLUSTER), "--hosts", "2", "--ranks", "1", *shaping, "--",
            str(RUNNER), "--model", model_dir, "--workloads", str(workload_file), "--out", str(out),
            "--dtype", dtype, "--threads", "1", "--layout", layout,
-           "--llm-kwargs", json.dumps({"parallel": LAYOUTS[layout]})]
+           "--llm-kwargs", json.dumps({"parallel": LAYOUTS[layout], "allow_cross_node_tp": True})]
     print(f"== {layout} at {link}: log {log}", flush=True)
     start = time.perf_counter()
     with open(log, "w") as handle:
@@ -64,48 +69,119 @@ def run_row(layout: str, link: str, model_dir: str, workload_file: Path, scratch
     return {"layout": layout, "link": link, "failed": str(code), "log_tail": tail, "results": []}
 
 
-PLANNER_LABELS = {"TP2": "TP2xPP1xDP1", "PP2": "TP1xPP2xDP1", "PP2->TP2": "TP1xPP2xDP1 -> TP2xPP1xDP1"}
+PROBE = REPO / "seesaw_ds" / "planner" / "link_probe.py"
+GAP_LIMIT = 0.25
 
 
-def link_cluster(base, link: str):
-    """The calibrated 2-rank ClusterSpec with its all-reduce and point-to-point figures set by the link:
-    a ring over full-duplex links of `link` each way (unlimited: the calibration as measured)."""
-    import dataclasses
+def probe_link(link: str, scratch: Path, timeout: float) -> dict | None:
+    """Time the link on a fresh 2-host cluster (link_probe.py); its result, or None when the probe failed."""
+    out, log = scratch / f"probe-{link}.json", scratch / f"probe-{link}.log"
+    shaping = [] if link == "unlimited" else ["--link", link]
+    cmd = [sys.executable, str(CLUSTER), "--hosts", "2", "--ranks", "1", *shaping, "--", str(PROBE),
+           "--out", str(out)]
+    print(f"== probe at {link}: log {log}", flush=True)
+    with open(log, "w") as handle:
+        try:
+            code = subprocess.run(cmd, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            code = "timeout"
+    if code == 0 and out.is_file():
+        return json.loads(out.read_text())
+    print(f"   probe FAILED ({code}): " + " | ".join(log.read_text(errors="replace").splitlines()[-4:]), flush=True)
+    return None
+
+
+def link_specs(probes: dict, links: list[str], extra_rates: list[str] = (), recalibrate: bool = False) -> dict:
+    """{link: ClusterSpec}: the calibrated local 2-rank cluster (re-measured now if `recalibrate`) on each
+    probed link; `extra_rates` (not probed) scale the sustained rate of the slowest probed shaped link."""
     from launch.local_cluster import rate_bits
-    from seesaw_ds.planner.clusters import ring_allreduce_table
-    if link == "unlimited":
-        return base
-    bandwidth = rate_bits(link) / 8
-    ar_bw, ar_lat = ring_allreduce_table(bandwidth, max(base.p2p_latency, 1e-4), max_degree=2)
-    return dataclasses.replace(base, allreduce_bandwidth=ar_bw, allreduce_latency=ar_lat,
-                               p2p_bandwidth=min(bandwidth, base.p2p_bandwidth),
-                               p2p_latency=max(base.p2p_latency, 1e-4))
+    from seesaw_ds.planner.calibrate import local_cluster
+    from seesaw_ds.planner.link_fit import cluster_on_link, fit_probe
+    from seesaw_ds.planner.link_search import scaled_link
+    base, specs, fits = local_cluster(2, recalibrate=recalibrate), {}, {}
+    for link in links:
+        if probes.get(link):
+            fits[link] = fit_probe(probes[link], shaped=link != "unlimited")
+            specs[link] = cluster_on_link(base, *fits[link], name=f"2 hosts @ {link}")
+    shaped = sorted((rate_bits(k), k) for k in fits if k != "unlimited")
+    for link in extra_rates:
+        if link in specs or link == "unlimited" or not shaped:
+            continue
+        rate, ref = shaped[0]
+        scaled = [scaled_link(f, rate_bits(link) / rate) for f in fits[ref]]
+        specs[link] = cluster_on_link(base, *scaled, name=f"2 hosts @ {link} (scaled from {ref})")
+    return specs
 
 
-def predicted_ratios(model_dir: str, workloads: dict, links: list[str], dtype: str) -> dict:
+def fit_summary(spec) -> dict:
+    return {"allreduce_latency": spec.allreduce_latency[0], "allreduce_line_bw": spec.allreduce_bandwidth[0],
+            "allreduce_sustained_bw": spec.allreduce_sustained_bandwidth, "p2p_latency": spec.p2p_latency,
+            "p2p_line_bw": spec.p2p_bandwidth, "p2p_sustained_bw": spec.p2p_sustained_bandwidth,
+            "bucket_s": spec.link_bucket_seconds}
+
+
+def planner_workload(name: str, reqs: list):
+    from seesaw_ds.planner.workload import WorkloadSpec
+    return WorkloadSpec(name, sum(len(r.prompt_token_ids) for r in reqs) / len(reqs),
+                        sum(r.output_len for r in reqs) / len(reqs), len(reqs))
+
+
+def predicted_ratios(model_dir: str, workloads: dict, specs: dict, dtype: str) -> dict:
     """{(link, workload, layout): predicted tokens/s over the best predicted static (TP2 or PP2)}."""
     from seesaw_ds.models.loader import load_model_config
-    from seesaw_ds.planner.api import plan
-    from seesaw_ds.planner.calibrate import local_cluster
-    from seesaw_ds.planner.search import PlannerOptions
-    cfg, base, out = load_model_config(model_dir), local_cluster(2), {}
-    for link in links:
-        spec = link_cluster(base, link)
+    from seesaw_ds.planner.link_search import LABELS, STATIC
+    from seesaw_ds.planner.search import PlannerOptions, plan_layouts
+    cfg, out = load_model_config(model_dir), {}
+    for link, spec in specs.items():
         for name, reqs in workloads.items():
-            prompt = sum(len(r.prompt_token_ids) for r in reqs) / len(reqs)
-            output = sum(r.output_len for r in reqs) / len(reqs)
-            result = plan(cfg, spec, f"{prompt:.0f}/{output:.0f}/{len(reqs)}", PlannerOptions(dtype=dtype))
+            result = plan_layouts(cfg, spec, planner_workload(name, reqs), PlannerOptions(dtype=dtype))
             rates = {c.label: c.tokens_per_s for c in result.ranked}
-            best = max(rates.get(PLANNER_LABELS[s], 0.0) for s in STATIC)
-            for layout, label in PLANNER_LABELS.items():
+            best = max(rates.get(LABELS[s], 0.0) for s in STATIC)
+            for layout, label in LABELS.items():
                 if label in rates and best:
                     out[(link, name, layout)] = rates[label] / best
     return out
 
 
+def find_best_report(workloads: dict, specs: dict, dtype: str, top: int, max_seconds: float, scale: float) -> str:
+    """The planner's largest predicted PP2 -> TP2 gains over shapes x workloads x links."""
+    from seesaw_ds.planner.link_search import find_best, format_cases, shape_grid
+    from seesaw_ds.planner.search import PlannerOptions
+    loads = [planner_workload(name, reqs) for name, reqs in workloads.items()]
+    cases = find_best(shape_grid(), loads, specs, PlannerOptions(dtype=dtype), max_seconds, max_params=400e6)
+    lines = [format_cases(cases[:top])]
+    if cases:
+        c = cases[0]
+        links = "unlimited" if c.link == "unlimited" else f"unlimited,{c.link}"
+        lines.append(f"measure it: sudo python evals/slow_link.py --model random:{c.shape.label} --workloads "
+                     f"{c.workload.name} --scale {scale:g} --links {links} --dtype {dtype}")
+    return "\n".join(lines)
+
+
+def random_model(label: str, tokenizer_dir: str) -> str:
+    """A random-weight Llama of a link_search shape label (h1024-L8-kv2), with the embedded model's tokenizer,
+    saved once under the cache."""
+    import re
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from seesaw_ds.data.cache import cache_dir
+    from seesaw_ds.planner.link_search import Shape
+    match = re.fullmatch(r"h(\d+)-L(\d+)-kv(\d+)", label)
+    if not match:
+        raise ValueError(f"--model random:{label}: expected random:h<hidden>-L<layers>-kv<kv heads>")
+    shape = Shape(*(int(g) for g in match.groups()))
+    folder = cache_dir("slow_link") / f"random-{label}"
+    if not (folder / "config.json").is_file():
+        torch.manual_seed(0)
+        fields = {k: v for k, v in shape.hf_config().items() if k not in ("model_type", "architectures")}
+        LlamaForCausalLM(LlamaConfig(**fields)).save_pretrained(folder)
+        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(folder)
+    return str(folder)
+
+
 def table(runs: list[dict], predicted: dict | None = None) -> tuple[str, list[dict]]:
-    """Rows (link, workload, layout, prompt+output tokens/s, ratio to the best static layout) and their text
-    table, with whether every row produced the same output tokens."""
+    """Rows (link, workload, layout, prompt+output tokens/s, ratio to the best static layout, predicted ratio,
+    gap) and their text table, with whether every row produced the same output tokens."""
     rates, digests = {}, {}
     for run in runs:
         for res in run.get("results", []):
@@ -113,75 +189,127 @@ def table(runs: list[dict], predicted: dict | None = None) -> tuple[str, list[di
             rates[key] = (res["prompt_tokens"] + res["generated_tokens"]) / res["wall_s"]
             digests.setdefault(res["workload"], set()).add(tuple(res.get("output_digests", ())))
     predicted = predicted or {}
+    nan = float("nan")
     rows, lines = [], [f"{'link':>10} {'workload':>9} {'layout':>9} {'tok/s':>8} {'/ best static':>13} "
-                       f"{'predicted':>9}"]
-    for link, workload in dict.fromkeys((k[0], k[1]) for k in rates):
+                       f"{'predicted':>9} {'gap':>7}"]
+    for link, workload in dict.fromkeys((k[0], k[1]) for k in [*rates, *predicted]):
         best = max((rates.get((link, workload, s), 0.0) for s in STATIC), default=0.0)
         for layout in LAYOUTS:
             tok_s = rates.get((link, workload, layout))
             ratio = tok_s / best if tok_s and best else None
             guess = predicted.get((link, workload, layout))
+            gap = ratio / guess - 1 if ratio is not None and guess else None
             rows.append({"link": link, "workload": workload, "layout": layout, "tok_s": tok_s,
-                         "ratio_to_best_static": ratio, "predicted_ratio": guess})
-            lines.append(f"{link:>10} {workload:>9} {layout:>9} {tok_s or float('nan'):8.1f} "
-                         f"{ratio if ratio is not None else float('nan'):13.3f} "
-                         f"{guess if guess is not None else float('nan'):9.3f}")
+                         "ratio_to_best_static": ratio, "predicted_ratio": guess, "gap": gap})
+            flag = "!" if gap is not None and abs(gap) > GAP_LIMIT else ""
+            lines.append(f"{link:>10} {workload:>9} {layout:>9} {tok_s or nan:8.1f} "
+                         f"{ratio if ratio is not None else nan:13.3f} {guess if guess is not None else nan:9.3f} "
+                         f"{gap if gap is not None else nan:+7.1%}{flag}")
     for workload, seen in digests.items():
         lines.append(f"{workload}: output tokens {'identical' if len(seen) == 1 else 'DIFFER'} across rows")
     return "\n".join(lines), rows
 
 
-def main(argv=None) -> int:
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="embedded:smollm2", help="model spec for seesaw_ds.models.loader")
+    p.add_argument("--model", default="embedded:smollm2",
+                   help="model spec for seesaw_ds.models.loader, or random:h<hidden>-L<layers>-kv<kv heads>")
     p.add_argument("--links", default="unlimited,200mbit", help="comma list of link rates (tc units) or unlimited")
     p.add_argument("--layouts", default=",".join(LAYOUTS), help=f"comma list of: {', '.join(LAYOUTS)}")
     p.add_argument("--workloads", default="arxiv,sharegpt")
-    p.add_argument("--scale", type=float, default=0.125, help="multiply the workloads' request counts")
+    p.add_argument("--scale", type=float, default=0.0625, help="multiply the workloads' request counts "
+                                                                 "(default: arxiv 2, sharegpt 8 requests)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--timeout", type=float, default=1800, help="seconds per row")
-    p.add_argument("--no-predict", action="store_true", help="skip the planner's prediction column")
+    p.add_argument("--no-predict", action="store_true", help="skip the probes and the planner's prediction")
+    p.add_argument("--reuse-calibration", action="store_true",
+                   help="take the cached local 2-rank calibration (compute, memory) instead of re-measuring it")
+    p.add_argument("--probes", default=None, help="JSON of link probes: reused for the links it holds, and "
+                                                  "the new probes are added to it")
+    p.add_argument("--find-best", action="store_true",
+                   help="no engine run: the planner's largest predicted PP2->TP2 gains over tiny Llama shapes, "
+                        "the workloads and --find-links (probed links in --links, others scaled from them)")
+    p.add_argument("--find-links", default="unlimited,1gbit,400mbit,200mbit,100mbit,50mbit,25mbit")
+    p.add_argument("--find-max-seconds", type=float, default=300, help="longest predicted run of a layout")
+    p.add_argument("--top", type=int, default=15)
     p.add_argument("--out", default=str(REPO / "evals" / "results" / "slow_link.json"))
     args = p.parse_args(argv)
-    if os.geteuid() != 0:
+    args.layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
+    args.links = [x.strip() for x in args.links.split(",") if x.strip()]
+    args.find_links = [x.strip() for x in args.find_links.split(",") if x.strip()]
+    unknown = [x for x in args.layouts if x not in LAYOUTS]
+    if unknown:
+        p.exit(2, f"error: --layouts: unknown layout(s) {unknown}; choose from {', '.join(LAYOUTS)}\n")
+    from launch.local_cluster import rate_bits
+    for link in args.links + args.find_links:
+        if link != "unlimited":
+            try:
+                rate_bits(link)
+            except ValueError as err:
+                p.exit(2, f"error: --links / --find-links: {err}\n")
+    try:
+        args.workload_names = parse_workload_names(args.workloads)
+    except ValueError as err:
+        p.exit(2, f"error: --workloads: {err}\n")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    probes_path = Path(args.probes) if args.probes else None
+    probes = json.loads(probes_path.read_text()) if probes_path and probes_path.is_file() else {}
+    needs_cluster = not args.find_best or any(not probes.get(link) for link in args.links)
+    if needs_cluster and os.geteuid() != 0:
         print("error: slow_link.py needs root (it builds namespaced hosts with launch/local_cluster.py)",
               file=sys.stderr)
         return 2
-    layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
-    links = [x.strip() for x in args.links.split(",") if x.strip()]
-    unknown = [x for x in layouts if x not in LAYOUTS]
-    if unknown:
-        print(f"error: unknown layout(s) {unknown}; choose from {', '.join(LAYOUTS)}", file=sys.stderr)
-        return 2
-    try:
-        names = parse_workload_names(args.workloads)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     from transformers import AutoConfig, AutoTokenizer
     from seesaw_ds.models.loader import resolve_model_folder
-    model_dir = resolve_model_folder(args.model)
+    if args.model.startswith("random:"):
+        try:
+            model_dir = random_model(args.model.split(":", 1)[1], resolve_model_folder("embedded:smollm2"))
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    else:
+        model_dir = resolve_model_folder(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    workloads = build_workloads(names, tokenizer, AutoConfig.from_pretrained(model_dir).vocab_size, args.scale)
-    runs = []
+    vocab = AutoConfig.from_pretrained(model_dir).vocab_size
+    workloads = build_workloads(args.workload_names, tokenizer, vocab, args.scale)
+    runs, predicted, specs = [], {}, {}
     with tempfile.TemporaryDirectory(prefix="slow-link-") as scratch_dir:
         scratch = Path(scratch_dir)
+        if not args.no_predict or args.find_best:
+            for link in args.links:
+                if not probes.get(link):
+                    probes[link] = probe_link(link, scratch, min(args.timeout, 900))
+            if probes_path:
+                probes_path.write_text(json.dumps(probes, indent=1))
+            specs = link_specs(probes, args.links, args.find_links if args.find_best else (),
+                               recalibrate=not args.reuse_calibration)
+            for link, spec in specs.items():
+                print(f"link {link}: " + ", ".join(f"{k} {v:.3g}" for k, v in fit_summary(spec).items()
+                                                   if v is not None), flush=True)
+        if args.find_best:
+            print(find_best_report(workloads, specs, args.dtype, args.top, args.find_max_seconds, args.scale))
+            return 0
         workload_file = scratch / "workloads.json"
         workload_file.write_text(json.dumps(workload_file_payload(workloads)))
-        for link in links:
-            for layout in layouts:
+        for link in args.links:
+            for layout in args.layouts:
                 runs.append(run_row(layout, link, model_dir, workload_file, scratch, args.dtype, args.timeout))
-    predicted = {}
-    if not args.no_predict:
+    if specs:
         try:
-            predicted = predicted_ratios(model_dir, workloads, links, args.dtype)
-        except Exception as err:  # noqa: BLE001 - the measured table stands without the prediction
-            print(f"no planner prediction: {type(err).__name__}: {err}", flush=True)
+            predicted = predicted_ratios(model_dir, workloads, {k: specs[k] for k in args.links if k in specs},
+                                         args.dtype)
+        except ValueError as err:   # the measured table stands without the prediction
+            print(f"no planner prediction: {err}", flush=True)
     text, rows = table(runs, predicted)
     print(text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": {"model": args.model, "dtype": args.dtype, "scale": args.scale,
-                                                   "hosts": 2, "ranks_per_host": 1, "links": links},
+                                                   "hosts": 2, "ranks_per_host": 1, "links": args.links},
+                                          "probes": probes, "fits": {k: fit_summary(v) for k, v in specs.items()},
                                           "rows": rows, "runs": runs}, indent=1))
     print(f"wrote {args.out}")
     return 0 if all("failed" not in r for r in runs) else 1

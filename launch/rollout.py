@@ -1,7 +1,8 @@
 """GRPO on a verifiable toy task with rollouts from the live policy: `python launch/rollout.py --config
 recipes/grpo.yaml [key.sub=value ...]`, on one process or under `deepspeed --num_gpus 2`.
 
-Tracks reward, KL, rollout tokens/s, weight-sync seconds and the rollout vs train share of every step in
+Tracks reward, KL, the rollout/trainer logprob mismatch (`mismatch/*`; `tis/*` with `grpo.tis_cap`), rollout
+tokens/s, weight-sync seconds and the rollout vs train share of every step in
 wandb (offline unless configured) and `<tracking.output_dir>/metrics.jsonl`; `tracking.plot` saves the
 reward curve. A bad recipe: one `error:` line, exit status 2.
 """
@@ -19,7 +20,7 @@ def main(argv=None) -> int:
         prog="launch/rollout.py", description=__doc__.split("\n\n")[0],
         epilog="recipe sections: model, dtype, task.{name,max_operand,format_bonus,seed}, grpo.{steps,"
                "prompts_per_step,group_size,max_tokens,temperature,lr,clip,kl_coef,micro_batch,zero_stage,"
-               "grad_clip}, rollout.{parallel,kv_device_gb,kv_host_gb,bucket_mb,max_num_seqs}, "
+               "grad_clip,tis_cap}, rollout.{parallel,kv_device_gb,kv_host_gb,bucket_mb,max_num_seqs}, "
                "tracking.{output_dir,wandb_project,wandb_mode,plot}")
     parser.add_argument("--config", required=True, help="recipe YAML, e.g. recipes/grpo.yaml")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)

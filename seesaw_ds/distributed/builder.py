@@ -1,13 +1,15 @@
 """Build the engine on this rank from an `EngineConfig`: layouts, master weights, one runtime per stage, the KV
 tiers, the scheduler. One process and every layout go through the same steps:
 
-    model folder -> ModelConfig -> layouts (resolve_layouts) -> master copy (content-keyed, one per node)
-    -> full model over views of it -> executors (AutoTP re-bound to the plan's slices) -> rectangles from
-    the KV re-shard plan -> host tier (layout pairs that switch) -> device pool -> scheduler -> Engine
+    model folder -> ModelConfig -> layouts (resolve_layouts) -> placement on the ranks' nodes (placement.py)
+    -> master copy (content-keyed, one per node) -> full model over views of it -> executors (AutoTP re-bound
+    to the plan's slices) -> rectangles from the KV re-shard plan -> host tier (layout pairs that switch)
+    -> device pool -> scheduler -> Engine
 
 Whether the host tier is used is decided here, once: a static layout (both stages equal) keeps its KV in the
 device pool and never switches; a pair that switches (e.g. PP prefill -> TP decode) stages every prompt's KV
-in the node's host store, written in the prefill layout and read in the decode layout.
+in the node's host store, written in the prefill layout and read in the decode layout (so the replica's ranks
+must share one /dev/shm: checked by placement.py at start-up).
 """
 from __future__ import annotations
 
@@ -25,8 +27,9 @@ from seesaw_ds.distributed.kv_moves import TierCopies
 from seesaw_ds.distributed.master import MasterWeights, build_hf_model, prepare_master
 from seesaw_ds.distributed.pipe_executor import PipelineExecutor, prefill_window_tokens
 from seesaw_ds.distributed.liveness import collective_timeout, stop_watching, watch_peers
+from seesaw_ds.distributed.node import node_key, shm_domain
 from seesaw_ds.distributed.private_dirs import check_trusted_folders
-from seesaw_ds.distributed.shm_buffers import cleanup_deepspeed_shm, cleanup_on_stop, sweep_stale_shm
+from seesaw_ds.distributed.shm_buffers import cleanup_deepspeed_shm, cleanup_on_stop, shm_dir, sweep_stale_shm
 from seesaw_ds.distributed.stash import KVStasher
 from seesaw_ds.distributed.weight_views import WeightViews
 from seesaw_ds.engine.comm import NullComm, TorchComm
@@ -42,6 +45,7 @@ from seesaw_ds.models.loader import default_cache_dir, load_model_config, load_t
 from seesaw_ds.models.runner import ModelRunner
 from seesaw_ds.parallel.kv_plan import kv_ownership, kv_reshard_plan, moves_from, moves_into
 from seesaw_ds.parallel.layout import Layout, StageLayouts, resolve_layouts
+from seesaw_ds.parallel.placement import RankPlace, check_placement
 from seesaw_ds.parallel.weight_plan import whole_model_entries
 
 log = logging.getLogger("seesaw_ds")
@@ -116,6 +120,12 @@ def _open_host_store(comm, cfg, blocks, block_size, dtype, budget: str) -> HostK
     return store
 
 
+def gather_places(comm) -> list[RankPlace]:
+    """Every rank's node key and /dev/shm domain, in rank order (one all-gather at start-up)."""
+    mine = RankPlace(node_key(), shm_domain(shm_dir()))
+    return [RankPlace(*place) for place in comm.all_gather_object(tuple(mine))]
+
+
 def _sampling_rank(layout: Layout) -> int:
     """The rank holding a stage's logits: the last pipeline stage's first TP rank (one replica per engine)."""
     return layout.global_rank(0, layout.pp - 1, 0)
@@ -184,6 +194,8 @@ def _build_engine(config: EngineConfig, comm, tokenizer, hf_model, announce, on_
     if layouts.prefill.dp > 1:
         raise NotImplementedError("data parallelism inside one engine is not supported yet; "
                                   "run one engine per replica")
+    # before any weight loads: a TP group across nodes (unless allowed), a switching pair across /dev/shm's
+    check_placement(layouts, gather_places(comm), config.allow_cross_node_tp)
     max_model_len = min(config.max_model_len, cfg.max_position)
 
     def rect(layout: Layout):

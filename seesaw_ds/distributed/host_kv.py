@@ -75,6 +75,7 @@ class HostKVStore:
             if fd is not None:
                 os.close(fd)
         self._runs: tuple[torch.Tensor | None, list] = (None, [])     # (slots, their runs) of the last write
+        self._layers = (self.tensor, self.tensor.unbind(0))            # per layer [2, Hkv, tokens, D] views
 
     def fault_in(self) -> None:
         """Map every page writable in this process up front (one element per page): first touches of a
@@ -104,22 +105,30 @@ class HostKVStore:
         """key/value: [1, Hkv_r, T, D] for the global `kv_heads` -> store[layer, k/v, kv_heads, slots, :].
         Safe from one background thread (see stash.py)."""
         h = slice(kv_heads.start, kv_heads.stop)
-        dev, dtype = self.tensor.device, self.tensor.dtype
-        k, v = key[0].to(dev, dtype), value[0].to(dev, dtype)          # [Hkv_r, T, D]
+        k, v = key[0], value[0]                                        # [Hkv_r, T, D]; copy_ casts and moves
         if self._runs[0] is not slots:                                 # once per micro-batch, not per layer
-            self._runs = (slots, slot_runs(slots))
+            runs = slot_runs(slots)
+            capacity = self.shape[3]
+            if any(dst < 0 or dst + n > capacity for _, dst, n in runs):
+                raise IndexError(f"host KV slot index out of range: the store holds {capacity} token slots")
+            self._runs = (slots, runs)
         runs = self._runs[1]
-        capacity = self.shape[3]
-        if any(dst < 0 or dst + n > capacity for _, dst, n in runs):
-            raise IndexError(f"host KV slot index out of range: the store holds {capacity} token slots")
+        if self._layers[0] is not self.tensor:                         # views made once per backing tensor
+            self._layers = (self.tensor, self.tensor.unbind(0))
+        layer_kv = self._layers[1][layer]                              # [2, Hkv, tokens, D]
         if len(runs) > MAX_SLICE_RUNS:                                  # fragmented blocks: one scattered copy
-            index = slots.to(dev)
-            self.tensor[layer, 0, h].index_copy_(1, index, k)
-            self.tensor[layer, 1, h].index_copy_(1, index, v)
+            index = slots.to(self.tensor.device)
+            layer_kv[0, h].index_copy_(1, index, k.to(self.tensor.dtype))
+            layer_kv[1, h].index_copy_(1, index, v.to(self.tensor.dtype))
+            return
+        if len(runs) == 1:                                             # the common case: one copy per k / v
+            _, dst, n = runs[0]
+            layer_kv[0, h, dst:dst + n].copy_(k)
+            layer_kv[1, h, dst:dst + n].copy_(v)
             return
         for src, dst, n in runs:                                       # one strided copy per run of slots
-            self.tensor[layer, 0, h, dst:dst + n].copy_(k[:, src:src + n])
-            self.tensor[layer, 1, h, dst:dst + n].copy_(v[:, src:src + n])
+            layer_kv[0, h, dst:dst + n].copy_(k[:, src:src + n])
+            layer_kv[1, h, dst:dst + n].copy_(v[:, src:src + n])
 
     # ---- decode: whole blocks between the store and a device pool, one KV move at a time ----------------
     def _views(self, pool, moves, slices_of, host_blocks: list[int], device_blocks: list[int]):

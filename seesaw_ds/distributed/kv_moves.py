@@ -34,21 +34,31 @@ class TierCopies:
         self.store, self.pool, self.stats = store, pool, stats
         self.loads, self.saves = loads, saves        # plan moves into / out of this rank's rectangle
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="seesaw-prefetch")
-        self._in_flight: Future | None = None     # -> (bytes, seconds) of the last prefetch
+        self._in_flight: Future | None = None     # -> (bytes, seconds, CPU seconds) of the last prefetch
+        # per copy kind: [calls, seconds, the copying thread's CPU seconds] (seconds minus CPU: time the
+        # copying thread was off the CPU: preempted, or waiting for the GIL)
+        self.profile = {kind: [0, 0.0, 0.0] for kind in ("onboard", "prefetch", "swap_out")}
+
+    def _count(self, kind: str, nbytes: int, seconds: float, cpu_s: float) -> None:
+        self.stats.add_copy(kind, nbytes, seconds)
+        entry = self.profile[kind]
+        entry[0] += 1
+        entry[1] += seconds
+        entry[2] += cpu_s
 
     def _timed(self, kind: str, fn, *args) -> None:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.thread_time()
         nbytes = fn(*args)
-        self.stats.add_copy(kind, nbytes, time.perf_counter() - t)
+        self._count(kind, nbytes, time.perf_counter() - t, time.thread_time() - c)
 
     def land(self) -> None:
         """Block until last step's prefetch has landed; count its bytes and the thread's copy time."""
         if self._in_flight is None:
             return
         t = time.perf_counter()
-        nbytes, seconds = self._in_flight.result()
+        nbytes, seconds, cpu_s = self._in_flight.result()
         self.stats.prefetch_stall_s += time.perf_counter() - t
-        self.stats.add_copy("prefetch", nbytes, seconds)
+        self._count("prefetch", nbytes, seconds, cpu_s)
         self._in_flight = None
 
     def run(self, batch: ScheduledBatch) -> None:
@@ -66,10 +76,10 @@ class TierCopies:
             self.stats.prefetched_seqs += len(batch.prefetch)
             self._in_flight = self._thread.submit(self._background_load, host_blocks, device_blocks)
 
-    def _background_load(self, host_blocks: list[int], device_blocks: list[int]) -> tuple[int, float]:
-        t = time.perf_counter()
+    def _background_load(self, host_blocks: list[int], device_blocks: list[int]) -> tuple[int, float, float]:
+        t, c = time.perf_counter(), time.thread_time()
         nbytes = self.store.load_into(self.pool, self.loads, host_blocks, device_blocks)
-        return nbytes, time.perf_counter() - t
+        return nbytes, time.perf_counter() - t, time.thread_time() - c
 
     def close(self) -> None:
         """Land what is in flight, then join the prefetch thread (idempotent)."""

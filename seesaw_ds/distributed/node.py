@@ -7,6 +7,8 @@ files apart and says whose a leftover is. Standard library only.
     node_key()    # "$SEESAW_NODE_KEY" when set (the test cluster sets "<cluster prefix>-h<i>"), else
                   # "<hostname>-<network namespace inode>": distinct between namespaced hosts of one machine,
                   # and between machines of a real cluster by their host names
+    shm_domain(d)  # "<boot id>:<device of d>": equal exactly for processes that map the same files under d
+                   # (the node's /dev/shm), whatever their node keys
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import socket
 
 NODE_KEY_ENV = "SEESAW_NODE_KEY"
 MAX_KEY_CHARS = 48
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
 
 
 def sanitize(text: str) -> str:
@@ -37,3 +40,20 @@ def node_key() -> str:
         return explicit
     parts = [sanitize(socket.gethostname().split(".")[0])[:32] or "node", network_namespace_id()]
     return "-".join(p for p in parts if p)
+
+
+def shm_domain(directory: str) -> str:
+    """Which processes share the files under `directory` (the node's /dev/shm): the running kernel's boot id
+    and the directory's filesystem device. Namespaced hosts or containers that mount one machine's /dev/shm
+    get the same value; separate machines differ by boot id, private /dev/shm mounts of one machine by device.
+    Without a boot id (no /proc) the node key stands in: distinct nodes are then never taken as sharing."""
+    try:
+        with open(BOOT_ID, encoding="ascii") as handle:
+            boot = handle.read().strip()
+    except OSError:
+        boot = ""
+    try:
+        device = str(os.stat(directory).st_dev)
+    except OSError:
+        device = ""
+    return f"{boot}:{device}" if boot and device else f"node:{node_key()}"

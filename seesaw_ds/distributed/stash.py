@@ -94,6 +94,9 @@ class KVStasher:
         self.kv_heads = kv_heads     # global KV heads of the rows this rank writes
         self.asynchronous = asynchronous
         self.busy_s = 0.0        # time spent writing into the store (stash thread, or inline)
+        self.busy_cpu_s = 0.0    # the writing thread's CPU time in those writes (busy_s minus time off the CPU)
+        self.calls = 0           # write() calls: one per layer and micro-batch
+        self._itemsize = store.tensor.element_size()
         self.wait_s = 0.0        # time the caller was held up: inline writes, a full queue, flush()
         self.bytes = 0           # K/V bytes handed to the store (counted at write(), in the caller)
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
@@ -107,12 +110,18 @@ class KVStasher:
     def write(self, layer: int, key: torch.Tensor, value: torch.Tensor, slots: torch.Tensor) -> None:
         """key/value: [1, Hkv_r, T, D] for this rank's KV heads (`self.kv_heads`); slots: [T]."""
         heads = self.kv_heads
-        self.bytes += 2 * key.numel() * self.store.tensor.element_size()
-        if not self.asynchronous:
-            t0 = time.perf_counter()
-            self._write(PendingWrite(layer, heads, key, value, slots))
+        self.bytes += 2 * key.numel() * self._itemsize
+        self.calls += 1
+        if not self.asynchronous:         # straight into the store: no record, no queue
+            if key.shape != value.shape or key.dim() != 4 or key.shape[1] != len(heads) or \
+                    slots.shape != key.shape[2:3]:
+                PendingWrite(layer, heads, key, value, slots)    # raises the ValueError that names the field
+            t0, c0 = time.perf_counter(), time.thread_time()
+            with torch.no_grad():
+                self.store.write(layer, key, value, slots, heads)
             dt = time.perf_counter() - t0
             self.busy_s += dt
+            self.busy_cpu_s += time.thread_time() - c0
             self.wait_s += dt
             return
         if key.device.type == "cpu":
@@ -165,9 +174,10 @@ class KVStasher:
                 return
             try:
                 if self._error is None:   # after a failure the store is suspect: drop the rest, flush raises
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.thread_time()
                     self._write(item)
                     self.busy_s += time.perf_counter() - t0
+                    self.busy_cpu_s += time.thread_time() - c0
             except Exception as err:      # noqa: BLE001 - handed to the caller by flush()
                 self._error = err
             finally:

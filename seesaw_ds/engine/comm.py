@@ -2,7 +2,7 @@
 
 One process runs the same engine with `NullComm` (a world of one: every collective is the identity);
 the ranks of a replica use `TorchComm` over the default process group (gloo on CPUs, NCCL on GPUs).
-Model code never calls these; only the engine loop, the builder and the tiers do.
+Model code never calls these; only the engine loop, the builder, the tiers and the job loop do.
 """
 from __future__ import annotations
 
@@ -20,6 +20,9 @@ class NullComm:
 
     def broadcast_object(self, obj: Any, src: int) -> Any:
         return obj
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        return [obj]
 
     def all_reduce(self, value: int, op: str = "sum") -> int:
         return int(value)
@@ -49,6 +52,12 @@ class TorchComm(NullComm):
         box = [obj]
         self._dist.broadcast_object_list(box, src=src)
         return box[0]
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order, on every rank."""
+        out: list[Any] = [None] * self.world_size
+        self._dist.all_gather_object(out, obj)
+        return out
 
     def all_reduce(self, value: int, op: str = "sum") -> int:
         ops = {"sum": self._dist.ReduceOp.SUM, "min": self._dist.ReduceOp.MIN, "max": self._dist.ReduceOp.MAX}

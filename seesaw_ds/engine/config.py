@@ -1,7 +1,8 @@
 """The engine's settings: one frozen record from the recipe (or `LLM(...)` keyword arguments) to the builder.
 
 Names follow the recipe: `engine.kv.device_gb` is `kv_device_gb`, `engine.kv.host_gb` is `kv_host_gb`,
-`engine.kv.threshold` is `kv_threshold`; `parallel` is the recipe's `parallel` value (or a `StageLayouts`).
+`engine.kv.threshold` is `kv_threshold`, `engine.allow_cross_node_tp` is `allow_cross_node_tp`; `parallel` is the
+recipe's `parallel` value (or a `StageLayouts`).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ class EngineConfig:
     cache_dir: str | None = None      # converted models and master copies (default: SEESAW_CACHE)
     micro_batches: int = 0            # 0: the stage executor's own choice
     stash_async: bool | None = None   # None: on accelerators only (a stash thread takes a CPU core)
+    allow_cross_node_tp: bool = False  # True: a TP group may span nodes (its all-reduces cross their link)
 
     def __post_init__(self):
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -36,5 +38,7 @@ class EngineConfig:
                 raise ValueError(f"kv.{name[3:]} must be a positive number of GB, got {value!r}")
         if not 0.0 <= self.kv_threshold < 1.0:
             raise ValueError(f"kv.threshold must be in [0, 1), got {self.kv_threshold!r}")
+        if not isinstance(self.allow_cross_node_tp, bool):
+            raise ValueError(f"allow_cross_node_tp must be true or false, got {self.allow_cross_node_tp!r}")
         if self.micro_batches < 0:
             raise ValueError(f"micro_batches must be >= 0, got {self.micro_batches!r}")

@@ -36,56 +36,49 @@ def bad_input_errors() -> tuple[type[BaseException], ...]:
         ShmSpaceError, UnsafeFolderError
 
 
-class Comm:
-    """The few collectives a job needs, over all ranks; trivial for one process."""
+def _job_comm(world):
+    """The job's communicator over every rank of the launch (the process group starts here), or the trivial
+    one for one process."""
+    from seesaw_ds.engine.comm import NullComm, TorchComm
+    if not world.is_multi_rank:
+        return NullComm()
+    from seesaw_ds.distributed.builder import init_distributed
+    init_distributed()
+    return TorchComm()
 
-    def __init__(self, world):
-        self.world = world
-        if world.is_multi_rank:
-            from seesaw_ds.distributed.builder import init_distributed
-            init_distributed()
 
-    def barrier(self) -> None:
-        if self.world.is_multi_rank:
-            import torch.distributed as dist
-            dist.barrier()
+def _from_rank0(comm, fn: Callable[[], Any]) -> Any:
+    """fn() on rank 0, its result on every rank; a bad input on rank 0 is raised on every rank."""
+    multi_rank = comm.world_size > 1
 
-    def all_gather(self, obj: Any) -> list[Any]:
-        if not self.world.is_multi_rank:
-            return [obj]
+    def guarded():
+        try:
+            return "ok", fn()
+        except bad_input_errors() as err:
+            if not multi_rank:
+                raise
+            return "error", str(err)
+    if not multi_rank:
+        status, value = guarded()
+    else:   # the others wait in a heartbeat, not in one collective as long as a conversion or calibration
+        from seesaw_ds.engine.comm import rank0_heart_beaten
+        ok, result = rank0_heart_beaten(comm, guarded, send_result=True)
+        if not ok:
+            raise result if isinstance(result, BaseException) else RuntimeError(f"rank 0 failed: {result}")
+        status, value = result
+    if status == "error":
+        raise RecipeError("", value)
+    return value
+
+
+def _leave_job_comm(comm) -> None:
+    """Every rank at one barrier, then the process group down (multi-rank only)."""
+    if comm.world_size > 1:
         import torch.distributed as dist
-        out: list[Any] = [None] * self.world.size
-        dist.all_gather_object(out, obj)
-        return out
-
-    def from_rank0(self, fn: Callable[[], Any]) -> Any:
-        """fn() on rank 0, its result on every rank; a bad input on rank 0 is raised on every rank."""
-        def guarded():
-            try:
-                return "ok", fn()
-            except bad_input_errors() as err:
-                if not self.world.is_multi_rank:
-                    raise
-                return "error", str(err)
-        if not self.world.is_multi_rank:
-            status, value = guarded()
-        else:   # the others wait in a heartbeat, not in one collective as long as a conversion or calibration
-            from seesaw_ds.engine.comm import TorchComm, rank0_heart_beaten
-            ok, result = rank0_heart_beaten(TorchComm(), guarded, send_result=True)
-            if not ok:
-                raise result if isinstance(result, BaseException) else RuntimeError(f"rank 0 failed: {result}")
-            status, value = result
-        if status == "error":
-            raise RecipeError("", value)
-        return value
-
-    def close(self) -> None:
-        if self.world.is_multi_rank:
-            import torch.distributed as dist
-            if dist.is_initialized():
-                from seesaw_ds.distributed.builder import leave_distributed
-                dist.barrier()
-                leave_distributed()
+        if dist.is_initialized():
+            from seesaw_ds.distributed.builder import leave_distributed
+            comm.barrier()
+            leave_distributed()
 
 
 def _set_threads(world) -> None:
@@ -95,19 +88,22 @@ def _set_threads(world) -> None:
         torch.set_num_threads(max(1, cores // world.local_size))
 
 
-def _load_model_meta(recipe: Recipe, comm: Comm):
+def _load_model_meta(recipe: Recipe, comm):
     """(folder, ModelConfig, tokenizer or None); rank 0 resolves (converts) the model first."""
     from seesaw_ds.models.loader import default_cache_dir, load_model_config, load_tokenizer, resolve_model_folder
-    from seesaw_ds.jobs.startup_checks import check_model_folder, check_model_spec
+    from seesaw_ds.jobs.startup_checks import check_model_spec
+    from seesaw_ds.models.config import UnsupportedArchitecture
     cache_dir = recipe.model.cache_dir or default_cache_dir()
 
     def resolve():
         check_model_spec(recipe)
         folder = resolve_model_folder(recipe.model.name, cache_dir)
-        check_model_folder(recipe, folder)
-        load_model_config(folder)       # NOTE: its error, from rank 0 only
+        try:
+            load_model_config(folder)       # NOTE: its error, from rank 0 only
+        except UnsupportedArchitecture as err:
+            raise RecipeError("model.name", f"{recipe.model.name}: {err}") from None
         return folder
-    folder = comm.from_rank0(resolve)
+    folder = _from_rank0(comm, resolve)
     return folder, load_model_config(folder), load_tokenizer(folder)
 
 
@@ -154,7 +150,7 @@ def run(recipe: Recipe, world, announce: Callable[[str], None] = print) -> dict[
     from seesaw_ds.jobs.world import describe, recipe_layouts, replica_role
     from seesaw_ds.prebuild import ensure_built
     ensure_built(announce if world.rank == 0 else (lambda _: None))   # never inside the job's clock
-    comm = Comm(world)
+    comm = _job_comm(world)
     main_rank = world.rank == 0
     say = announce if main_rank else (lambda _: None)
     _set_threads(world)
@@ -163,13 +159,13 @@ def run(recipe: Recipe, world, announce: Callable[[str], None] = print) -> dict[
         datasets.disable_progress_bars()
     folder, cfg, tokenizer = _load_model_meta(recipe, comm)
     plan_auto = _auto_planner(recipe, tokenizer)
-    layouts = comm.from_rank0(lambda: recipe_layouts(recipe.parallel, world.size, cfg, plan_auto))
+    layouts = _from_rank0(comm, lambda: recipe_layouts(recipe.parallel, world.size, cfg, plan_auto))
     role = replica_role(layouts, world.rank)
-    comm.from_rank0(lambda: check_engine_fits(recipe, cfg, layouts, role.single_process_engine))
+    _from_rank0(comm, lambda: check_engine_fits(recipe, cfg, layouts, role.single_process_engine))
     say(f"layouts: {describe(layouts)} ({_count(world.size, 'rank')}, {_count(role.num_replicas, 'replica')} of "
         f"{_count(len(role.ranks), 'rank')}; model {recipe.model.name} -> {folder})")
     source = open_inputs(recipe, tokenizer, replica=role.replica, num_replicas=role.num_replicas, announce=say)
-    fingerprint = comm.from_rank0(lambda: claim_output_dir(recipe, source, say))   # before weights load
+    fingerprint = _from_rank0(comm, lambda: claim_output_dir(recipe, source, say))   # before weights load
     try:
         return _run_engine(recipe, world, comm, layouts, role, source, fingerprint, announce)
     finally:
@@ -177,7 +173,7 @@ def run(recipe: Recipe, world, announce: Callable[[str], None] = print) -> dict[
             release_output_dir(recipe)
 
 
-def _run_engine(recipe: Recipe, world, comm: Comm, layouts, role, source, fingerprint,
+def _run_engine(recipe: Recipe, world, comm, layouts, role, source, fingerprint,
                 announce: Callable[[str], None]) -> dict[str, Any]:
     from seesaw_ds import LLM
     from seesaw_ds.jobs.job import run_recipe, summary_dict
@@ -197,7 +193,7 @@ def _run_engine(recipe: Recipe, world, comm: Comm, layouts, role, source, finger
                          is_writer=role.is_writer, layouts=row_label(layouts), barrier=comm.barrier,
                          source=source, tracker=tracker, print_summary=False, fingerprint=fingerprint, lock=False)
     mine = {"summary": summary_dict(summary), "engine": _engine_report(llm.engine), "writer": role.is_writer}
-    gathered = [r for r in comm.all_gather(mine) if r["writer"]]
+    gathered = [r for r in comm.all_gather_object(mine) if r["writer"]]
     report = combine(gathered, describe(layouts), world.size)
     if main_rank:
         announce(format_report(report))
@@ -207,7 +203,7 @@ def _run_engine(recipe: Recipe, world, comm: Comm, layouts, role, source, finger
         announce(f"summary written to {path}")
         tracker.finish({k: v for k, v in report["total"].items() if isinstance(v, (int, float, str))}
                        | engine_metrics(llm.engine))
-    comm.close()  # NOTE: success only: a rank that failed alone must not wait in a barrier
+    _leave_job_comm(comm)  # NOTE: success only: a rank that failed alone must not wait in a barrier
     return report
 
 

@@ -99,11 +99,13 @@ def _run_replica(recipe, llm, source, fingerprint, *, leader, replica, num_repli
     if not leader:  # checks the manifest only; the leader already created or wiped the folder
         directory = prepare_output_dir(dataclasses.replace(recipe.output, overwrite=False, resume=True),
                                        fingerprint, recipe)
+    n = recipe.sampling.n
     if is_writer:
-        schema = output_schema(recipe.output.token_ids, source.carry_types(), recipe.sampling.logprobs is not None)
-        writer = ShardWriter(directory, replica, schema)
+        schema = output_schema(recipe.output.token_ids, source.carry_types(), recipe.sampling.logprobs is not None,
+                               sample_index=n > 1)
+        writer = ShardWriter(directory, replica, schema, samples_per_row=n)
     else:
-        writer = DiscardWriter(directory, replica)
+        writer = DiscardWriter(directory, replica, samples_per_row=n)
     own_tracker = tracker is None
     if own_tracker:
         tracker = Tracker.for_recipe(recipe, enabled=is_main, announce=announce)

@@ -2,7 +2,8 @@
 
 Layout of output.dir:
     manifest.json                      fingerprint of the output-determining recipe parts, the recipe, the load call
-    part-r000-00000.parquet            replica 0, shard 0 (one row per finished input row)
+    part-r000-00000.parquet            replica 0, shard 0 (one row per finished input row; with sampling.n > 1,
+                                       n rows per input row, all in the same shard)
     part-r001-00000.parquet            replica 1, shard 0
     .tmp-part-r000-00001.parquet.PID   a shard being written (ignored; removed when its replica restarts)
     .seesaw-job.lock                   host and pid of the job writing here (jobs/output_lock.py)
@@ -11,7 +12,9 @@ Load the rows with (also `load_output(dir)`):
     datasets.load_dataset("parquet", data_files=f"{dir}/part-*.parquet", split="train")
 
 NOTE: a shard appears only by `os.replace` of a fully written, fsynced temporary file in the same folder, so
-every `part-*.parquet` is complete; resume reads their `id` column and skips those rows.
+every `part-*.parquet` is complete; resume reads their `id` column and skips those rows. With sampling.n > 1
+an input row's n samples are one unit: buffered together and never split between shards, so a row is either
+wholly in the folder or wholly redone.
 """
 from __future__ import annotations
 
@@ -79,6 +82,10 @@ def job_fingerprint(recipe: Recipe, source_used: str, model_content: str | None 
 SAME_ROWS_VALUES = {"data.bad_rows": frozenset({"skip", "error"}), "data.over_limit": frozenset({"skip", "error"})}
 
 
+# Keys a manifest written before they existed lacks; such a manifest made its rows with this value.
+UNSET_MEANS = {"sampling.n": 1}
+
+
 CONTENT_KEYS = {"model.content": lambda fp: f"the model's weights at {fp.get('model.name')}",
                 "data.content": lambda fp: f"the data at {fp.get('data.source')}"}
 
@@ -88,8 +95,10 @@ def fingerprint_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[
     for key in sorted(set(old) | set(new)):
         if key in SAME_ROWS_VALUES and {old.get(key), new.get(key)} <= SAME_ROWS_VALUES[key]:
             continue
-        if old.get(key, "(unset)") != new.get(key, "(unset)"):
-            before, after = (json.dumps(d[key]) if key in d else "(unset)" for d in (old, new))
+        unset = UNSET_MEANS.get(key, "(unset)")
+        if old.get(key, unset) != new.get(key, unset):
+            before, after = (json.dumps(d.get(key, unset)) if key in d or key in UNSET_MEANS else "(unset)"
+                             for d in (old, new))
             what = CONTENT_KEYS.get(key)
             if what is not None and key in old and key in new:
                 changes.append(f"{what(new)} changed since these rows were made ({key} was {before}, now {after})")
@@ -199,23 +208,40 @@ def prepare_output_dir(output: OutputSection, fingerprint: Mapping[str, Any], re
     return directory
 
 
-def read_completed_ids(directory: str) -> set[str]:
-    """Ids of every row in every complete shard of `directory` (all replicas)."""
+def read_completed_ids(directory: str, samples_per_row: int = 1) -> set[str]:
+    """Ids of every row in every complete shard of `directory` (all replicas). With `samples_per_row` > 1 each
+    id must hold samples 0..n-1 once, in one shard (rows are written as units); anything else is refused."""
     done: set[str] = set()
+    columns = ["id"] if samples_per_row == 1 else ["id", "sample_index"]
     for _, _, path in existing_shards(directory):
         try:
-            ids = pq.read_table(path, columns=["id"]).column("id").to_pylist()
+            table = pq.read_table(path, columns=columns)
         except (OSError, pa.ArrowException) as err:
             raise OutputError(f"cannot read shard {path} ({err}); move it away and rerun to redo its rows") from None
+        ids = table.column("id").to_pylist()
+        if samples_per_row > 1:
+            _check_whole_rows(path, ids, table.column("sample_index").to_pylist(), samples_per_row, done)
         done.update(ids)
     return done
+
+
+def _check_whole_rows(path: str, ids: list[str], indexes: list[int], n: int, earlier: set[str]) -> None:
+    """Every id of a shard holds sample indexes 0..n-1 exactly once, and no earlier shard holds it."""
+    samples: dict[str, list[int]] = {}
+    for row_id, index in zip(ids, indexes):
+        samples.setdefault(row_id, []).append(index)
+    for row_id, got in samples.items():
+        if sorted(got) != list(range(n)) or row_id in earlier:
+            where = "also in another shard" if row_id in earlier else f"sample_index {sorted(got)}"
+            raise OutputError(f"shard {path} holds row id {row_id!r} with {where}, not samples 0..{n - 1} once "
+                              f"(sampling.n={n}); move the shard away and rerun to redo its rows")
 
 
 class ShardWriter:
     """Buffers rows of one replica and writes them as atomic parquet shards."""
 
-    def __init__(self, directory: str, replica: int = 0, schema: pa.Schema | None = None):
-        self.directory, self.replica = directory, replica
+    def __init__(self, directory: str, replica: int = 0, schema: pa.Schema | None = None, samples_per_row: int = 1):
+        self.directory, self.replica, self.samples_per_row = directory, replica, samples_per_row
         self.removed_leftovers = _remove_leftovers(directory, replica)
         shards = existing_shards(directory)
         own = [seq for rep, seq, _ in shards if rep == replica]
@@ -227,17 +253,22 @@ class ShardWriter:
             earlier = pq.read_schema(path)
             self.schema = pa.schema([earlier.field(f.name) if is_unknown(f) and f.name in earlier.names
                                      and not is_unknown(earlier.field(f.name)) else f for f in self.schema])
-        self.done_ids = read_completed_ids(directory)
+        self.done_ids = read_completed_ids(directory, samples_per_row)
         self.rows: list[dict[str, Any]] = []
         self.rows_written = 0
         self.shards_written = 0
 
     def add(self, row: dict[str, Any]) -> None:
+        """One output row; with samples_per_row n > 1, add a row's n samples one after the other (a unit)."""
         self.rows.append(row)
 
     def flush(self, max_rows: int | None = None) -> str | None:
-        """Write the first `max_rows` buffered rows (all when None) as one shard; returns its path."""
-        rows = self.rows if max_rows is None else self.rows[:max_rows]
+        """Write the first `max_rows` buffered rows (all when None) as one shard; returns its path. With
+        samples_per_row n > 1, `max_rows` is rounded up to whole units of n rows: a shard never splits a row."""
+        n = self.samples_per_row
+        if len(self.rows) % n:
+            raise OutputError(f"{len(self.rows)} buffered rows are not whole units of {n} samples")
+        rows = self.rows if max_rows is None else self.rows[:-(-max_rows // n) * n]
         if not rows:
             return None
         if self.schema is None or any(is_unknown(f) for f in self.schema):
@@ -269,9 +300,9 @@ class DiscardWriter:
     NOTE: it must see the same completed ids as its writer: build it after the folder is prepared and before
     the replica's first engine step (the writer cannot write before every rank of the replica has stepped)."""
 
-    def __init__(self, directory: str, replica: int = 0):
+    def __init__(self, directory: str, replica: int = 0, samples_per_row: int = 1):
         self.directory, self.replica = directory, replica
-        self.done_ids = read_completed_ids(directory)
+        self.done_ids = read_completed_ids(directory, samples_per_row)
         self.rows: list[dict[str, Any]] = []
         self.rows_written = 0
         self.shards_written = 0

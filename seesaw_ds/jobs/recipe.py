@@ -97,10 +97,13 @@ class SamplingSection:
     top_k: int = option(-1, "-1: all tokens")
     top_p: float = option(1.0, "nucleus probability mass")
     max_tokens: int = option(256, "output token limit per row (unless data.columns.max_tokens)")
-    seed: int | None = option(None, "base seed; each row samples with a seed derived from it and the row id")
+    seed: int | None = option(None, "base seed; each row samples with a seed derived from it and the row id "
+                                    "(sample i of a row: see sampling.n)")
     stop_token_ids: tuple[int, ...] = option((), "extra token ids that end a completion")
     ignore_eos: bool = option(False, "keep generating past EOS (benchmarks)")
     logprobs: int | None = option(None, "log-probabilities of the top N tokens per step (null: none)")
+    n: int = option(1, "samples per row, sharing one prefill: n output rows with sample_index 0..n-1; sample i "
+                       "draws with seed sample_seed(row seed, i), sample 0 with the row seed itself")
 
     def __post_init__(self):
         check(self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")
@@ -108,6 +111,10 @@ class SamplingSection:
         check(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
         check(self.max_tokens >= 1, "max_tokens", f"must be >= 1, got {self.max_tokens}")
         check(self.logprobs is None or self.logprobs >= 0, "logprobs", f"must be >= 0 or null, got {self.logprobs}")
+        check(self.n >= 1, "n", f"must be an integer >= 1, got {self.n}")
+        # NOTE: as vLLM's SamplingParams does: greedy decoding would give n identical samples
+        check(self.n == 1 or self.temperature > 0, "n", f"must be 1 with greedy decoding (sampling.temperature 0: "
+                                                        f"the samples would be identical), got {self.n}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +136,7 @@ class EngineSection:
     max_num_seqs: int = option(256, "sequences decoded together at most")
     max_num_batched_tokens: int = option(4096, "tokens per prefill step at most")
     request_window: int = option(0, "requests queued in the engine at once (0: 4 x max_num_seqs)")
+    allow_cross_node_tp: bool = option(False, "let a TP group span nodes (its all-reduces then cross their link)")
     kv: KvSection = option(KvSection(), "")
 
     def __post_init__(self):
@@ -193,7 +201,8 @@ class Recipe:
                             max_model_len=self.engine.max_model_len, max_num_seqs=self.engine.max_num_seqs,
                             max_num_batched_tokens=self.engine.max_num_batched_tokens,
                             kv_device_gb=self.engine.kv.device_gb, kv_host_gb=self.engine.kv.host_gb,
-                            kv_threshold=self.engine.kv.threshold, cache_dir=self.model.cache_dir)
+                            kv_threshold=self.engine.kv.threshold, cache_dir=self.model.cache_dir,
+                            allow_cross_node_tp=self.engine.allow_cross_node_tp)
 
     def sampling_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `seesaw_ds.SamplingParams(...)` (per-row max_tokens/seed are set later)."""

@@ -26,7 +26,9 @@ def combine(replicas: Sequence[Mapping[str, Any]], layouts: str, world_size: int
                 skipped[key] = skipped.get(key, 0) + value
     wall = max((s["wall_seconds"] for s in summaries), default=0.0)
     rate = (lambda n: n / wall if wall > 0 else 0.0)  # noqa: E731
-    total |= skipped | {"wall_seconds": wall, "requests_per_s": rate(total["rows_written"]),
+    samples = max((s.get("samples_per_row", 1) for s in summaries), default=1)   # sampling.n: rows per request
+    total |= skipped | {"wall_seconds": wall, "requests_per_s": rate(total["rows_written"] / samples),
+                        "samples_per_row": samples,
                         "tokens_per_s": rate(total["prompt_tokens"] + total["completion_tokens"]),
                         "output_tokens_per_s": rate(total["completion_tokens"]),
                         "num_replicas": len(replicas), "world_size": world_size, "layouts": layouts}
@@ -55,7 +57,10 @@ def format_report(report: Mapping[str, Any]) -> str:
     plural = lambda n, noun: f"{n} {noun}" + ("" if n == 1 else "s")  # noqa: E731
     lines = [("layouts", f"{t['layouts']} ({plural(t['world_size'], 'rank')}, "
                          f"{plural(t['num_replicas'], 'replica')})"),
-             ("rows written", f"{t['rows_written']}"), ("rows done earlier", f"{t['already_done']}"),
+             ("rows written", f"{t['rows_written']}" + (f" ({t['rows_written'] // t['samples_per_row']} inputs x "
+                                                         f"{t['samples_per_row']} samples)"
+                                                         if t.get("samples_per_row", 1) > 1 else "")),
+             ("rows done earlier", f"{t['already_done']}"),
              ("rows skipped", ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items())) or "0"),
              ("truncated prompts", f"{t['truncated']}"),
              ("prompt / output tokens", f"{t['prompt_tokens']} / {t['completion_tokens']}"),

@@ -3,6 +3,9 @@
     add requests until `engine.window` are in flight -> engine.step() -> finished rows to the writer
     -> a shard every output.shard_rows rows or output.flush_seconds seconds
 
+With sampling.n > 1 one request per input row asks for n samples (one prefill); its finished output becomes
+n rows (sample_index 0..n-1) added to the writer together, so a row is written whole or not at all.
+
 NOTE: at most `recipe.engine.window` items are held at once, so a huge dataset never sits in memory.
 """
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any, Callable, Protocol
 
 from tqdm.auto import tqdm
 
+from seesaw_ds.engine.sampling_params import sample_seed
 from seesaw_ds.jobs.inputs import PromptItem, PromptSource
 from seesaw_ds.jobs.outputs import ShardWriter
 from seesaw_ds.jobs.recipe import Recipe
@@ -36,14 +40,36 @@ def row_seed(base_seed: int | None, row_id: str) -> int | None:
     return int.from_bytes(hashlib.sha256(f"{base_seed}:{row_id}".encode()).digest()[:4], "little") & 0x7FFFFFFF
 
 
+def samples_of(output: Any, n: int) -> list[Any]:
+    """The n samples of a finished request, in index order (each: token_ids, text, finish_reason, logprobs).
+    An output without `samples` (an engine that only knows n = 1) is its own single sample."""
+    samples = list(getattr(output, "samples", None) or [output])
+    indexes = [getattr(sample, "index", i) for i, sample in enumerate(samples)]
+    if indexes != list(range(n)):
+        raise RuntimeError(f"request {output.request_id!r} finished with samples {indexes}, expected 0..{n - 1}")
+    return samples
+
+
+def build_rows(item: PromptItem, output: Any, params: dict[str, Any], model: str, layouts: str,
+               token_ids: bool) -> list[dict[str, Any]]:
+    """The output rows of a finished request: one per sample, `sample_index` set when params["n"] > 1."""
+    n = params.get("n", 1)
+    rows = [build_row(item, sample, params, model, layouts, token_ids, index)
+            for index, sample in enumerate(samples_of(output, n))]
+    if n > 1:
+        rows = [{"id": row["id"], "sample_index": index} | row for index, row in enumerate(rows)]
+    return rows
+
+
 def build_row(item: PromptItem, output: Any, params: dict[str, Any], model: str, layouts: str,
-              token_ids: bool) -> dict[str, Any]:
-    """One output row from a finished request (RequestOutput: token_ids, text, finish_reason)."""
+              token_ids: bool, sample_index: int = 0) -> dict[str, Any]:
+    """One output row from one sample of a finished request (token_ids, text, finish_reason); its `seed` is
+    the seed the sample drew with (the engine's rule, `sample_seed`: sample 0 keeps the row's seed)."""
     row = {"id": item.row_id, "row_index": item.row_index, "prompt": item.prompt_text, "completion": output.text,
            "prompt_tokens": len(item.prompt_token_ids), "completion_tokens": len(output.token_ids),
            "finish_reason": output.finish_reason, "temperature": params["temperature"], "top_k": params["top_k"],
-           "top_p": params["top_p"], "max_tokens": params["max_tokens"], "seed": params["seed"],
-           "model": model, "layouts": layouts}
+           "top_p": params["top_p"], "max_tokens": params["max_tokens"],
+           "seed": sample_seed(params["seed"], sample_index), "model": model, "layouts": layouts}
     if token_ids:
         row["prompt_token_ids"] = list(item.prompt_token_ids)
         row["completion_token_ids"] = list(output.token_ids)
@@ -67,10 +93,13 @@ class JobSummary:
     completion_tokens: int = 0
     wall_seconds: float = 0.0
     shards_written: int = 0
+    samples_per_row: int = 1      # sampling.n: rows_written counts output rows, n per input row
 
     @property
     def requests_per_second(self) -> float:
-        return self.rows_written / self.wall_seconds if self.wall_seconds > 0 else 0.0
+        """Input rows (requests) per second."""
+        requests = self.rows_written / self.samples_per_row
+        return requests / self.wall_seconds if self.wall_seconds > 0 else 0.0
 
     @property
     def tokens_per_second(self) -> float:
@@ -81,7 +110,10 @@ class JobSummary:
         return self.completion_tokens / self.wall_seconds if self.wall_seconds > 0 else 0.0
 
     def table(self) -> str:
-        lines = [("rows written", f"{self.rows_written}"), ("rows done earlier", f"{self.already_done}")]
+        written = f"{self.rows_written}"
+        if self.samples_per_row > 1:
+            written += f" ({self.rows_written // self.samples_per_row} inputs x {self.samples_per_row} samples)"
+        lines = [("rows written", written), ("rows done earlier", f"{self.already_done}")]
         for reason, count in sorted(self.skipped.items()):
             lines.append((f"skipped: {reason}", f"{count} (first at row {self.first_skipped_row.get(reason)})"))
         lines += [("truncated prompts", f"{self.truncated}"), ("shards written", f"{self.shards_written}"),
@@ -151,7 +183,7 @@ def run_job(recipe: Recipe, source: PromptSource, engine: Engine, writer: ShardW
     Every rank of a replica runs this loop with the same source (the engine steps in lockstep); only the
     replica's writer gets a real `writer`."""
     base = recipe.sampling_kwargs()
-    summary = JobSummary(replica=source.replica, num_replicas=source.num_replicas)
+    summary = JobSummary(replica=source.replica, num_replicas=source.num_replicas, samples_per_row=base["n"])
     items = source.items(skip_ids=writer.done_ids)
     pending: dict[str, tuple[PromptItem, dict[str, Any]]] = {}
     window, shard_rows = recipe.engine.window, recipe.output.shard_rows
@@ -177,12 +209,13 @@ def run_job(recipe: Recipe, source: PromptSource, engine: Engine, writer: ShardW
                                    f"(e.g. id {next(iter(pending))!r})")
             for output in engine.step():
                 item, params = pending.pop(output.request_id)
-                row = build_row(item, output, params, model_label, layouts_label, recipe.output.token_ids)
-                writer.add(row)
-                if on_row is not None:
-                    on_row(row)
+                rows = build_rows(item, output, params, model_label, layouts_label, recipe.output.token_ids)
+                for row in rows:     # NOTE: a row's samples in one go: a flush never splits them
+                    writer.add(row)
+                    if on_row is not None:
+                        on_row(row)
                 summary.prompt_tokens += len(item.prompt_token_ids)
-                summary.completion_tokens += len(output.token_ids)
+                summary.completion_tokens += sum(row["completion_tokens"] for row in rows)
                 finished_rows += 1
             now = clock()
             while len(writer.rows) >= shard_rows:

@@ -2,12 +2,10 @@
 ends with one line naming the recipe key instead of a traceback or a stop at the first row that does not fit.
 
     check_model_spec(recipe)                       # model.name: a readable GGUF, a reachable hub
-    check_model_folder(recipe, folder)             # model.name: an architecture we run
     check_engine_fits(recipe, cfg, layouts)        # max_model_len, logprobs, KV budgets of every rank
 """
 from __future__ import annotations
 
-import json
 import os
 
 from seesaw_ds.jobs.schema import RecipeError
@@ -43,26 +41,6 @@ def check_model_spec(recipe) -> None:
         raise RecipeError("model.name", f"{spec} is not a local folder or file, so it is a hub id, and the hub "
                                         f"cannot be reached ({reason}); use a local model folder, or set "
                                         f"HF_HUB_OFFLINE=1 to use a cached copy")
-
-
-def check_model_folder(recipe, folder: str) -> None:
-    """The folder's config.json names an architecture we run (read directly: transformers' own error for an
-    unknown model_type does not say so)."""
-    path = os.path.join(folder, "config.json")
-    if not os.path.isfile(path):
-        return
-    from seesaw_ds.models.config import SUPPORTED_MODEL_TYPES
-    try:
-        with open(path, encoding="utf-8") as handle:
-            config = json.load(handle)
-    except (OSError, ValueError) as err:
-        raise RecipeError("model.name", f"{path} is not readable JSON ({_one_line(err)})") from None
-    model_type = config.get("model_type") if isinstance(config, dict) else None
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        arch = (config.get("architectures") or [model_type])[0] if isinstance(config, dict) else None
-        raise RecipeError("model.name", f"{recipe.model.name}: unsupported architecture {arch!r} "
-                                        f"(config.json model_type {model_type!r}); supported model types: "
-                                        f"{', '.join(SUPPORTED_MODEL_TYPES)}")
 
 
 def kv_budget_problems(cfg, layouts, *, device_gb: float, host_gb: float, max_model_len: int, block_size: int,

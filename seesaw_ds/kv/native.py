@@ -24,7 +24,7 @@ import torch
 log = logging.getLogger("seesaw_ds")
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = ("bindings.cpp", "paged_decode.cpp", "prefill_attention.cpp", "layer_ops.cpp")
-HEADERS = ("kernels.h", "vec.h", "decode_bf16.h")
+HEADERS = ("kernels.h", "vec.h", "decode_bf16.h", "decode_amx.h")
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 

@@ -47,7 +47,17 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 class UnsupportedArchitecture(ValueError):
-    pass
+    """A model whose architecture (HF `model_type`) we do not run."""
+
+    @classmethod
+    def unless_supported(cls, model_type: Any, architectures: Any = None) -> None:
+        """Raise one for a `model_type` outside SUPPORTED_MODEL_TYPES, naming the architecture (the config's
+        `architectures[0]`, else the model_type itself) and the supported ones."""
+        if model_type in SUPPORTED_MODEL_TYPES:
+            return
+        arch = architectures[0] if isinstance(architectures, (list, tuple)) and architectures else model_type
+        raise cls(f"unsupported architecture {arch!r} (model_type {model_type!r}); "
+                  f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,9 +80,7 @@ class ModelConfig:
     dtype: str = "float32"     # the checkpoint's dtype name
 
     def __post_init__(self):
-        if self.model_type not in SUPPORTED_MODEL_TYPES:
-            raise UnsupportedArchitecture(
-                f"unsupported architecture {self.model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        UnsupportedArchitecture.unless_supported(self.model_type)
         for name in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "vocab_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ModelConfig.{name} must be positive, got {getattr(self, name)}")
@@ -114,11 +122,7 @@ class ModelConfig:
         get = (lambda k, default=None: hf.get(k, default)) if isinstance(hf, dict) else \
             (lambda k, default=None: getattr(hf, k, default))
         model_type = get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            arch = (get("architectures") or [model_type])[0]
-            raise UnsupportedArchitecture(
-                f"unsupported architecture {arch!r} (model_type={model_type!r}); "
-                f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        UnsupportedArchitecture.unless_supported(model_type, get("architectures"))
         heads = get("num_attention_heads")
         hidden = get("hidden_size")
         rope = get("rope_parameters") or get("rope_scaling") or {}

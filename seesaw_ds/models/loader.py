@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -86,11 +87,33 @@ def resolve_model_folder(spec: str, cache_dir: str | None = None) -> str:
     return spec                                      # a hub id
 
 
+def _check_local_architecture(folder: str) -> None:
+    """A local folder's config.json names an architecture we run. Read directly, before AutoConfig: its own
+    error for a model_type it does not know says only that it cannot load the config. An unreadable file is
+    left to AutoConfig to report."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as handle:
+            raw = json.load(handle)
+    except (OSError, ValueError):
+        return
+    if isinstance(raw, dict) and "model_type" in raw:   # none: AutoConfig's own inference, then from_hf's check
+        UnsupportedArchitecture.unless_supported(raw["model_type"], raw.get("architectures"))
+
+
 def load_model_config(folder: str) -> ModelConfig:
+    """The `ModelConfig` of a model folder (or hub id); UnsupportedArchitecture for an architecture we do not
+    run, FileNotFoundError when no config can be read."""
     from transformers import AutoConfig
+    _check_local_architecture(folder)
     try:
         hf_config = AutoConfig.from_pretrained(folder)
     except (OSError, ValueError) as e:
+        if os.path.isdir(folder):
+            raise FileNotFoundError(f"cannot load the model config of {folder!r}: "
+                                    f"{(str(e).splitlines() or [''])[0]}") from None
         raise FileNotFoundError(f"cannot load a model config from {folder!r} "
                                 f"(no local folder, and the hub is unreachable or has no such model): {e}") from None
     return ModelConfig.from_hf(hf_config)

@@ -71,6 +71,11 @@ class ClusterSpec:
     `n` bytes at degree `k` takes `allreduce_latency[k-2] + n / allreduce_bandwidth[k-2]` (algorithm
     bandwidth: buffer bytes per second, the ring's 2(k-1)/k traffic factor already folded in). Degrees above
     the table reuse its last entry.
+
+    A shaped link (a token bucket, as tc's tbf between test hosts) sets `link_bucket_seconds`: traffic passes
+    at the line figures above while the bucket holds tokens, else at the sustained bandwidths. The bucket
+    holds `link_bucket_seconds` of sustained traffic and refills during the `gap` of compute between two
+    transfers, so one transfer of n bytes takes max(n / line, n / sustained - min(bucket, gap)).
     """
     name: str
     device: DeviceSpec
@@ -82,6 +87,9 @@ class ClusterSpec:
     host_link_bandwidth: float               # host <-> device, one direction, per device
     host_memory_per_device: float            # host DRAM for the KV tier and the weight master copy
     source: str = "datasheet"
+    link_bucket_seconds: float | None = None          # shaped link only (None: the line figures always hold)
+    allreduce_sustained_bandwidth: float | None = None  # shaped link: buffer bytes/s of back-to-back all-reduces
+    p2p_sustained_bandwidth: float | None = None      # shaped link: bytes/s of back-to-back sends
 
     def __post_init__(self):
         if self.num_devices < 1:
@@ -97,16 +105,42 @@ class ClusterSpec:
                 raise ValueError(f"ClusterSpec.{field} must be positive, got {getattr(self, field)}")
         if self.p2p_latency < 0:
             raise ValueError(f"ClusterSpec.p2p_latency must be >= 0, got {self.p2p_latency}")
+        shaped = (self.link_bucket_seconds, self.allreduce_sustained_bandwidth, self.p2p_sustained_bandwidth)
+        if any(v is not None for v in shaped):
+            if any(v is None for v in shaped):
+                raise ValueError("ClusterSpec: a shaped link needs link_bucket_seconds and both sustained "
+                                 "bandwidths")
+            if self.link_bucket_seconds < 0 or min(shaped[1:]) <= 0:
+                raise ValueError("ClusterSpec.link_bucket_seconds must be >= 0 and the sustained bandwidths "
+                                 "positive")
 
-    def allreduce_seconds(self, nbytes: float, degree: int, calls: float = 1.0) -> float:
-        """`calls` all-reduces moving `nbytes` in total (latency paid per call)."""
+    @property
+    def shaped(self) -> bool:
+        return self.link_bucket_seconds is not None
+
+    def _transfer_seconds(self, nbytes: float, line: float, sustained: float | None, gap: float) -> float:
+        """One transfer of `nbytes` after `gap` seconds without traffic (token-bucket refill time)."""
+        if sustained is None or not self.shaped:
+            return nbytes / line
+        return max(nbytes / line, nbytes / sustained - min(self.link_bucket_seconds, max(gap, 0.0)))
+
+    def allreduce_seconds(self, nbytes: float, degree: int, calls: float = 1.0, gap: float = 0.0) -> float:
+        """`calls` all-reduces moving `nbytes` in total (latency paid per call), each after `gap` seconds of
+        compute (matters on a shaped link only; the sustained figure is the degree-2 one at every degree)."""
         if degree <= 1:
             return 0.0
         i = min(degree, len(self.allreduce_bandwidth) + 1) - 2
-        return calls * self.allreduce_latency[i] + nbytes / self.allreduce_bandwidth[i]
+        per_call = self._transfer_seconds(nbytes / calls, self.allreduce_bandwidth[i],
+                                          self.allreduce_sustained_bandwidth, gap)
+        return calls * (self.allreduce_latency[i] + per_call)
 
-    def p2p_seconds(self, nbytes: float, messages: float = 1.0) -> float:
-        return messages * self.p2p_latency + nbytes / self.p2p_bandwidth
+    def p2p_seconds(self, nbytes: float, messages: float = 1.0, transfers: float = 1.0,
+                    gap: float = 0.0) -> float:
+        """`messages` sends (latency each) carrying `nbytes` in total in `transfers` bulk transfers, each
+        after `gap` seconds of compute."""
+        per_transfer = self._transfer_seconds(nbytes / transfers, self.p2p_bandwidth, self.p2p_sustained_bandwidth,
+                                              gap)
+        return messages * self.p2p_latency + transfers * per_transfer
 
     def with_devices(self, num_devices: int) -> "ClusterSpec":
         return dataclasses.replace(self, num_devices=num_devices)

@@ -34,6 +34,9 @@ allowed, as DeepSpeed AutoTP makes them), pp <= num_layers. Assumptions:
 - `lm_head`: the logits of each sequence's last token (every token in decode): 2 b V H FLOPs and the V x H
   weight read per micro-batch, on the last pipeline stage (counted on the busiest one), split by TP with an
   all-reduce of the b x V logits (AutoTP's head is row-parallel).
+- A shaped link (`ClusterSpec.shaped`: a token bucket) refills during compute: each all-reduce of a layer
+  follows 1/(2m) of the layer's compute, each pipeline send one micro-batch's compute, the logits' all-reduce
+  the LM head's compute.
 - Rates are datasheet peaks (or measured, for `local`): absolute tokens/s are rough; the model is meant
   for ranking layouts against each other.
 """
@@ -188,11 +191,14 @@ def stage_step_time(cfg: ModelConfig, cluster: ClusterSpec, degrees: Degrees, st
     else:
         kv = layers * 2 * e * seqs * seq_len * kv_heads * d / mem_bw
         attention = layers * 2 * seqs * q_heads * seq_len * d / flops
-    allreduce = layers * cluster.allreduce_seconds(2 * e * new_tokens * hidden, tp, calls=2 * m)
-    p2p = cluster.p2p_seconds(e * new_tokens * hidden, messages=PIPE_MESSAGES * m) if pp > 1 else 0.0
     overhead = layers * m * cluster.device.layer_overhead
-    lm_head = (2 * seqs * vocab * hidden / (tp * flops) + m * e * vocab * hidden / (tp * mem_bw)
-               + cluster.allreduce_seconds(e * seqs * vocab, tp, calls=m))
+    compute = weights + linear + kv + attention + overhead     # between the step's transfers
+    head_compute = 2 * seqs * vocab * hidden / (tp * flops) + m * e * vocab * hidden / (tp * mem_bw)
+    allreduce = layers * cluster.allreduce_seconds(2 * e * new_tokens * hidden, tp, calls=2 * m,
+                                                   gap=compute / (layers * 2 * m))
+    p2p = (cluster.p2p_seconds(e * new_tokens * hidden, messages=PIPE_MESSAGES * m, transfers=m,
+                               gap=compute / m) if pp > 1 else 0.0)
+    lm_head = head_compute + cluster.allreduce_seconds(e * seqs * vocab, tp, calls=m, gap=head_compute / m)
     work = TimeBreakdown(weights=weights, linear=linear, kv=kv, attention=attention, allreduce=allreduce,
                          p2p=p2p, overhead=overhead, lm_head=lm_head)
     return dataclasses.replace(work, bubble=(pp - 1) * work.total / m if drains else 0.0)

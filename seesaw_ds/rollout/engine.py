@@ -47,10 +47,11 @@ class RolloutOutput:
     samples: list[Sample] = field(default_factory=list)
 
 
-def _samples_of(out, tokenizer_text) -> list[Sample]:
-    """A finished request's n samples; text decoded here so that every rank has it (the engine decodes on
-    rank 0 only)."""
-    return [Sample(list(s.token_ids), tokenizer_text(s.token_ids), s.finish_reason, s.token_logprobs)
+def _samples_of(out, decode: Callable[[list[int]], str]) -> list[Sample]:
+    """A finished request's n samples, each with its text on every rank: the engine's own text where it
+    decoded one (rank 0), else `decode` of the token ids (the other ranks, where the engine leaves it empty;
+    an empty decode on rank 0 is decoded again, to the same empty text)."""
+    return [Sample(list(s.token_ids), s.text or decode(s.token_ids), s.finish_reason, s.token_logprobs)
             for s in out.samples]
 
 

@@ -5,8 +5,16 @@
                 rho = exp(logp_policy - logp_rollout); KL: the k3 estimator against a frozen reference
                 exp(logp_ref - logp) - (logp_ref - logp) - 1 (non-negative, unbiased)
 
-The rollout's own logprobs are the "old" policy's: the gap between them and the trainer's forward at the
-start of a step is the rollout/trainer mismatch, logged every step.
+By default the rollout's own logprobs are the "old" policy's: rho = exp(logp_policy - logp_rollout) carries
+the rollout/trainer mismatch into the ratio, where the PPO clip bounds it. With truncated importance
+sampling (TIS, as in veRL / OpenRLHF) the old policy is the trainer's own forward before the update and the
+mismatch becomes a separate, capped, detached per-token weight on the surrogate:
+
+    rho = exp(logp_policy - logp_old)        w = min(exp(logp_old - logp_rollout), cap)
+    loss = mean over completion tokens of  -w * min(rho * A, clip(rho, 1 - c, 1 + c) * A) + beta * KL
+
+The gap between the rollout's logprobs and the trainer's forward at the start of a step is the
+rollout/trainer mismatch (`mismatch_metrics`), logged every step.
 """
 from __future__ import annotations
 
@@ -61,14 +69,57 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor)
     return torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
 
 
+def tis_weights(old: torch.Tensor, rollout: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance weights min(exp(old - rollout), cap), detached: old, rollout [B, T-1] token
+    logprobs under the trainer's pre-update forward and the rollout engine. 1 where they agree."""
+    return torch.exp(old.detach() - rollout.detach()).clamp(max=cap)
+
+
+def mismatch_metrics(trainer: torch.Tensor, rollout: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """Rollout vs trainer token logprobs ([B, T-1], over `mask`'s completion tokens), as the peers log them:
+    |logp diff| mean / max (TRL's sampling_logp_difference), |p diff| mean / max (veRL's
+    rollout_probs_diff), the mean token probability ratio exp(logp_rollout - logp_trainer) (NeMo-RL's
+    token_mult_prob_error) and the k3 KL(rollout || trainer) estimate (OpenRLHF's vllm_kl)."""
+    with torch.no_grad():
+        trainer, rollout = trainer.detach().float(), rollout.detach().float()
+        count = mask.sum().clamp(min=1)
+        on = mask > 0
+        logp_diff = (rollout - trainer).abs()
+        prob_diff = (rollout.exp() - trainer.exp()).abs()
+        ratio = torch.exp(rollout - trainer)
+        delta = trainer - rollout
+        k3 = torch.exp(delta) - delta - 1
+
+        def mean(x):
+            return float((x * mask).sum() / count)
+
+        def peak(x):
+            return float(x[on].max()) if on.any() else 0.0
+
+        return {"mismatch/logp_diff_mean": mean(logp_diff), "mismatch/logp_diff_max": peak(logp_diff),
+                "mismatch/probs_diff_mean": mean(prob_diff), "mismatch/probs_diff_max": peak(prob_diff),
+                "mismatch/ratio_mean": mean(ratio), "mismatch/kl": mean(k3)}
+
+
 def grpo_loss(new: torch.Tensor, batch: SequenceBatch, ref: torch.Tensor | None, clip: float,
-              kl_coef: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """The clipped surrogate (+ KL) averaged over completion tokens, and its diagnostics."""
+              kl_coef: float, old: torch.Tensor | None = None, tis_cap: float | None = None
+              ) -> tuple[torch.Tensor, dict[str, float]]:
+    """The clipped surrogate (+ KL) averaged over completion tokens, and its diagnostics.
+
+    `old`: the trainer's pre-update logprobs [B, T-1] (default: the rollout's); `tis_cap`: weight each
+    token's surrogate by `tis_weights(old, rollout, tis_cap)` (needs `old`)."""
     mask = batch.target_mask
     count = mask.sum().clamp(min=1)
-    ratio = torch.exp(new - batch.old_logprobs)
+    if tis_cap is not None and old is None:
+        raise ValueError("grpo_loss: tis_cap needs the trainer's old logprobs (old=)")
+    old = batch.old_logprobs if old is None else old.detach()
+    ratio = torch.exp(new - old)
     adv = batch.advantages[:, None]
     surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)
+    weight = None
+    if tis_cap is not None:
+        weight = tis_weights(old, batch.old_logprobs, tis_cap)
+        surrogate = weight * surrogate
     per_token = -surrogate
     kl = torch.zeros_like(new)
     if ref is not None:
@@ -83,4 +134,7 @@ def grpo_loss(new: torch.Tensor, batch: SequenceBatch, ref: torch.Tensor | None,
                    "ratio_mean": float((ratio * mask).sum() / count),
                    "logprob_diff_mean": float(diff.sum() / count), "logprob_diff_max": float(diff.max()),
                    "tokens": float(count)}
+        if weight is not None:
+            metrics["tis/weight_mean"] = float((weight * mask).sum() / count)
+            metrics["tis/capped_frac"] = float(((weight >= tis_cap).float() * mask).sum() / count)
     return loss, metrics

@@ -3,6 +3,10 @@
     step: [generating(): sync weights -> n samples per prompt, logprobs] -> rewards -> group advantages
           -> micro-batches: policy forward (+ frozen reference) -> clipped surrogate (+ KL) -> optimizer step
 
+One optimizer step per rollout: each micro-batch's policy forward is the pre-update ("old") policy, so
+its detached logprobs against the rollout's give the rollout/trainer mismatch metrics of every step
+(`mismatch/*`), and with `grpo.tis_cap` the truncated importance weights.
+
 Every rank is a training rank of one DeepSpeed engine (data parallel) and a rollout rank: with
 `rollout.parallel` unset each rank generates its own share of the prompts with its own engine; with a layout
 the ranks form one engine, generate every prompt and each trains on its share of the groups.
@@ -18,7 +22,8 @@ import time
 import torch
 
 from seesaw_ds.engine.sampling_params import SamplingParams
-from seesaw_ds.rollout.grpo import build_batch, group_advantages, grpo_loss, token_logprobs
+from seesaw_ds.rollout.grpo import (SequenceBatch, build_batch, group_advantages, grpo_loss, mismatch_metrics,
+                                    token_logprobs)
 from seesaw_ds.rollout.recipe import GRPORecipe
 from seesaw_ds.rollout.rewards import TASKS
 
@@ -31,13 +36,31 @@ def _chat_ids(tokenizer, question: str) -> list[int]:
     return [int(t) for t in ids]
 
 
-def _mean_over_ranks(values: dict[str, float], world: int) -> dict[str, float]:
+def _one_process_world() -> None:
+    """Without a launcher (`python launch/rollout.py`): the environment of a one-rank world, on a free port."""
+    if "RANK" in os.environ or torch.distributed.is_initialized():
+        return
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def _over_ranks(values: dict[str, float], world: int) -> dict[str, float]:
+    """Every rank's metrics -> one record: `*_max` keys their maximum, the others their mean."""
     if world == 1:
         return values
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-    torch.distributed.all_reduce(t)
-    return {k: float(v) / world for k, v in zip(keys, t)}
+    out = {}
+    for op, keys in ((torch.distributed.ReduceOp.MAX, sorted(k for k in values if k.endswith("_max"))),
+                     (torch.distributed.ReduceOp.SUM, sorted(k for k in values if not k.endswith("_max")))):
+        if not keys:
+            continue
+        t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+        torch.distributed.all_reduce(t, op=op)
+        scale = 1 if op == torch.distributed.ReduceOp.MAX else world
+        out.update({k: float(v) / scale for k, v in zip(keys, t)})
+    return out
 
 
 class GRPOLoop:
@@ -51,6 +74,7 @@ class GRPOLoop:
         from seesaw_ds.rollout.engine import RolloutEngine
 
         self.recipe, self.announce = recipe, announce
+        _one_process_world()
         init_distributed()
         self.rank, self.world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         g = recipe.grpo
@@ -99,6 +123,15 @@ class GRPOLoop:
         return problems
 
     def step(self, step: int) -> dict:
+        """One RL step: rollout, then one optimizer step on it; the step's record (also kept in history)."""
+        batch, info = self.rollout_phase(step)
+        record = self.train_phase(batch, info)
+        record["step"] = step
+        self.history.append(record)
+        return record
+
+    def rollout_phase(self, step: int) -> tuple[SequenceBatch, dict]:
+        """Sync + generate inside `generating()`, score, and this rank's training batch with advantages."""
         g = self.recipe.grpo
         problems = self._problems(step)
         prompts = [{"prompt_token_ids": _chat_ids(self.tokenizer, p.question)} for p in problems]
@@ -108,10 +141,8 @@ class GRPOLoop:
         with self.rollout.generating():
             outs = self.rollout.generate(prompts, params, n=g.group_size)
         rollout_s = time.perf_counter() - t0
-        sync = self.rollout.weight_sync.history[-1]
         rewards = torch.tensor([[self.reward_fn(s.text, p.answer, self.recipe.task.format_bonus) for s in o.samples]
                                 for o, p in zip(outs, problems)])
-        correct = float((rewards >= 1).float().mean())
         advantages = group_advantages(rewards)
         rows = range(len(outs)) if self.recipe.rollout.parallel is None else range(self.rank, len(outs), self.world)
         prompt_ids, completions, logprobs, adv = [], [], [], []
@@ -122,6 +153,16 @@ class GRPOLoop:
                 logprobs.append(s.logprobs)
                 adv.append(float(advantages[i, j]))
         batch = build_batch(prompt_ids, completions, logprobs, adv, self.pad_id)
+        info = {"rollout_s": rollout_s, "reward_mean": float(rewards.mean()),
+                "correct_frac": float((rewards >= 1).float().mean()),
+                "completion_tokens": float(sum(len(c) for c in completions)),
+                "sample": outs[0].samples[0].text[:200]}
+        return batch, info
+
+    def train_phase(self, batch: SequenceBatch, info: dict) -> dict:
+        """One optimizer step over the batch's micro-batches; the step's metrics over all ranks."""
+        from seesaw_ds.distributed.builder import release_freed_host_memory
+        g = self.recipe.grpo
         t1 = time.perf_counter()
         self.engine.train()
         sums: dict[str, float] = {}
@@ -132,25 +173,27 @@ class GRPOLoop:
                 with torch.no_grad():
                     ref = token_logprobs(self.reference, mb.input_ids, mb.attention_mask)
             new = token_logprobs(self.engine, mb.input_ids, mb.attention_mask)
-            loss, metrics = grpo_loss(new, mb, ref, g.clip, g.kl_coef)
+            old = new.detach()                   # NOTE: no optimizer step yet this RL step: the old policy
+            loss, metrics = grpo_loss(new, mb, ref, g.clip, g.kl_coef, old=old if g.tis_cap is not None else None,
+                                      tis_cap=g.tis_cap)
             self.engine.backward(loss)
             self.engine.step()
+            metrics.update(mismatch_metrics(old, mb.old_logprobs, mb.target_mask))
             metrics["loss"] = float(loss.detach())
             for key, value in metrics.items():
                 sums[key] = max(sums.get(key, value), value) if key.endswith("_max") else sums.get(key, 0) + value
+        release_freed_host_memory()      # activations and grads: heap pages back to the OS before the next rollout
         train_s = time.perf_counter() - t1
         local = {k: (v if k.endswith("_max") else v / self.gas) for k, v in sums.items()}
-        local.update({"reward_mean": float(rewards.mean()), "correct_frac": correct,
-                      "completion_tokens": float(sum(len(c) for c in completions))})
-        record = _mean_over_ranks(local, self.world)
-        total = rollout_s + train_s
-        record.update({"step": step, "rollout_s": rollout_s, "train_s": train_s, "rollout_share": rollout_s / total,
+        local.update({k: info[k] for k in ("reward_mean", "correct_frac", "completion_tokens")})
+        record = _over_ranks(local, self.world)
+        rollout_s = info["rollout_s"]
+        sync = self.rollout.weight_sync.history[-1]
+        record.update({"rollout_s": rollout_s, "train_s": train_s, "rollout_share": rollout_s / (rollout_s + train_s),
                        "rollout_tokens_per_s": self.rollout.last_generate["tokens_per_s"],
                        "sync_s": sync.seconds, "sync_gather_s": sync.gather_seconds, "sync_bytes": sync.nbytes,
                        "rss_gb_inside": self.rollout.memory["inside"] / 2**30,
-                       "rss_gb_outside": self.rollout.memory["after"] / 2**30,
-                       "sample": outs[0].samples[0].text[:200]})
-        self.history.append(record)
+                       "rss_gb_outside": self.rollout.memory["after"] / 2**30, "sample": info["sample"]})
         return record
 
     def close(self) -> None:
@@ -179,7 +222,8 @@ def run(recipe: GRPORecipe, announce=print) -> list[dict]:
                     announce(f"step {step}: reward {record['reward_mean']:.3f} correct {record['correct_frac']:.2f} "
                              f"kl {record['kl']:.4f} rollout {record['rollout_s']:.1f}s "
                              f"({record['rollout_tokens_per_s']:.0f} tok/s) train {record['train_s']:.1f}s "
-                             f"sync {record['sync_s']:.3f}s | {record['sample']!r}")
+                             f"sync {record['sync_s']:.3f}s mismatch {record['mismatch/logp_diff_mean']:.2e}/"
+                             f"{record['mismatch/logp_diff_max']:.2e} | {record['sample']!r}")
                     if run_ is not None:
                         run_.log({k: v for k, v in record.items() if k != "sample"}, step=step)
     finally:

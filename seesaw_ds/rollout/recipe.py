@@ -37,6 +37,7 @@ class GRPOSection:
     micro_batch: int = 8              # sequences per forward/backward
     zero_stage: int = 0
     grad_clip: float = 1.0
+    tis_cap: Any = None               # None: off; a number >= 1 (e.g. 2.0): truncated importance sampling
 
 
 @dataclass
@@ -119,6 +120,9 @@ def check(recipe: GRPORecipe) -> GRPORecipe:
         raise RecipeError(f"grpo.zero_stage must be 0-3, got {g.zero_stage}")
     if not (g.lr > 0 and 0 < g.clip < 1 and g.kl_coef >= 0):
         raise RecipeError("grpo.lr must be > 0, grpo.clip in (0, 1), grpo.kl_coef >= 0")
+    if g.tis_cap is not None and (isinstance(g.tis_cap, bool) or not isinstance(g.tis_cap, (int, float))
+                                  or not g.tis_cap >= 1):
+        raise RecipeError(f"grpo.tis_cap must be null or a number >= 1, got {g.tis_cap!r}")
     from seesaw_ds.rollout.rewards import TASKS
     if recipe.task.name not in TASKS:
         raise RecipeError(f"task.name {recipe.task.name!r} is unknown; tasks: {', '.join(TASKS)}")

@@ -179,3 +179,34 @@ def test_sync_mode_raises_at_the_write_and_bad_shapes_are_refused(tmp_path):
         KVStasher(store, range(store.shape[2])).write(layer, k, v[:, :, :0], slots)
     with pytest.raises(ValueError, match="max_pending"):
         KVStasher(store, range(store.shape[2]), max_pending=0)
+
+
+@pytest.mark.parametrize("runs", [1, 3, 12])      # one run of slots, a few (slice copies), many (index_copy_)
+def test_store_write_casts_and_places_rows_for_every_slot_pattern(runs, tmp_path):
+    cfg = ModelConfig.from_hf(tiny_hf_model("llama").config)
+    store = _store(cfg, tmp_path, f"runs{runs}", blocks=40, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(runs)
+    starts = torch.randperm(store.shape[3] // 4, generator=g)[:runs] * 4
+    slots = torch.cat([torch.arange(s, s + 3) for s in starts.tolist()])                  # runs of 3 slots
+    hkv, d = store.shape[2], store.shape[4]
+    key = torch.randn(1, len(slots), hkv, d, generator=g).transpose(1, 2)                  # [1, Hkv, T, D] strided
+    value = torch.randn(1, len(slots), hkv, d, generator=g).transpose(1, 2)
+    KVStasher(store, range(hkv), asynchronous=False).write(2, key, value, slots)          # fp32 into a bf16 store
+    want = torch.zeros(store.shape, dtype=torch.bfloat16)
+    want[2, 0][:, slots] = key[0].to(torch.bfloat16)
+    want[2, 1][:, slots] = value[0].to(torch.bfloat16)
+    assert torch.equal(store.tensor, want)
+
+
+def test_sync_mode_refuses_bad_shapes_before_writing(tmp_path):
+    cfg = ModelConfig.from_hf(tiny_hf_model("llama").config)
+    store = _store(cfg, tmp_path, "syncshape", dtype=torch.float32)
+    ((layer, k, v, slots),) = _random_writes(store, 1)
+    sync = KVStasher(store, range(store.shape[2]), asynchronous=False)
+    with pytest.raises(ValueError, match="value"):
+        sync.write(layer, k, v[:, :, :0], slots)
+    with pytest.raises(ValueError, match="slots"):
+        sync.write(layer, k, v, torch.cat([slots, slots]))
+    with pytest.raises(ValueError, match="KV heads"):
+        sync.write(layer, k[:, :1], v[:, :1], slots)
+    assert not store.tensor.any()

@@ -1,4 +1,9 @@
-"""The start-up KV budget check over every rank, against the engine builder's own rule (check_kv_budget)."""
+"""The start-up KV budget check over every rank, against the engine builder's own rule (check_kv_budget);
+an architecture we do not run, named before transformers reads the config (the job's CLI line for it is in
+tests/launch/test_bad_inputs.py)."""
+import json
+import re
+
 import pytest
 
 from seesaw_ds.jobs.startup_checks import kv_budget_problems
@@ -32,3 +37,20 @@ def test_several_ranks_check_the_host_store_and_each_ranks_share(label):
     assert key == "engine.kv.host_gb" and text.startswith("engine.kv.host_gb=") and "host store of 2 ranks" in text
     [(key, text)] = problems(layouts, ONE_ROW_GB / 2 * 0.9, ONE_ROW_GB)
     assert key == "engine.kv.device_gb" and "decode rank 0 of 2" in text
+
+
+UNKNOWN = re.escape("unsupported architecture 'MambaLikeForCausalLM' (model_type 'mamba_like'); "
+                    "supported model types: llama, mistral, qwen2")
+
+
+def test_an_unknown_model_type_is_named_by_the_loader_and_by_llm(tmp_path):
+    """transformers does not know this model_type either: its own error would say only "cannot load"."""
+    from seesaw_ds import LLM
+    from seesaw_ds.models.config import UnsupportedArchitecture
+    from seesaw_ds.models.loader import load_model_config
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba_like",
+                                                      "architectures": ["MambaLikeForCausalLM"]}))
+    with pytest.raises(UnsupportedArchitecture, match=UNKNOWN):
+        load_model_config(str(tmp_path))
+    with pytest.raises(UnsupportedArchitecture, match=UNKNOWN):
+        LLM(str(tmp_path), distributed=False)

@@ -32,7 +32,9 @@ def reference(q, k_cache, v_cache, tables, lens, scale, window):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (8, 2, 128), (7, 7, 64), (4, 1, 32), (6, 2, 80)])
+# (20, 20, 64): two KV-head ranges per sequence on the tile path; (32, 1, 64): more query heads than a tile holds
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (8, 2, 128), (7, 7, 64), (4, 1, 32), (6, 2, 80),
+                                                     (20, 20, 64), (32, 1, 64)])
 @pytest.mark.parametrize("window", [0, 5])
 def test_matches_reference(op, dtype, tol, heads, kv_heads, head_dim, window):
     g = torch.Generator().manual_seed(heads * 100 + head_dim + window)
@@ -47,6 +49,23 @@ def test_matches_reference(op, dtype, tol, heads, kv_heads, head_dim, window):
     assert out.dtype == dtype and out.shape == q.shape
     torch.testing.assert_close(out.float(), reference(q, k_cache, v_cache, tables, lens, head_dim ** -0.5, window),
                                atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("block_size", [8, 32])
+@pytest.mark.parametrize("window", [0, 21])
+def test_bf16_other_block_sizes(op, block_size, window):
+    # 32: two 16-token tile chunks per block; 8: blocks smaller than a tile chunk (the vector path)
+    g = torch.Generator().manual_seed(block_size + window)
+    B, max_blocks = 4, 160 // block_size
+    num_blocks = B * max_blocks + 2
+    k_cache = torch.randn(num_blocks, block_size, 3, 64, generator=g).to(torch.bfloat16)
+    v_cache = torch.randn(num_blocks, block_size, 3, 64, generator=g).to(torch.bfloat16)
+    tables = torch.randperm(num_blocks, generator=g)[:B * max_blocks].view(B, max_blocks)
+    lens = torch.tensor([1, 31, 33, 160])
+    q = torch.randn(B, 9, 64, generator=g).to(torch.bfloat16)
+    out = op(q, k_cache, v_cache, tables, lens, 0.125, window)
+    torch.testing.assert_close(out.float(), reference(q, k_cache, v_cache, tables, lens, 0.125, window),
+                               atol=2e-2, rtol=2e-2)
 
 
 def test_only_table_blocks_are_read(op):

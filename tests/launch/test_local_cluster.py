@@ -4,6 +4,11 @@ write one output folder, PP2 prefill -> TP2 decode spans both hosts, and a host 
 process in its namespace) ends the job within 60 s, leaves no /dev/shm file, and a rerun resumes with every
 row exactly once. Tokens equal Hugging Face greedy generate (which one process also matches).
 
+Placement at start-up: a TP group across the hosts is refused (one `error:` line, exit 2, before any weight
+loads) unless `engine.allow_cross_node_tp` is true; the hosts share this machine's /dev/shm, so a switching
+pair across them may run (with the opt-in), but not once each host mounts a /dev/shm of its own, as separate
+machines have.
+
 Needs root and network namespaces; elsewhere these tests skip and say why (the bad-input and node-key tests
 run everywhere)."""
 import glob
@@ -51,12 +56,27 @@ needs_namespaces = pytest.mark.skipif(namespaces_unavailable() is not None,
                                       reason=f"no namespaced hosts: {namespaces_unavailable()}")
 
 
-def cluster_command(prefix, port, recipe, hosts=2):
+def cluster_command(prefix, port, recipe, hosts=2, private_shm=False):
+    """`private_shm`: every rank mounts a /dev/shm of its own (as on separate machines), through DeepSpeed's
+    --no_python; else the hosts share this machine's."""
+    job = [GENERATE, "--config", recipe]
+    if private_shm:
+        job = ["--no_python", "--no_local_rank", *with_private_shm([sys.executable, "-u", *job])]
     return [sys.executable, LOCAL_CLUSTER, "--hosts", str(hosts), "--ranks", "1", "--prefix", prefix,
-            "--master_port", str(port), "--", GENERATE, "--config", recipe]
+            "--master_port", str(port), "--", *job]
 
 
-def run_cluster(cmd, env, timeout=600):
+def with_private_shm(argv):
+    """argv in a mount namespace of its own, with a fresh tmpfs on /dev/shm (gone with the namespace)."""
+    return ["unshare", "-m", "--propagation", "private", "sh", "-c",
+            'mount -t tmpfs -o size=1g seesaw-test-shm /dev/shm && exec "$@"', "sh", *argv]
+
+
+def error_lines(log):
+    return [line for line in log.splitlines() if "error:" in line]
+
+
+def run_cluster(cmd, env, timeout=600, expect=0):
     """Run the tool to completion; on a timeout, Ctrl-C it (it then tears its hosts down) before failing."""
     job = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -65,7 +85,7 @@ def run_cluster(cmd, env, timeout=600):
         job.send_signal(signal.SIGINT)
         log, _ = job.communicate(timeout=60)
         pytest.fail(f"the cluster run took over {timeout} s:\n{log[-3000:]}")
-    assert job.returncode == 0, f"exit {job.returncode}\n{log[-4000:]}"
+    assert job.returncode == expect, f"exit {job.returncode}\n{log[-4000:]}"
     return log
 
 
@@ -88,6 +108,15 @@ def test_node_key_is_explicit_or_host_and_network_namespace(monkeypatch):
     monkeypatch.delenv(node.NODE_KEY_ENV)
     key = node.node_key()
     assert key and key.endswith(node.network_namespace_id()) and "/" not in key
+
+
+def test_shm_domain_is_the_boot_and_the_device_else_the_node_key(tmp_path, monkeypatch):
+    (tmp_path / "sub").mkdir()
+    domain = node.shm_domain(str(tmp_path))
+    assert domain == node.shm_domain(str(tmp_path / "sub")) and not domain.startswith("node:")
+    assert domain.endswith(f":{os.stat(tmp_path).st_dev}")
+    monkeypatch.setattr(node, "BOOT_ID", str(tmp_path / "no-boot-id"))      # no /proc: never taken as shared
+    assert node.shm_domain(str(tmp_path)) == f"node:{node.node_key()}"
 
 
 @pytest.mark.parametrize("args, message", [
@@ -125,6 +154,72 @@ def test_hosts_have_their_own_network_and_a_shaped_link():
     assert not leftovers(cluster.prefix, None)
 
 
+@needs_namespaces
+def test_hosts_have_their_own_node_keys_and_share_the_machines_shm_unless_they_mount_their_own():
+    if shutil.which("unshare") is None:
+        pytest.skip("`unshare` (util-linux) is not installed: no private /dev/shm per host")
+    tool = load_tool()
+    cluster = tool.LocalCluster(2, prefix=new_prefix())
+    probe = [sys.executable, "-c", "from seesaw_ds.distributed.node import node_key, shm_domain; "
+                                   "print(node_key(), shm_domain('/dev/shm'))"]
+    try:
+        cluster.up()
+        shared = subprocess.run(cluster.exec_argv(0, probe), capture_output=True, text=True, check=True)
+        private = subprocess.run(cluster.exec_argv(1, with_private_shm(probe)), capture_output=True, text=True)
+        assert private.returncode == 0, private.stderr
+    finally:
+        cluster.down()
+    (key0, domain0), (key1, domain1) = shared.stdout.split(), private.stdout.split()
+    assert len({key0, key1, node.node_key()}) == 3
+    assert domain0 == node.shm_domain("/dev/shm") != domain1
+    assert domain1.split(":")[0] == domain0.split(":")[0]        # one kernel (boot id), another /dev/shm
+    assert not leftovers(cluster.prefix, None)
+
+
+@pytest.mark.slow
+@needs_namespaces
+def test_tp_across_hosts_is_refused_unless_allowed(tiny_model, articles, reference_rows, tmp_path):
+    """TP2 over the two hosts: one error line naming the key, the hosts and the opt-in, exit 2, no weight
+    loaded; with engine.allow_cross_node_tp=true the same layout runs, tokens as HF greedy."""
+    refused, allowed = tmp_path / "refused", tmp_path / "allowed"
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tiny_model[0], articles, str(refused), parallel="TP2"))
+    prefix, port = new_prefix(), free_port()
+    log = run_cluster(cluster_command(prefix, port, recipe), job_env(tmp_path), expect=2)
+    assert error_lines(log) == [
+        f"[h0] launch/generate.py: error: recipe key parallel.tp tp=2 puts a TP group across nodes: node "
+        f"{prefix}-h0 (rank 0), node {prefix}-h1 (rank 1); a TP group all-reduces in every layer, so it stays "
+        f"inside one node unless engine.allow_cross_node_tp is true (then it runs over the link between them)"], log
+    assert "Traceback" not in log and "] engine: " not in log            # refused before the engine was built
+    assert not glob.glob(str(refused / "*.parquet"))
+    assert not leftovers(prefix, port)
+
+    prefix, port = new_prefix(), free_port()
+    log = run_cluster(cluster_command(prefix, port, recipe) + ["engine.allow_cross_node_tp=true",
+                                                              f"output.dir={allowed}"], job_env(tmp_path))
+    assert_rows_match(output_rows(allowed), reference_rows)
+    assert "[h0] layouts: tp=2 pp=1 dp=1" in log and not error_lines(log)
+    assert not leftovers(prefix, port)
+
+
+@pytest.mark.slow
+@needs_namespaces
+def test_switching_pair_across_hosts_without_one_shm_is_refused(tiny_model, articles, tmp_path):
+    """Each host with its own /dev/shm, as separate machines: PP2 -> TP2 over both cannot share the host KV
+    store, whatever the TP opt-in says."""
+    if shutil.which("unshare") is None:
+        pytest.skip("`unshare` (util-linux) is not installed: no private /dev/shm per host")
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(
+        tiny_model[0], articles, str(tmp_path / "out"), parallel="PP2->TP2", engine={"allow_cross_node_tp": True}))
+    prefix, port = new_prefix(), free_port()
+    log = run_cluster(cluster_command(prefix, port, recipe, private_shm=True), job_env(tmp_path), expect=2)
+    [line] = error_lines(log)
+    assert line.startswith("[h0] launch/generate.py: error: recipe key parallel prefill tp=1 pp=2 dp=1 -> decode "
+                           "tp=2 pp=1 dp=1 switches stages through the host KV store"), log
+    assert f"spans nodes that do not share one: node {prefix}-h0 (rank 0), node {prefix}-h1 (rank 1)" in line
+    assert "Traceback" not in log and "] engine: " not in log
+    assert not leftovers(prefix, port)
+
+
 @pytest.mark.slow
 @needs_namespaces
 def test_data_parallel_replicas_on_two_hosts_write_one_folder(tiny_model, articles, reference_rows, tmp_path):
@@ -146,7 +241,8 @@ def test_pp2_tp2_across_hosts_survives_a_lost_host_and_resumes(tiny_model, artic
     with an error; then the same command on a fresh cluster resumes, every row once, tokens as HF greedy."""
     out = tmp_path / "out"
     recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tiny_model[0], articles, str(out),
-                                                           parallel={"prefill": {"pp": 2}, "decode": {"tp": 2}}))
+                                                           parallel={"prefill": {"pp": 2}, "decode": {"tp": 2}},
+                                                           engine={"allow_cross_node_tp": True}))
     env, prefix, port = job_env(tmp_path), new_prefix(), free_port()
     job = subprocess.Popen(cluster_command(prefix, port, recipe), cwd=REPO, env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)

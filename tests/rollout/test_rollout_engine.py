@@ -2,7 +2,7 @@
 optimizer step changes the weights, the next rollout's greedy tokens equal Hugging Face `generate` of the
 updated model, for ZeRO-0 and ZeRO-3 trainers, one rank and two (TP2, PP2 -> TP2 rollouts); outside
 `generating()` the KV pool and host store hold no memory (RSS measured); a sync that fails part-way keeps
-the previous weights."""
+the previous weights; every rank's samples carry their text, each decoded once per rank."""
 import pytest
 import torch
 
@@ -19,10 +19,30 @@ def _prompts(seed=0):
     return [torch.randint(2, 320, (n,), generator=g).tolist() for n in LENGTHS]
 
 
-def _greedy(rollout, prompts):
+def _greedy(rollout, prompts, seen=None):
     outs = rollout.generate([{"prompt_token_ids": p} for p in prompts],
                             SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=0))
+    if seen is not None:
+        seen.extend((s.token_ids, s.text) for o in outs for s in o.samples)
     return [o.samples[0].token_ids for o in outs]
+
+
+def _counting_tokenizer():
+    """A real fast tokenizer over the tiny model's 320 ids (id i is the text `<i>`, none special) that counts
+    its decode calls."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    class CountingTokenizer(PreTrainedTokenizerFast):
+        decodes = 0
+
+        def decode(self, *args, **kwargs):
+            self.decodes += 1
+            return super().decode(*args, **kwargs)
+
+    core = Tokenizer(models.WordLevel(vocab={f"<{i}>": i for i in range(320)}, unk_token="<0>"))
+    core.decoder = decoders.Fuse()
+    return CountingTokenizer(tokenizer_object=core)
 
 
 def _full_state(module):
@@ -51,12 +71,15 @@ def _train_then_rollout(rank, stage, parallel, folder, prompts, bucket_bytes):
               "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True}
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=2e-2),
                                       config=config)
-    rollout = RolloutEngine(engine, None, parallel=parallel, model=folder, dtype="float32", kv_device_gb=0.02,
-                            kv_host_gb=0.02, block_size=8, max_model_len=256, bucket_bytes=bucket_bytes)
+    tokenizer = _counting_tokenizer()
+    rollout = RolloutEngine(engine, tokenizer, parallel=parallel, model=folder, dtype="float32",
+                            kv_device_gb=0.02, kv_host_gb=0.02, block_size=8, max_model_len=256,
+                            bucket_bytes=bucket_bytes)
     pool_bytes = rollout.kv.pool.spec.num_blocks * rollout.kv.pool.spec.bytes_per_block
     store_bytes = rollout.kv.store.nbytes if rollout.kv.store is not None else 0
+    seen = []                                            # (token ids, text) of every sample on this rank
     with rollout.generating():
-        before = _greedy(rollout, prompts)
+        before = _greedy(rollout, prompts, seen)
         held = rollout.kv.pool_bytes
     state = _full_state(engine.module)                   # collective under ZeRO-3: every rank
     expect_before = _reference(state, prompts) if rank == 0 else None
@@ -65,16 +88,21 @@ def _train_then_rollout(rank, stage, parallel, folder, prompts, bucket_bytes):
     engine.backward(loss)
     engine.step()
     with rollout.generating():
-        after = _greedy(rollout, prompts)
-        logprobs = rollout.generate([prompts[0]], SamplingParams(max_tokens=3, logprobs=0))[0].samples[0].logprobs
+        after = _greedy(rollout, prompts, seen)
+        [last] = rollout.generate([prompts[0]], SamplingParams(max_tokens=3, logprobs=0))[0].samples
+        logprobs = last.logprobs
+        seen.append((last.token_ids, last.text))
     memory, report = rollout.memory, rollout.weight_sync.history[-1]
     state = _full_state(engine.module)
     expect_after = _reference(state, prompts) if rank == 0 else None
     released = rollout.kv.pool_bytes
     rollout.close()
-    return {"before": before, "after": after, "expect_before": expect_before, "expect_after": expect_after,
-            "held": held, "released": released, "pool_bytes": pool_bytes, "store_bytes": store_bytes,
-            "memory": memory, "sync_bytes": report.nbytes, "buckets": report.buckets, "logprobs": logprobs}
+    texts = [None] * world
+    torch.distributed.all_gather_object(texts, (seen, tokenizer.decodes))
+    return {"texts": texts, "before": before, "after": after, "expect_before": expect_before,
+            "expect_after": expect_after, "held": held, "released": released, "pool_bytes": pool_bytes,
+            "store_bytes": store_bytes, "memory": memory, "sync_bytes": report.nbytes, "buckets": report.buckets,
+            "logprobs": logprobs}
 
 
 CASES = [   # (ranks, ZeRO stage, rollout layout, bucket bytes)
@@ -99,6 +127,10 @@ def test_rollout_after_an_optimizer_step_equals_hf_generate(tmp_path, world, sta
     assert out["after"] == out["expect_after"]
     assert out["after"] != out["before"]                 # the step changed the weights and the rollout saw it
     assert len(out["logprobs"]) == 3 and all(lp <= 0 for lp in out["logprobs"])
+    for seen, decodes in out["texts"]:                   # every rank: every sample's text, decoded once
+        assert seen == out["texts"][0][0]
+        assert all(text == "".join(f"<{t}>" for t in ids) for ids, text in seen)
+        assert decodes == len(seen) == 2 * len(prompts) + 1
     if stage == 3:
         assert out["buckets"] > 3                       # gathered bucket by bucket, not whole
     # memory: the pool is allocated only inside generating(), and its pages go back to the OS on exit

@@ -45,11 +45,12 @@ void score_pass_bf16(const bf16* q, KeyPtr key, float* scores, int64_t G, int64_
   }
 }
 
-// out[g, :] = sum_t p[g, t] v_t for GB query heads; p: [GB, ldp] bf16 with p[g, len] = 0 (pairs of tokens);
-// CV = D / 16 accumulators per head. Two consecutive tokens' rows are interleaved per 16-bit element
-// (unpacklo/hi), so lane i of accumulator c holds dim 32 (c / 2) + 4 (c % 2) + 8 (i / 4) + i % 4.
-template <int CV, int GB, typename ValuePtr>
-void value_pass_bf16(const bf16* p, int64_t ldp, ValuePtr value, float* out, int64_t len) {
+// out[g, :] = sum_t p[g, t] v_t for GB query heads; pair(g, t) (t even) is the int32 holding bf16 p[g, t] in its
+// low half and p[g, t + 1] in its high half (0 past the last token); CV = D / 16 accumulators per head. Two
+// consecutive tokens' rows are interleaved per 16-bit element (unpacklo/hi), so lane i of accumulator c
+// holds dim 32 (c / 2) + 4 (c % 2) + 8 (i / 4) + i % 4.
+template <int CV, int GB, typename PairAt, typename ValuePtr>
+void value_pass_bf16(PairAt pair, ValuePtr value, float* out, int64_t len) {
   constexpr int64_t D = CV * 16;
   __m512 acc[GB][CV];
   for (int g = 0; g < GB; ++g)
@@ -67,9 +68,7 @@ void value_pass_bf16(const bf16* p, int64_t ldp, ValuePtr value, float* out, int
       x[2 * m + 1] = _mm512_unpackhi_epi16(r, s);
     }
     for (int g = 0; g < GB; ++g) {
-      int32_t pair;
-      std::memcpy(&pair, p + g * ldp + t, sizeof(pair));        // (p[t], p[t + 1])
-      const __m512i pb = _mm512_set1_epi32(pair);
+      const __m512i pb = _mm512_set1_epi32(pair(g, t));
       for (int c = 0; c < CV; ++c) acc[g][c] = _mm512_dpbf16_ps(acc[g][c], as_bh(pb), as_bh(x[c]));
     }
   }
@@ -81,19 +80,21 @@ void value_pass_bf16(const bf16* p, int64_t ldp, ValuePtr value, float* out, int
     }
 }
 
-template <int CV, typename ValuePtr>
-void value_heads_bf16(const bf16* p, int64_t ldp, ValuePtr value, float* acc, int64_t G, int64_t len) {
+// acc [G, D] = the value pass of G query heads, GB of them per pass over the values
+template <int CV, typename PairAt, typename ValuePtr>
+void value_heads_bf16(PairAt pair, ValuePtr value, float* acc, int64_t G, int64_t len) {
   constexpr int kMaxGroup = CV >= 8 ? 2 : 4;
   constexpr int64_t D = CV * 16;
+  auto from = [&](int64_t g0) { return [&pair, g0](int64_t g, int64_t t) { return pair(g0 + g, t); }; };
   int64_t g = 0;
   for (; g + kMaxGroup <= G; g += kMaxGroup)
-    value_pass_bf16<CV, kMaxGroup>(p + g * ldp, ldp, value, acc + g * D, len);
+    value_pass_bf16<CV, kMaxGroup>(from(g), value, acc + g * D, len);
   // the rest in one pass over the values (each head's sums are independent: same result as one by one)
   if constexpr (kMaxGroup == 4) {
-    if (G - g == 3) return value_pass_bf16<CV, 3>(p + g * ldp, ldp, value, acc + g * D, len);
-    if (G - g == 2) return value_pass_bf16<CV, 2>(p + g * ldp, ldp, value, acc + g * D, len);
+    if (G - g == 3) return value_pass_bf16<CV, 3>(from(g), value, acc + g * D, len);
+    if (G - g == 2) return value_pass_bf16<CV, 2>(from(g), value, acc + g * D, len);
   }
-  for (; g < G; ++g) value_pass_bf16<CV, 1>(p + g * ldp, ldp, value, acc + g * D, len);
+  for (; g < G; ++g) value_pass_bf16<CV, 1>(from(g), value, acc + g * D, len);
 }
 
 // one (sequence, KV head) pair, bf16 end to end: q [G, D] -> out [G, D]; false when D is not 64 or 128
@@ -115,8 +116,13 @@ bool attend_bf16(const bf16* q, KeyPtr key, ValuePtr value, bf16* out, int64_t G
     for (; t < len; ++t) probs[g * ldp + t] = bf16(scores[g * len + t]);
   }
   acc.resize(G * D);
-  if (D == 64) value_heads_bf16<4>(probs.data(), ldp, value, acc.data(), G, len);
-  else value_heads_bf16<8>(probs.data(), ldp, value, acc.data(), G, len);
+  auto pair = [&probs, ldp](int64_t g, int64_t t) {                // (p[g, t], p[g, t + 1])
+    int32_t both;
+    std::memcpy(&both, &probs[g * ldp + t], sizeof(both));
+    return both;
+  };
+  if (D == 64) value_heads_bf16<4>(pair, value, acc.data(), G, len);
+  else value_heads_bf16<8>(pair, value, acc.data(), G, len);
   for (int64_t g = 0; g < G; ++g)
     for (int64_t i = 0; i < D; ++i) out[g * D + i] = bf16(acc[g * D + i] * inv_sum[g]);
   return true;

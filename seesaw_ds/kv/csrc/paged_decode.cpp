@@ -11,9 +11,12 @@
 // [max(0, n - window), n) when window > 0, else [0, n). Work is split over (sequence, KV head) pairs; each
 // pair reads its keys and values once for all the query heads that share them. Softmax is exact (two
 // passes over the scores, fp32), so results match a reference attention up to summation order.
+// bf16 q and cache take the tile unit where there is one (decode_amx.h: work split over sequences, the
+// scores of all a sequence's heads as one matmul per 16-token chunk), else AVX512-BF16 (decode_bf16.h).
 #include "kernels.h"
 #include "vec.h"
 #include "decode_bf16.h"
+#include "decode_amx.h"
 
 #include <ATen/Parallel.h>
 
@@ -111,6 +114,35 @@ void value_pass(const float* p, ValuePtr value, float* acc, int64_t G, int64_t D
   }
 }
 
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__AVX512BF16__)
+// bf16 end to end on the tile unit (decode_amx.h): work split over (sequence, range of nh KV heads whose
+// nh * G query heads fit one 16-column tile); needs D in {64, 128}, G <= 16 and blocks of 2^shift >= 16 tokens
+void decode_bf16_amx(const bf16* q, const bf16* k_cache, const bf16* v_cache, const int64_t* tables,
+                     const int64_t* lens, bf16* out, int64_t B, int64_t H, int64_t Hkv, int64_t D,
+                     int64_t shift, int64_t M, float scale, int64_t window) {
+  const int64_t G = H / Hkv, bs = int64_t{1} << shift;
+  const int64_t nh = std::min<int64_t>(Hkv, 16 / G), ranges = (Hkv + nh - 1) / nh;
+  at::parallel_for(0, B * ranges, 1, [&](int64_t begin, int64_t end) {
+    const TileConfig config;
+    _tile_loadconfig(&config);
+    std::vector<float> s, acc;
+    std::vector<int32_t> pairs, qd;
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t b = unit / ranges, h0 = unit % ranges * nh, heads = std::min(nh, Hkv - h0);
+      const int64_t n = lens[b];
+      const int64_t start = window > 0 ? std::max<int64_t>(0, n - window) : 0, first = start / 16 * 16;
+      const int64_t* table = tables + b * M;
+      auto slot = [=](int64_t pos) { return (table[pos >> shift] << shift) + (pos & (bs - 1)); };
+      auto row = [=](int64_t t) { return k_cache + (slot(first + t) * Hkv + h0) * D; };
+      auto value = [=](int64_t h, int64_t t) { return v_cache + (slot(start + t) * Hkv + h0 + h) * D; };
+      attend_amx(q + (b * H + h0 * G) * D, row, Hkv * D, value, out + (b * H + h0 * G) * D, heads, G, D,
+                 start - first, n - start, scale, s, pairs, qd, acc);
+    }
+    _tile_release();
+  });
+}
+#endif
+
 template <typename Q, typename T>
 void decode_kernel(const Q* q, const T* k_cache, const T* v_cache, const int64_t* tables, const int64_t* lens,
                    Q* out, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t bs, int64_t M,
@@ -119,6 +151,12 @@ void decode_kernel(const Q* q, const T* k_cache, const T* v_cache, const int64_t
   int64_t shift = -1;                            // log2(bs) when bs is a power of two
   for (int64_t k = 0; k < 31; ++k)
     if ((int64_t{1} << k) == bs) shift = k;
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<Q, c10::BFloat16> && std::is_same_v<T, c10::BFloat16>) {
+    if ((D == 64 || D == 128) && shift >= 4 && G <= 16 && amx_usable())
+      return decode_bf16_amx(q, k_cache, v_cache, tables, lens, out, B, H, Hkv, D, shift, M, scale, window);
+  }
+#endif
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(G * D), acc(G * D), scores;
     std::vector<c10::BFloat16> probs;

@@ -1,0 +1,151 @@
+"""Link fits recover known latency/bandwidth/bucket figures; a shaped link's cost in the cluster and roofline."""
+import dataclasses
+
+import pytest
+
+from seesaw_ds.models.config import ModelConfig
+from seesaw_ds.planner import roofline as rl
+from seesaw_ds.planner.clusters import ClusterSpec, DeviceSpec
+from seesaw_ds.planner.link_fit import (TransferFit, bytes_per_direction, cluster_on_link, fit_line, fit_probe,
+                                        fit_transfer)
+from seesaw_ds.planner.link_search import Shape, evaluate, find_best, format_cases, scaled_link, shape_grid
+from seesaw_ds.planner.search import PlannerOptions
+from seesaw_ds.planner.workload import WorkloadSpec
+
+SIZES = [256 * 4 ** i for i in range(9)]          # 256 B .. 16 MiB, as link_probe's defaults
+TINY = {"model_type": "llama", "num_hidden_layers": 4, "hidden_size": 256, "intermediate_size": 512,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 1000}
+
+
+def _base() -> ClusterSpec:
+    device = DeviceSpec("cpu", 8 * 2 ** 30, 10e9, (("float32", 80e9), ("bfloat16", 160e9)), 50e-6)
+    return ClusterSpec("base", device, 2, allreduce_bandwidth=(5e9,), allreduce_latency=(5e-6,),
+                       p2p_bandwidth=5e9, p2p_latency=5e-6, host_link_bandwidth=10e9, host_memory_per_device=8e9)
+
+
+def test_fit_line_recovers_latency_and_bandwidth():
+    times = [80e-6 + n / 1.2e9 for n in SIZES]
+    latency, bandwidth = fit_line(SIZES, times)
+    assert latency == pytest.approx(80e-6, rel=1e-6) and bandwidth == pytest.approx(1.2e9, rel=1e-6)
+    # relative weighting: a 10% error on the largest call moves the latency little, the bandwidth ~10%
+    latency, bandwidth = fit_line(SIZES, times[:-1] + [times[-1] * 1.1])
+    assert latency == pytest.approx(80e-6, rel=0.1) and bandwidth == pytest.approx(1.2e9, rel=0.1)
+
+
+def test_fit_line_rejects_bad_input_and_clamps():
+    with pytest.raises(ValueError):
+        fit_line([1, 2], [1.0])
+    with pytest.raises(ValueError):
+        fit_line([1, 2], [0.0, 1.0])
+    latency, bandwidth = fit_line([1000, 2000], [1e-6, 3e-6])     # negative intercept -> through the origin
+    assert latency == 0 and bandwidth > 0
+
+
+def test_unshaped_fit_is_one_line():
+    truth = TransferFit(60e-6, 1.5e9)
+    times = [truth.seconds(n) for n in SIZES]
+    noisy = [t * (1.3 if i % 2 else 1.0) for i, t in enumerate(times)]      # a busy machine only adds time
+    fit = fit_transfer(SIZES, noisy, [t * (1.0 if i % 2 else 1.4) for i, t in enumerate(times)], shaped=False)
+    assert fit.sustained_bandwidth is None and fit.bucket_seconds is None
+    assert fit.latency == pytest.approx(60e-6, rel=1e-6) and fit.line_bandwidth == pytest.approx(1.5e9, rel=1e-6)
+
+
+def test_shaped_fit_recovers_rate_line_and_bucket():
+    # tc tbf at 25 MB/s with a 10 ms bucket (250 kB) on a 1.5 GB/s line
+    truth = TransferFit(100e-6, 1.5e9, 25e6, 0.010)
+    sustained = [truth.seconds(n, gap=0.0) for n in SIZES]
+    idle = [truth.seconds(n) for n in SIZES]
+    fit = fit_transfer(SIZES, sustained, idle, shaped=True)
+    assert fit.sustained_bandwidth == pytest.approx(25e6, rel=0.02)
+    assert fit.bucket_seconds == pytest.approx(0.010, rel=0.05)
+    assert fit.latency == pytest.approx(100e-6, rel=0.02)
+    assert fit.line_bandwidth == pytest.approx(1.5e9, rel=0.02)
+    for n in SIZES:                                # the fitted model reproduces the probe
+        assert fit.seconds(n) == pytest.approx(truth.seconds(n), rel=0.02)
+    assert bytes_per_direction(fit, 25e6) == pytest.approx(1.0, rel=0.02)
+
+
+def test_fit_probe_needs_both_sections():
+    part = {"sizes": SIZES, "sustained": [1e-4 + n / 1e9 for n in SIZES], "idle": [1e-4 + n / 1e9 for n in SIZES]}
+    allreduce, p2p = fit_probe({"allreduce": part, "p2p": part}, shaped=False)
+    assert allreduce == p2p
+    with pytest.raises(ValueError, match="p2p"):
+        fit_probe({"allreduce": part}, shaped=False)
+
+
+def test_unshaped_cluster_costs_are_latency_plus_bandwidth():
+    spec = cluster_on_link(_base(), TransferFit(1e-4, 1e9), TransferFit(2e-4, 2e9))
+    assert not spec.shaped
+    assert spec.allreduce_seconds(1e6, 2, calls=4, gap=1.0) == pytest.approx(4e-4 + 1e-3)
+    assert spec.p2p_seconds(1e6, messages=8, transfers=2) == pytest.approx(8 * 2e-4 + 5e-4)
+    assert spec.allreduce_seconds(1e6, 1) == 0
+
+
+def test_shaped_cluster_refills_during_compute():
+    fit = TransferFit(1e-4, 1e9, 25e6, 0.010)
+    spec = cluster_on_link(_base(), fit, fit)
+    n = 1e6                                        # 40 ms at the sustained rate
+    assert spec.allreduce_seconds(n, 2) == pytest.approx(1e-4 + 0.040)                  # back to back
+    assert spec.allreduce_seconds(n, 2, gap=0.004) == pytest.approx(1e-4 + 0.036)       # partial refill
+    assert spec.allreduce_seconds(n, 2, gap=1.0) == pytest.approx(1e-4 + 0.030)         # full bucket
+    assert spec.allreduce_seconds(1e4, 2, gap=1.0) == pytest.approx(1e-4 + 1e-5)        # under the bucket: line
+    assert spec.p2p_seconds(2 * n, messages=8, transfers=2, gap=1.0) == pytest.approx(8e-4 + 2 * 0.030)
+    with pytest.raises(ValueError, match="shaped"):
+        dataclasses.replace(spec, p2p_sustained_bandwidth=None)
+
+
+def test_roofline_uses_compute_as_refill_time():
+    cfg = ModelConfig.from_hf(TINY)
+    fit = TransferFit(1e-4, 1e9, 25e6, 0.010)
+    shaped = cluster_on_link(_base(), fit, fit)
+    no_refill = dataclasses.replace(shaped, link_bucket_seconds=0.0)
+    step = rl.stage_step_time(cfg, shaped, (2, 1, 1), "decode", batch=64, seq_len=512, dtype="float32")
+    step0 = rl.stage_step_time(cfg, no_refill, (2, 1, 1), "decode", batch=64, seq_len=512, dtype="float32")
+    # by hand: each of 2 all-reduces per layer moves 64 x 256 x 4 bytes after 1/2 of the layer's compute
+    gap = (step.weights + step.linear + step.kv + step.attention + step.overhead) / (4 * 2)
+    per_call = 1e-4 + max(64 * 256 * 4 / 1e9, 64 * 256 * 4 / 25e6 - min(0.010, gap))
+    assert step.allreduce == pytest.approx(4 * 2 * per_call, rel=1e-9)
+    assert step0.allreduce == pytest.approx(4 * 2 * (1e-4 + 64 * 256 * 4 / 25e6), rel=1e-9)
+    assert step.allreduce < step0.allreduce and step.weights == step0.weights
+    pipe = rl.stage_step_time(cfg, shaped, (1, 2, 1), "prefill", batch=4, seq_len=512, dtype="float32",
+                              micro_batches=4)
+    pipe0 = rl.stage_step_time(cfg, no_refill, (1, 2, 1), "prefill", batch=4, seq_len=512, dtype="float32",
+                               micro_batches=4)
+    assert pipe0.p2p == pytest.approx(4 * 8 * 1e-4 + 4 * 512 * 256 * 4 / 25e6, rel=1e-9)
+    assert pipe.p2p < pipe0.p2p
+
+
+def test_scaled_link_keeps_line_and_bucket():
+    fit = TransferFit(1e-4, 1e9, 25e6, 0.010)
+    half = scaled_link(fit, 0.5)
+    assert half.sustained_bandwidth == pytest.approx(12.5e6) and half.bucket_seconds == 0.010
+    assert half.latency == fit.latency and half.line_bandwidth == fit.line_bandwidth
+    assert scaled_link(fit, 100).line_bandwidth == pytest.approx(2.5e9)      # the line is never below the rate
+    with pytest.raises(ValueError):
+        scaled_link(TransferFit(1e-4, 1e9), 2.0)
+
+
+def test_find_best_ranks_measurable_cases_by_gain():
+    with pytest.raises(ValueError):
+        Shape(500, 4, 2)                                  # not a multiple of the head dim
+    shapes = shape_grid(hiddens=(256, 512), layers=(4, 8), kv_options=(2, "all"))
+    assert Shape(256, 4, 4) in shapes and all(s.kv_heads >= 2 for s in shapes)
+    fit = TransferFit(1e-4, 1e9, 25e6, 0.010)
+    links = {"unlimited": cluster_on_link(_base(), TransferFit(1e-4, 1e9), TransferFit(1e-4, 1e9)),
+             "200mbit": cluster_on_link(_base(), fit, fit),
+             "50mbit": cluster_on_link(_base(), scaled_link(fit, 0.25), scaled_link(fit, 0.25))}
+    loads = [WorkloadSpec("arxiv", 1536, 64, 4), WorkloadSpec("sharegpt", 300, 250, 16)]
+    options = PlannerOptions(dtype="float32")
+    cases = find_best(shapes, loads, links, options, max_seconds=1e9, max_params=1e12)
+    assert len(cases) == len(shapes) * len(loads) * len(links)
+    assert [c.gain for c in cases] == sorted((c.gain for c in cases), reverse=True)
+    top = cases[0]
+    again = evaluate(top.shape, top.workload, top.link, links[top.link], options)
+    assert again.gain == pytest.approx(top.gain) and top.rates["PP2->TP2"] > 0
+    assert f"random:{top.shape.label}" in format_cases(cases[:1]).splitlines()[1]
+    # the filters: a run-time cap and a parameter cap drop cases, never reorder the rest
+    capped = find_best(shapes, loads, links, options, max_seconds=top.seconds * 0.999, max_params=1e12)
+    assert top not in capped and all(c.seconds < top.seconds for c in capped)
+    small = find_best(shapes, loads, links, options, max_seconds=1e9, max_params=shapes[0].model_config().num_params)
+    assert {c.shape for c in small} == {s for s in shapes
+                                        if s.model_config().num_params <= shapes[0].model_config().num_params}
