@@ -58,8 +58,9 @@ def token_digests(outputs: Sequence[Sequence[int]]) -> list[str]:
 
 
 def warmup_requests(requests: Sequence[dict]) -> list[dict]:
-    """A few of the workload's own prompts with a handful of output tokens."""
-    return [{"prompt_token_ids": r["prompt_token_ids"], "output_len": min(WARMUP_TOKENS, r["output_len"])}
+    """A few prompts of the workload's lengths with a handful of output tokens; their tokens are reversed so
+    that an engine with a prefix cache (vLLM) finds none of the timed prompts cached after the warm-up."""
+    return [{"prompt_token_ids": list(reversed(r["prompt_token_ids"])), "output_len": min(WARMUP_TOKENS, r["output_len"])}
             for r in requests[:WARMUP_REQUESTS]]
 
 
