@@ -62,11 +62,8 @@ def arguments(argv=None) -> argparse.Namespace:
 def relaunch_under_deepspeed(argv: list[str]) -> int:
     """TP2 needs two ranks: run this same file under DeepSpeed's launcher (on a free port: the machine
     is shared)."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(port), str(Path(__file__).resolve()), *argv]
+    from seesaw_ds.distributed.node import free_port
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), str(Path(__file__).resolve()), *argv]
     return subprocess.call(cmd)
 
 

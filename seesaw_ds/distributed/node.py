@@ -9,6 +9,7 @@ files apart and says whose a leftover is. Standard library only.
                   # and between machines of a real cluster by their host names
     shm_domain(d)  # "<boot id>:<device of d>": equal exactly for processes that map the same files under d
                    # (the node's /dev/shm), whatever their node keys
+    free_port()    # a TCP port free on this node now (a rendezvous port for ranks started here)
 """
 from __future__ import annotations
 
@@ -18,6 +19,13 @@ import socket
 NODE_KEY_ENV = "SEESAW_NODE_KEY"
 MAX_KEY_CHARS = 48
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
+
+
+def free_port() -> int:
+    """A TCP port no socket of this node holds now (the machine is shared: never assume 29500 is free)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def sanitize(text: str) -> str:

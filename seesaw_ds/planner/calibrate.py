@@ -25,6 +25,7 @@ import warnings
 
 import psutil
 
+from seesaw_ds.distributed.node import free_port
 from seesaw_ds.planner import calibration_rank
 from seesaw_ds.planner.clusters import ClusterSpec, DeviceSpec
 
@@ -47,13 +48,6 @@ def default_num_ranks() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def measure(num_ranks: int, seconds: float = _MEASURE_SECONDS) -> dict:
     """Spawn `num_ranks` gloo ranks, run the micro-benchmarks (each loop about `seconds`), return the
     merged measurements."""
@@ -64,7 +58,7 @@ def measure(num_ranks: int, seconds: float = _MEASURE_SECONDS) -> dict:
     context = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="seesaw_calib_") as tmp:
         args = dict(world=num_ranks, init_file=os.path.join(tmp, "rendezvous"), out_dir=tmp,
-                    spawned_at=time.perf_counter(), seconds=seconds, port=_free_port())
+                    spawned_at=time.perf_counter(), seconds=seconds, port=free_port())
         procs = [context.Process(target=runpy.run_path, args=(_RANK_SCRIPT,),
                                  kwargs=dict(init_globals={"RANK_ARGS": dict(args, rank=rank)},
                                              run_name=calibration_rank.RUN_NAME))

@@ -40,11 +40,8 @@ def _one_process_world() -> None:
     """Without a launcher (`python launch/rollout.py`): the environment of a one-rank world, on a free port."""
     if "RANK" in os.environ or torch.distributed.is_initialized():
         return
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from seesaw_ds.distributed.node import free_port
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
 
 
 def _over_ranks(values: dict[str, float], world: int) -> dict[str, float]:

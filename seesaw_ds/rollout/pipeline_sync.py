@@ -15,11 +15,14 @@ extra memory of a sync is one bucket.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
+
+from seesaw_ds.rollout.sync import buckets
 
 # a manifest row: (Hugging Face name, shape, dtype name)
 Row = tuple[str, tuple[int, ...], str]
@@ -50,10 +53,7 @@ def dtype_of(name: str) -> torch.dtype:
 
 
 def row_bytes(row: Row) -> int:
-    n = 1
-    for d in row[1]:
-        n *= d
-    return n * torch.empty((), dtype=dtype_of(row[2])).element_size()
+    return math.prod(row[1]) * torch.empty((), dtype=dtype_of(row[2])).element_size()
 
 
 def plan_buckets(manifests: list[list[Row]], writers: list[bool], bucket_bytes: int) -> list[Bucket]:
@@ -68,17 +68,13 @@ def plan_buckets(manifests: list[list[Row]], writers: list[bool], bucket_bytes: 
     out = []
     for owner in sorted(rows):
         moves = any(w and r != owner for r, w in enumerate(writers))
-        group: list[Slot] = []
-        size = 0
-        for name, shape, dtype in rows[owner]:
-            n = row_bytes((name, shape, dtype))
-            if group and size + n > bucket_bytes:
-                out.append(Bucket(owner, tuple(group), moves))
-                group, size = [], 0
-            group.append(Slot(name, tuple(shape), dtype, size, n))
-            size += n
-        if group:
-            out.append(Bucket(owner, tuple(group), moves))
+        for group in buckets(rows[owner], bucket_bytes, row_bytes):
+            slots, offset = [], 0
+            for row in group:
+                n = row_bytes(row)
+                slots.append(Slot(row[0], tuple(row[1]), row[2], offset, n))
+                offset += n
+            out.append(Bucket(owner, tuple(slots), moves))
     return out
 
 

@@ -19,10 +19,11 @@ and each stage's owner broadcasts its parameters, bucketed, to the writers (pipe
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
 
 import torch
 
@@ -30,6 +31,7 @@ from seesaw_ds.parallel.copy import bind_views
 from seesaw_ds.parallel.weight_plan import EMBED, LM_HEAD
 
 log = logging.getLogger("seesaw_ds")
+T = TypeVar("T")
 
 DEFAULT_BUCKET_BYTES = 64 << 20
 
@@ -103,19 +105,21 @@ def trainer_parameters(module: torch.nn.Module, name_map: Callable[[str], str | 
     return out
 
 
-def buckets(named: list[tuple[str, torch.nn.Parameter]], bucket_bytes: int
-            ) -> Iterator[list[tuple[str, torch.nn.Parameter]]]:
-    """Consecutive groups of parameters of at most `bucket_bytes` full bytes (a larger parameter alone)."""
+def full_bytes(named_param: tuple[str, torch.nn.Parameter]) -> int:
+    """Bytes of a (name, parameter)'s full tensor (a ZeRO-3 parameter's, not its partition's)."""
+    return math.prod(full_shape(named_param[1])) * named_param[1].element_size()
+
+
+def buckets(items: list[T], bucket_bytes: int, nbytes: Callable[[T], int] = full_bytes) -> Iterator[list[T]]:
+    """Consecutive groups of `items` of at most `bucket_bytes` bytes each (a larger item alone); by default
+    items are (name, parameter) pairs measured by their full tensors."""
     group, size = [], 0
-    for name, p in named:
-        n = 1
-        for d in full_shape(p):
-            n *= d
-        n *= p.element_size()
+    for item in items:
+        n = nbytes(item)
         if group and size + n > bucket_bytes:
             yield group
             group, size = [], 0
-        group.append((name, p))
+        group.append(item)
         size += n
     if group:
         yield group
