@@ -33,6 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from evals.slow_link_predict import find_best_report, fit_summary, link_specs, predicted_ratios  # noqa: E402
 from evals.workloads import build_workloads, parse_workload_names, workload_file_payload  # noqa: E402
 
 LAYOUTS = {"TP2": {"tp": 2}, "PP2": {"pp": 2}, "PP2->TP2": {"prefill": {"pp": 2}, "decode": {"tp": 2}}}
@@ -89,73 +90,6 @@ def probe_link(link: str, scratch: Path, timeout: float) -> dict | None:
         return json.loads(out.read_text())
     print(f"   probe FAILED ({code}): " + " | ".join(log.read_text(errors="replace").splitlines()[-4:]), flush=True)
     return None
-
-
-def link_specs(probes: dict, links: list[str], extra_rates: list[str] = (), recalibrate: bool = False) -> dict:
-    """{link: ClusterSpec}: the calibrated local 2-rank cluster (re-measured now if `recalibrate`) on each
-    probed link; `extra_rates` (not probed) scale the sustained rate of the slowest probed shaped link."""
-    from launch.local_cluster import rate_bits
-    from seesaw_ds.planner.calibrate import local_cluster
-    from seesaw_ds.planner.link_fit import cluster_on_link, fit_probe
-    from seesaw_ds.planner.link_search import scaled_link
-    base, specs, fits = local_cluster(2, recalibrate=recalibrate), {}, {}
-    for link in links:
-        if probes.get(link):
-            fits[link] = fit_probe(probes[link], shaped=link != "unlimited")
-            specs[link] = cluster_on_link(base, *fits[link], name=f"2 hosts @ {link}")
-    shaped = sorted((rate_bits(k), k) for k in fits if k != "unlimited")
-    for link in extra_rates:
-        if link in specs or link == "unlimited" or not shaped:
-            continue
-        rate, ref = shaped[0]
-        scaled = [scaled_link(f, rate_bits(link) / rate) for f in fits[ref]]
-        specs[link] = cluster_on_link(base, *scaled, name=f"2 hosts @ {link} (scaled from {ref})")
-    return specs
-
-
-def fit_summary(spec) -> dict:
-    return {"allreduce_latency": spec.allreduce_latency[0], "allreduce_line_bw": spec.allreduce_bandwidth[0],
-            "allreduce_sustained_bw": spec.allreduce_sustained_bandwidth, "p2p_latency": spec.p2p_latency,
-            "p2p_line_bw": spec.p2p_bandwidth, "p2p_sustained_bw": spec.p2p_sustained_bandwidth,
-            "bucket_s": spec.link_bucket_seconds}
-
-
-def planner_workload(name: str, reqs: list):
-    from seesaw_ds.planner.workload import WorkloadSpec
-    return WorkloadSpec(name, sum(len(r.prompt_token_ids) for r in reqs) / len(reqs),
-                        sum(r.output_len for r in reqs) / len(reqs), len(reqs))
-
-
-def predicted_ratios(model_dir: str, workloads: dict, specs: dict, dtype: str) -> dict:
-    """{(link, workload, layout): predicted tokens/s over the best predicted static (TP2 or PP2)}."""
-    from seesaw_ds.models.loader import load_model_config
-    from seesaw_ds.planner.link_search import LABELS, STATIC
-    from seesaw_ds.planner.search import PlannerOptions, plan_layouts
-    cfg, out = load_model_config(model_dir), {}
-    for link, spec in specs.items():
-        for name, reqs in workloads.items():
-            result = plan_layouts(cfg, spec, planner_workload(name, reqs), PlannerOptions(dtype=dtype))
-            rates = {c.label: c.tokens_per_s for c in result.ranked}
-            best = max(rates.get(LABELS[s], 0.0) for s in STATIC)
-            for layout, label in LABELS.items():
-                if label in rates and best:
-                    out[(link, name, layout)] = rates[label] / best
-    return out
-
-
-def find_best_report(workloads: dict, specs: dict, dtype: str, top: int, max_seconds: float, scale: float) -> str:
-    """The planner's largest predicted PP2 -> TP2 gains over shapes x workloads x links."""
-    from seesaw_ds.planner.link_search import find_best, format_cases, shape_grid
-    from seesaw_ds.planner.search import PlannerOptions
-    loads = [planner_workload(name, reqs) for name, reqs in workloads.items()]
-    cases = find_best(shape_grid(), loads, specs, PlannerOptions(dtype=dtype), max_seconds, max_params=400e6)
-    lines = [format_cases(cases[:top])]
-    if cases:
-        c = cases[0]
-        links = "unlimited" if c.link == "unlimited" else f"unlimited,{c.link}"
-        lines.append(f"measure it: sudo python evals/slow_link.py --model random:{c.shape.label} --workloads "
-                     f"{c.workload.name} --scale {scale:g} --links {links} --dtype {dtype}")
-    return "\n".join(lines)
 
 
 def random_model(label: str, tokenizer_dir: str) -> str:
@@ -232,6 +166,8 @@ def parse_args(argv):
     p.add_argument("--find-links", default="unlimited,1gbit,400mbit,200mbit,100mbit,50mbit,25mbit")
     p.add_argument("--find-max-seconds", type=float, default=300, help="longest predicted run of a layout")
     p.add_argument("--top", type=int, default=15)
+    p.add_argument("--rows-from", default=None, help="no engine run: re-table the runs and probes of an earlier "
+                                                     "--out with the current planner's predictions")
     p.add_argument("--out", default=str(REPO / "evals" / "results" / "slow_link.json"))
     args = p.parse_args(argv)
     args.layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
@@ -254,8 +190,30 @@ def parse_args(argv):
     return args
 
 
+def retable(args) -> int:
+    """--rows-from: the earlier run's measured rows next to the current planner's prediction for its links."""
+    from transformers import AutoConfig, AutoTokenizer
+    from seesaw_ds.models.loader import resolve_model_folder
+    earlier = json.loads(Path(args.rows_from).read_text())
+    meta = earlier["meta"]
+    spec = meta["model"]
+    model_dir = random_model(spec.split(":", 1)[1], resolve_model_folder("embedded:smollm2")) \
+        if spec.startswith("random:") else resolve_model_folder(spec)
+    workloads = build_workloads(sorted({r["workload"] for r in earlier["rows"]}), AutoTokenizer.from_pretrained(model_dir),
+                                AutoConfig.from_pretrained(model_dir).vocab_size, meta["scale"])
+    specs = link_specs(earlier["probes"], meta["links"])
+    text, rows = table(earlier["runs"], predicted_ratios(model_dir, workloads, specs, meta["dtype"]))
+    print(text)
+    Path(args.out).write_text(json.dumps({**earlier, "rows": rows, "fits": {k: fit_summary(v) for k, v in specs.items()}},
+                                         indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.rows_from:
+        return retable(args)
     probes_path = Path(args.probes) if args.probes else None
     probes = json.loads(probes_path.read_text()) if probes_path and probes_path.is_file() else {}
     needs_cluster = not args.find_best or any(not probes.get(link) for link in args.links)

@@ -1,7 +1,9 @@
 """Pick the prefill and decode layouts: every static layout and every re-sharded pair, ranked.
 
 Workload model (means only):
-- Prefill pushes all `n * P` prompt tokens, decode produces `n * O` tokens; the two stages add up.
+- Prefill pushes all `n * P` prompt tokens, decode produces `n * O` tokens; the two stages add up. With the
+  requests' output lengths, decode is the engine's staircase of steps (`workload.decode_schedule`): each
+  step costed at the batch it runs, short requests leaving a tail of small-batch steps.
 - A stage runs at the batch the memory allows (`batch_limit` at the mean decode context P + O/2), capped
   by the number of requests; a prefill step also by the engine's token budget per step. Decode steps see
   that mean context. Pipeline passes use the engine's micro-batch counts (`PlannerOptions`): a decode step
@@ -24,7 +26,7 @@ import math
 from seesaw_ds.models.config import ModelConfig
 from seesaw_ds.planner import roofline as rl
 from seesaw_ds.planner.clusters import ClusterSpec, canonical_dtype, dtype_bytes
-from seesaw_ds.planner.workload import WorkloadSpec
+from seesaw_ds.planner.workload import WorkloadSpec, decode_schedule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +66,7 @@ class StageEstimate:
     batch_limit: int           # memory bound b_max
     seq_len: float             # tokens per prompt (prefill) or mean context (decode)
     step: rl.TimeBreakdown     # seconds of one step
+    total: rl.TimeBreakdown | None = None   # the whole stage, when not (tokens / tokens_per_step) steps
 
     def __post_init__(self):
         if self.stage not in rl.STAGES:
@@ -157,13 +160,20 @@ def estimate_stage(cfg: ModelConfig, cluster: ClusterSpec, degrees: rl.Degrees, 
         seq_len, micro_batches = workload.decode_context_len, options.decode_micro_batches
     step = rl.stage_step_time(cfg, cluster, degrees, stage, batch, seq_len, options.dtype, micro_batches,
                               options.pipeline_drains)
-    return StageEstimate(stage, degrees, batch, limit, seq_len, step)
+    total = None
+    if stage == rl.DECODE and workload.output_lens:
+        total = rl.TimeBreakdown()
+        for size, steps in decode_schedule(workload.output_lens, limit).items():
+            at_size = rl.stage_step_time(cfg, cluster, degrees, stage, size, seq_len, options.dtype,
+                                         micro_batches, options.pipeline_drains)
+            total = total + at_size.scaled(steps)
+    return StageEstimate(stage, degrees, batch, limit, seq_len, step, total)
 
 
 def stage_totals(prefill: StageEstimate, decode: StageEstimate, workload: WorkloadSpec):
     """(prefill, decode) TimeBreakdowns of the whole workload."""
     prefill_time = prefill.step.scaled(workload.prompt_tokens / prefill.tokens_per_step)
-    decode_time = decode.step.scaled(workload.output_tokens / decode.tokens_per_step)
+    decode_time = decode.total or decode.step.scaled(workload.output_tokens / decode.tokens_per_step)
     return prefill_time, decode_time
 
 

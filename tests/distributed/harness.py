@@ -7,16 +7,11 @@ from __future__ import annotations
 import glob
 import json
 import os
-import socket
 import traceback
 
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from seesaw_ds.distributed.node import free_port
 
 
 def _worker(rank, world, port, fn, args, out_dir):

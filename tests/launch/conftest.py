@@ -3,13 +3,13 @@ import glob
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 
 import pytest
 import yaml
 
+from seesaw_ds.distributed.node import free_port
 from tests.conftest import hf_greedy
 from tests.jobs.tiny_tokenizer import char_tokenizer
 
@@ -85,12 +85,6 @@ def write_recipe(path, raw):
     with open(path, "w", encoding="utf-8") as handle:
         yaml.safe_dump(raw, handle)
     return str(path)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def job_env(tmp_path, **extra):

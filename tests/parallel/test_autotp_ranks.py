@@ -5,13 +5,13 @@ shared-memory all-reduce op is built (its first build, on a fresh machine, takes
 """
 import glob
 import os
-import socket
 import time
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from seesaw_ds.distributed.node import free_port
 from seesaw_ds.models.config import ModelConfig
 from seesaw_ds.parallel.layout import Layout
 from seesaw_ds.parallel.weight_plan import weight_plan
@@ -48,18 +48,12 @@ def _worker(rank, port, models, out_dir):
         torch.save(params, os.path.join(out_dir, f"{model_type}-rank{rank}.pt"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_autotp_rank_weights_equal_plan_shards(tmp_path):
     pytest.importorskip("deepspeed")
     torch.set_num_threads(1)
     models = _build_models()
     full = {t: {n: p.detach().clone() for n, p in m.state_dict().items()} for t, m in models.items()}
-    port = _free_port()
+    port = free_port()
     try:
         context = mp.start_processes(_worker, args=(port, models, str(tmp_path)), nprocs=WORLD, join=False,
                                      start_method="fork")
