@@ -4,11 +4,13 @@
     out = op(q, k_cache, v_cache, block_tables, context_lens, scale, window)   # csrc/paged_decode.cpp
     op = prefill_attention_op()     # None without AVX512-BF16 (then prefill uses torch's SDPA)
     out = op(q, k, v, cu_seqlens, scale)                                      # csrc/prefill_attention.cpp
+    set_prefill_amx(False)          # keep prefill on AVX512-BF16 even where the tile unit (AMX) is usable
 
 The build goes through torch's extension builder into `TORCH_EXTENSIONS_DIR` (default
 `~/.cache/torch_extensions`); the module name carries a hash of the source, the torch version and the CPU's
 instruction-set flags, so a cache shared between different machines never loads a build made for another.
-`SEESAW_DS_NATIVE=0` turns the kernel off.
+`SEESAW_DS_NATIVE=0` turns the kernel off; `SEESAW_DS_PREFILL_AMX=0` starts the prefill kernel on its AVX512-BF16
+path instead of the tile unit (see `set_prefill_amx`).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import torch
 log = logging.getLogger("seesaw_ds")
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = ("bindings.cpp", "paged_decode.cpp", "prefill_attention.cpp", "layer_ops.cpp")
-HEADERS = ("kernels.h", "vec.h", "decode_bf16.h", "decode_amx.h")
+HEADERS = ("kernels.h", "vec.h", "decode_bf16.h", "decode_amx.h", "prefill_amx.h")
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -56,7 +58,10 @@ def _module():
         return None
     with _lock:
         if "module" not in _state:
-            _state["module"] = _build()
+            module = _build()
+            if module is not None:
+                module.set_prefill_amx(os.environ.get("SEESAW_DS_PREFILL_AMX", "1") not in ("0", "false", "no", "off"))
+            _state["module"] = module
     return _state["module"]
 
 
@@ -67,9 +72,19 @@ def paged_decode_op():
 
 
 def prefill_attention_op():
-    """The compiled bf16 `prefill_attention` function, or None (disabled, no build, or no AVX512-BF16)."""
+    """The compiled bf16 `prefill_attention` function, or None (disabled, no build, or no AVX512-BF16).
+
+    It runs on the tile unit (AMX, csrc/prefill_amx.h) where the CPU has one and Linux grants the process its
+    state, else on AVX512-BF16 (`set_prefill_amx` chooses; the two agree to bf16 rounding)."""
     module = _module()
     return module.prefill_attention if module is not None and module.has_prefill_attention() else None
+
+
+def set_prefill_amx(enabled: bool) -> bool:
+    """Let `prefill_attention` use the tile unit (AMX) where usable (the default, unless `SEESAW_DS_PREFILL_AMX=0`)
+    or keep it on AVX512-BF16, for every later call in this process; returns whether the AMX path is now in use."""
+    module = _module()
+    return bool(module is not None and module.set_prefill_amx(bool(enabled)))
 
 
 def layer_ops():

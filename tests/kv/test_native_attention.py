@@ -96,9 +96,39 @@ def prefill_op():
     return op
 
 
+def _cpu_has_amx():
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return " amx_bf16" in flags and " amx_tile" in flags
+
+
+@pytest.fixture(params=[True, False], ids=["amx", "avx512"])
+def prefill_path(request, prefill_op):
+    # both paths of the op in one run: the tile unit (AMX) where usable, and the AVX512-BF16 one
+    from seesaw_ds.kv.native import set_prefill_amx
+    if set_prefill_amx(request.param) != request.param:
+        set_prefill_amx(True)
+        pytest.skip("the tile unit (AMX) is not usable here")
+    yield prefill_op
+    set_prefill_amx(True)
+
+
+def test_prefill_takes_the_tile_unit_where_there_is_one(prefill_op):
+    from seesaw_ds.kv.native import set_prefill_amx
+    if not _cpu_has_amx():
+        pytest.skip("no AMX on this CPU")
+    assert set_prefill_amx(True)                  # (a kernel that refuses the tile state would fail here)
+
+
+# lengths 1, 15, 17, ...: tiles of 16 (AMX) / 4 (AVX512) query rows and 32-key P V steps cut mid-way;
+# group sizes 1, 3, 4 at head_dim 64 and 128
 @pytest.mark.parametrize("heads,kv_heads,head_dim,lengths", [
-    (9, 3, 64, [1536]), (9, 3, 64, [1, 2, 15, 16, 17, 33, 300]), (8, 2, 128, [700, 33]), (4, 4, 64, [63, 1])])
-def test_prefill_matches_fp32_causal_attention(prefill_op, heads, kv_heads, head_dim, lengths):
+    (9, 3, 64, [1536]), (9, 3, 64, [1, 2, 15, 16, 17, 33, 300]), (8, 2, 128, [700, 33]), (4, 4, 64, [63, 1]),
+    (12, 3, 128, [1, 15, 17, 64, 129]), (6, 6, 128, [1, 15, 17, 200]), (8, 2, 64, [1, 17, 95, 31, 32])])
+def test_prefill_matches_fp32_causal_attention(prefill_path, heads, kv_heads, head_dim, lengths):
+    prefill_op = prefill_path
     g = torch.Generator().manual_seed(sum(lengths))
     T = sum(lengths)
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist())

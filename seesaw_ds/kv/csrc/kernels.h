@@ -16,6 +16,10 @@ torch::Tensor prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor 
 // whether prefill_attention was compiled in (needs AVX512-BF16)
 bool has_prefill_attention();
 
+// let prefill_attention use the tile unit (AMX) where the CPU and Linux allow it (the default), or keep it on the
+// AVX512-BF16 path; returns whether the AMX path is in use now
+bool set_prefill_amx(bool enable);
+
 // bf16, last dim contiguous: x [..., N], w [N] -> [..., N] (LlamaRMSNorm); g, u [..., N] -> silu(g) * u
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
 torch::Tensor silu_mul(torch::Tensor g, torch::Tensor u);

@@ -11,22 +11,35 @@
 //   2. per tile of R query rows (consecutive positions of one head): exact softmax over all visible keys
 //        scores S [R, L] fp32 -> P = softmax(S) as bf16 pairs -> O [R, D] = P V   (fp32 accumulators)
 // Scores and accumulators are fp32; only the probabilities are rounded to bf16 for the P V products.
+// Where the CPU has a tile unit that Linux lets the process use, the same op runs on it instead (prefill_amx.h:
+// tiles of 16 query rows, scores and P V as tile matmuls), unless set_prefill_amx(false) turned that off.
 #include "kernels.h"
+#include "prefill_amx.h"
 #include "vec.h"
 
 #include <ATen/Parallel.h>
 
+#include <atomic>
 #include <vector>
 
 namespace seesaw {
 
+static std::atomic<bool> prefill_amx_on{true};
+
+bool set_prefill_amx(bool enable) {
+  prefill_amx_on = enable;
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__AVX512BF16__)
+  return enable && amx_usable();
+#else
+  return false;
+#endif
+}
+
 #if defined(__AVX512BF16__)
 namespace {
 
-using bf16 = c10::BFloat16;
 constexpr int64_t R = 4;                  // query rows per tile
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-inline __m512bh as_bh(__m512i x) { return (__m512bh)x; }
 
 struct Packed {                           // where sequence b's packed K/V of KV head h start
   std::vector<int64_t> key_off, pair_off; // [B]: offsets in tokens (multiples of 16 / 2) into Kp / Vp
@@ -125,6 +138,9 @@ torch::Tensor prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor 
   const int64_t B = cu_t.numel() - 1;
   TORCH_CHECK(B >= 1 && cu[0] == 0 && cu[B] == T, "cu_seqlens must run from 0 to T=", T);
   for (int64_t b = 0; b < B; ++b) TORCH_CHECK(cu[b + 1] >= cu[b], "cu_seqlens must be non-decreasing");
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+  if (prefill_amx_on && amx_usable()) return prefill_attention_amx(q, k, v, cu, B, static_cast<float>(scale));
+#endif
 
   const int64_t G = H / Hkv;
   const bf16 *qd = q.data_ptr<bf16>(), *kd = k.data_ptr<bf16>(), *vd = v.data_ptr<bf16>();
