@@ -113,6 +113,20 @@ def random_model(label: str, tokenizer_dir: str) -> str:
     return str(folder)
 
 
+def model_and_workloads(spec: str, names: list[str], scale: float) -> tuple[str, dict]:
+    """(model folder of `spec`: a loader spec or random:<shape label>, the named workloads at `scale` for its
+    tokenizer); ValueError for a bad random: label."""
+    from transformers import AutoConfig, AutoTokenizer
+    from seesaw_ds.models.loader import resolve_model_folder
+    if spec.startswith("random:"):
+        model_dir = random_model(spec.split(":", 1)[1], resolve_model_folder("embedded:smollm2"))
+    else:
+        model_dir = resolve_model_folder(spec)
+    workloads = build_workloads(names, AutoTokenizer.from_pretrained(model_dir),
+                                AutoConfig.from_pretrained(model_dir).vocab_size, scale)
+    return model_dir, workloads
+
+
 def table(runs: list[dict], predicted: dict | None = None) -> tuple[str, list[dict]]:
     """Rows (link, workload, layout, prompt+output tokens/s, ratio to the best static layout, predicted ratio,
     gap) and their text table, with whether every row produced the same output tokens."""
@@ -192,15 +206,10 @@ def parse_args(argv):
 
 def retable(args) -> int:
     """--rows-from: the earlier run's measured rows next to the current planner's prediction for its links."""
-    from transformers import AutoConfig, AutoTokenizer
-    from seesaw_ds.models.loader import resolve_model_folder
     earlier = json.loads(Path(args.rows_from).read_text())
     meta = earlier["meta"]
-    spec = meta["model"]
-    model_dir = random_model(spec.split(":", 1)[1], resolve_model_folder("embedded:smollm2")) \
-        if spec.startswith("random:") else resolve_model_folder(spec)
-    workloads = build_workloads(sorted({r["workload"] for r in earlier["rows"]}), AutoTokenizer.from_pretrained(model_dir),
-                                AutoConfig.from_pretrained(model_dir).vocab_size, meta["scale"])
+    model_dir, workloads = model_and_workloads(meta["model"], sorted({r["workload"] for r in earlier["rows"]}),
+                                               meta["scale"])
     specs = link_specs(earlier["probes"], meta["links"])
     text, rows = table(earlier["runs"], predicted_ratios(model_dir, workloads, specs, meta["dtype"]))
     print(text)
@@ -221,19 +230,11 @@ def main(argv=None) -> int:
         print("error: slow_link.py needs root (it builds namespaced hosts with launch/local_cluster.py)",
               file=sys.stderr)
         return 2
-    from transformers import AutoConfig, AutoTokenizer
-    from seesaw_ds.models.loader import resolve_model_folder
-    if args.model.startswith("random:"):
-        try:
-            model_dir = random_model(args.model.split(":", 1)[1], resolve_model_folder("embedded:smollm2"))
-        except ValueError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-    else:
-        model_dir = resolve_model_folder(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    vocab = AutoConfig.from_pretrained(model_dir).vocab_size
-    workloads = build_workloads(args.workload_names, tokenizer, vocab, args.scale)
+    try:
+        model_dir, workloads = model_and_workloads(args.model, args.workload_names, args.scale)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     runs, predicted, specs = [], {}, {}
     with tempfile.TemporaryDirectory(prefix="slow-link-") as scratch_dir:
         scratch = Path(scratch_dir)

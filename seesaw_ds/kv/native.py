@@ -26,7 +26,7 @@ import torch
 log = logging.getLogger("seesaw_ds")
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = ("bindings.cpp", "paged_decode.cpp", "prefill_attention.cpp", "layer_ops.cpp")
-HEADERS = ("kernels.h", "vec.h", "decode_bf16.h", "decode_amx.h", "prefill_amx.h")
+HEADERS = ("kernels.h", "vec.h", "decode_bf16.h", "decode_amx.h", "prefill_amx.h", "prefill_pack.h")
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -49,8 +49,13 @@ def extension_name() -> str:
     return f"seesaw_ds_attention_{digest.hexdigest()[:12]}"
 
 
+def env_switch(name: str) -> bool:
+    """An on-by-default switch from the environment: off for 0, false, no or off."""
+    return os.environ.get(name, "1") not in ("0", "false", "no", "off")
+
+
 def native_enabled() -> bool:
-    return os.environ.get("SEESAW_DS_NATIVE", "1") not in ("0", "false", "no", "off")
+    return env_switch("SEESAW_DS_NATIVE")
 
 
 def _module():
@@ -60,7 +65,7 @@ def _module():
         if "module" not in _state:
             module = _build()
             if module is not None:
-                module.set_prefill_amx(os.environ.get("SEESAW_DS_PREFILL_AMX", "1") not in ("0", "false", "no", "off"))
+                module.set_prefill_amx(env_switch("SEESAW_DS_PREFILL_AMX"))
             _state["module"] = module
     return _state["module"]
 

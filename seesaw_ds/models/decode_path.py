@@ -18,20 +18,19 @@ modules. `SEESAW_DS_LEAN_DECODE=0` turns the path off.
 """
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
 from seesaw_ds.kv.attention import AttentionMetadata, decode_attention
-from seesaw_ds.kv.native import layer_ops, paged_decode_op
+from seesaw_ds.kv.native import env_switch, layer_ops, paged_decode_op
 
 LAYERS = {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer"}
 
 
 def lean_decode_enabled() -> bool:
-    return os.environ.get("SEESAW_DS_LEAN_DECODE", "1") not in ("0", "false", "no", "off")
+    return env_switch("SEESAW_DS_LEAN_DECODE")
 
 
 def _autotp_linear(module):

@@ -15,6 +15,7 @@
 // K and V are packed once per (sequence, KV head) and shared by the G query heads of that KV head.
 #pragma once
 #include "decode_amx.h"
+#include "prefill_pack.h"
 
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__AVX512BF16__)
 #include <ATen/Parallel.h>
@@ -27,7 +28,6 @@ namespace prefill_amx {
 
 constexpr int64_t kRows = 16;                     // query rows per tile
 constexpr int64_t kPad = 32;                      // keys of each packed sequence are padded to a multiple of this
-inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // palette 1, all eight tiles 16 x 64 bytes: 0-3 fp32 accumulators [16, 16], 4 A (bf16 [16, 32]),
 // 6-7 B (bf16 pairs [16, 16]); 5 unused
@@ -51,29 +51,6 @@ struct Aligned {
   T& operator[](int64_t i) { return p[i]; }
   T* p;
 };
-
-inline int32_t pair(const bf16* lo, const bf16* hi) {
-  return static_cast<int32_t>(static_cast<uint32_t>(lo->x) | static_cast<uint32_t>(hi->x) << 16);
-}
-
-// one (sequence, KV head): k, v rows [n, D] (rows ks / vs elements apart), padded with zero keys to
-// np = round_up(n, 32) -> kp [np / 16][D / 2][16], vp [np / 2][D]
-inline void pack(const bf16* k, int64_t ks, const bf16* v, int64_t vs, int64_t n, int64_t D, int32_t* kp,
-                 int32_t* vp) {
-  const int64_t np = round_up(n, kPad);
-  for (int64_t key = 0; key < np; ++key) {
-    int32_t* dst = kp + (key / 16) * (D / 2) * 16 + key % 16;
-    for (int64_t i = 0; i < D / 2; ++i) dst[i * 16] = 0;
-    if (key < n)
-      for (int64_t i = 0; i < D / 2; ++i) dst[i * 16] = pair(k + key * ks + 2 * i, k + key * ks + 2 * i + 1);
-  }
-  const bf16 zero(0.f);
-  for (int64_t p = 0; p < np / 2; ++p) {
-    const bf16* v0 = 2 * p < n ? v + 2 * p * vs : nullptr;
-    const bf16* v1 = 2 * p + 1 < n ? v + (2 * p + 1) * vs : nullptr;
-    for (int64_t d = 0; d < D; ++d) vp[p * D + d] = pair(v0 ? v0 + d : &zero, v1 ? v1 + d : &zero);
-  }
-}
 
 // S[:, 0 .. 16 NB) = Qt [16, D] x the NB key blocks at kp (each 8 D int32); S rows ld floats apart
 template <int NB>
@@ -171,8 +148,11 @@ inline torch::Tensor prefill_attention_amx(const torch::Tensor& q, const torch::
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / Hkv, h = i % Hkv, base = (h * total + off[b]) * D / 2;
-      pack(kd + h * k.stride(0) + cu[b] * k.stride(1), k.stride(1), vd + h * v.stride(0) + cu[b] * v.stride(1),
-           v.stride(1), cu[b + 1] - cu[b], D, kp.data() + base, vp.data() + base);
+      const int64_t n = cu[b + 1] - cu[b], padded = round_up(n, kPad);
+      pack_keys(kd + h * k.stride(0) + cu[b] * k.stride(1), k.stride(1), n, padded, D,
+                reinterpret_cast<bf16*>(kp.data() + base));
+      pack_values(vd + h * v.stride(0) + cu[b] * v.stride(1), v.stride(1), n, padded, D,
+                  reinterpret_cast<bf16*>(vp.data() + base));
     }
   });
 

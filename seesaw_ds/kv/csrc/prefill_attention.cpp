@@ -15,6 +15,7 @@
 // tiles of 16 query rows, scores and P V as tile matmuls), unless set_prefill_amx(false) turned that off.
 #include "kernels.h"
 #include "prefill_amx.h"
+#include "prefill_pack.h"
 #include "vec.h"
 
 #include <ATen/Parallel.h>
@@ -39,35 +40,11 @@ bool set_prefill_amx(bool enable) {
 namespace {
 
 constexpr int64_t R = 4;                  // query rows per tile
-inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 struct Packed {                           // where sequence b's packed K/V of KV head h start
   std::vector<int64_t> key_off, pair_off; // [B]: offsets in tokens (multiples of 16 / 2) into Kp / Vp
   int64_t key_tokens = 0, pair_tokens = 0;
 };
-
-// Kp for one (sequence, KV head): n keys -> ceil(n / 16) blocks, padded with zero keys
-void pack_keys(const bf16* k, int64_t t_stride, int64_t n, int64_t D, bf16* kp) {
-  const bf16 zero(0.f);
-  for (int64_t kb = 0; kb < (n + 15) / 16; ++kb)
-    for (int64_t i = 0; i < D / 2; ++i)
-      for (int64_t j = 0; j < 16; ++j) {
-        const int64_t key = kb * 16 + j;
-        bf16* dst = kp + ((kb * (D / 2) + i) * 16 + j) * 2;
-        dst[0] = key < n ? k[key * t_stride + 2 * i] : zero;
-        dst[1] = key < n ? k[key * t_stride + 2 * i + 1] : zero;
-      }
-}
-
-// Vp for one (sequence, KV head): n values -> ceil(n / 2) pairs, padded with a zero value
-void pack_values(const bf16* v, int64_t t_stride, int64_t n, int64_t D, bf16* vp) {
-  const bf16 zero(0.f);
-  for (int64_t p = 0; p < (n + 1) / 2; ++p)
-    for (int64_t d = 0; d < D; ++d) {
-      vp[(p * D + d) * 2] = v[2 * p * t_stride + d];
-      vp[(p * D + d) * 2 + 1] = 2 * p + 1 < n ? v[(2 * p + 1) * t_stride + d] : zero;
-    }
-}
 
 // S[r, 16 kb + j] = scale * q_r . k_(16 kb + j) for key blocks [0, nkb); two blocks per pass
 void score_tile(const int32_t* const* q32, const bf16* kp, int64_t nkb, int64_t D, float scale, float* S,
@@ -162,8 +139,9 @@ torch::Tensor prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor 
   at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / Hkv, h = i % Hkv, n = cu[b + 1] - cu[b];
-      pack_keys(kd + h * ks_h + cu[b] * ks_t, ks_t, n, D, kp.data() + (h * pk.key_tokens + pk.key_off[b]) * D);
-      pack_values(vd + h * vs_h + cu[b] * vs_t, vs_t, n, D,
+      pack_keys(kd + h * ks_h + cu[b] * ks_t, ks_t, n, round_up(n, 16), D,
+                kp.data() + (h * pk.key_tokens + pk.key_off[b]) * D);
+      pack_values(vd + h * vs_h + cu[b] * vs_t, vs_t, n, round_up(n, 2), D,
                   vp.data() + (h * pk.pair_tokens + pk.pair_off[b]) * D);
     }
   });
