@@ -214,6 +214,7 @@ def _build_engine(config: EngineConfig, comm, tokenizer, hf_model, announce, on_
             {n: p.data for n, p in hf_model.named_parameters(remove_duplicate=False)}))
         full = ModelRunner(hf_model.eval())
     weights.bindings.append((full.hf_model, whole_model_entries(cfg)))      # already views of the master
+    full.follow_weights(lambda: weights.content_key)
     on_close.append(weights.close)
     executors = {}
     for layout in (layouts.prefill, layouts.decode):

@@ -44,6 +44,7 @@ class TensorParallelExecutor(LocalStageExecutor):
         engine = deepspeed.init_inference(model, tensor_parallel={"tp_size": layout.tp}, dtype=dtype,
                                           replace_with_kernel_inject=False)
         super().__init__(ModelRunner(engine.module), cfg)
+        self.runner.follow_weights(lambda: weights.content_key)
         tp_rank = layout.coords(rank).tp_rank
         self.bound_bytes = weights.bind(engine.module, shard_entries(cfg, layout, 0, tp_rank))
         self.kv_heads = tp_head_ranges(cfg, layout.tp)[tp_rank][1]

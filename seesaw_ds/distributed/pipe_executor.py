@@ -121,6 +121,7 @@ class PipelineExecutor:
         import deepspeed
         from deepspeed.pipe import LayerSpec, PipelineModule
 
+        self.runner = runner
         self.state = StageState(runner, sliding_window)
         specs = [LayerSpec(EmbedPipe, self.state)]
         specs += [LayerSpec(DecoderPipe, self.state, i) for i in range(num_layers)]

@@ -8,23 +8,27 @@ and, per linear, the wrapper's checks. `LeanDecoder.run` computes the same thing
     h = h + o_proj(paged_attention(q))            (row-parallel: all-reduce, exactly as AutoTP's)
     h = h + down_proj(act(gate_proj(norm2(h))) * up_proj(norm2(h)))
 
-Each linear runs the very expression its module's forward runs (F.linear for nn.Linear, AutoTP's
-matmul + bias, then `deepspeed.comm.inference_all_reduce` for its row-parallel LinearAllreduce), reading
-the module's weight at call time, so AutoTP's shards and the whole-model views stay the weights of record
-(a re-bind after `update_weights` is seen at once). Rotary embedding is transformers' own function, the
-norms and activation the fused ops of models/fused.py: greedy tokens are identical to the module path
-(tests/models/test_decode_path.py compares logits bit for bit). Modules of an unknown kind are called as
-modules. `SEESAW_DS_LEAN_DECODE=0` turns the path off.
+Each linear runs the very expression its module's forward runs (F.linear for nn.Linear; for AutoTP's
+wrappers the matmul, then `deepspeed.comm.inference_all_reduce` for a row-parallel LinearAllreduce, then
+the bias), reading the module's weight at call time, so AutoTP's shards and the whole-model views stay the
+weights of record (a re-bind after `update_weights` is seen at once). Rotary embedding is transformers' own
+function, the norms and activation the fused ops of models/fused.py: greedy tokens are identical to the
+module path (tests/models/test_decode_path.py compares logits bit for bit). Modules of an unknown kind are
+called as modules. With bf16 weights on a CPU, the linears run as packed oneDNN matmuls instead
+(models/packed_linear.py: q/k/v as one, gate/up as one), which re-lay no weight per call; their copies
+follow the weights of record. `SEESAW_DS_LEAN_DECODE=0` turns the lean path off.
 """
 from __future__ import annotations
 
 import sys
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from seesaw_ds.kv.attention import AttentionMetadata, decode_attention
 from seesaw_ds.kv.native import env_switch, layer_ops, paged_decode_op
+from seesaw_ds.models.packed_linear import PackedLinear, packable, packing_enabled
 
 LAYERS = {"LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer"}
 
@@ -33,9 +37,9 @@ def lean_decode_enabled() -> bool:
     return env_switch("SEESAW_DS_LEAN_DECODE")
 
 
-def _autotp_linear(module):
-    """A direct call for DeepSpeed AutoTP's linear wrappers (None: not one, or one in a mode we do not
-    reproduce), the same expression as its forward at inference."""
+def _autotp_kind(module):
+    """For DeepSpeed AutoTP's linear wrappers in a mode we reproduce: ("column", None) or ("row",
+    all_reduce(out)); None for anything else."""
     try:
         from deepspeed.module_inject import layers as tp
     except ImportError:
@@ -47,28 +51,48 @@ def _autotp_linear(module):
     if kind is tp.LinearLayer:
         if kind.tp_overlap_comm or getattr(module, "gather_output", False):
             return None
-
-        def column(x):
-            out = torch.matmul(x, module.weight.transpose(-1, -2))
-            return tp.add_bias(out, module.bias)
-        return column
+        return "column", None
     from deepspeed.comm import inference_all_reduce, pg_utils
     group = module.mp_group
-    parallel = pg_utils.is_parallel(group)
-
-    def row(x):
-        out = torch.matmul(x, module.weight.transpose(-1, -2))
-        if parallel:
-            inference_all_reduce(out, group=group)
-        return tp.add_bias(out, module.bias)
-    return row
+    if not pg_utils.is_parallel(group):
+        return "row", None
+    return "row", lambda out: inference_all_reduce(out, group=group)
 
 
 def linear_call(module):
-    """The cheapest call that computes exactly what `module(x)` computes."""
+    """The cheapest call that computes exactly what `module(x)` computes: the same expression as its
+    forward (nn.Linear: F.linear; AutoTP: matmul, the row-parallel all-reduce, then the bias)."""
     if type(module) is torch.nn.Linear:
         return lambda x: F.linear(x, module.weight, module.bias)
-    return _autotp_linear(module) or module
+    kind = _autotp_kind(module)
+    if kind is None:
+        return module
+    from deepspeed.module_inject.layers import add_bias
+    all_reduce = kind[1]
+
+    def call(x):
+        out = torch.matmul(x, module.weight.transpose(-1, -2))
+        if all_reduce is not None:
+            all_reduce(out)
+        return add_bias(out, module.bias)
+    return call
+
+
+def packed_call(modules) -> PackedLinear | None:
+    """One packed matmul for `modules` (all nn.Linear, all AutoTP column-parallel, or one row-parallel
+    AutoTP linear), or None where the packed path does not apply (see models/packed_linear.py)."""
+    if not packable(modules):
+        return None
+    if all(type(m) is torch.nn.Linear for m in modules):
+        return PackedLinear(modules)
+    kinds = [_autotp_kind(m) for m in modules]
+    if any(k is None for k in kinds):
+        return None
+    if all(k[0] == "column" for k in kinds):
+        return PackedLinear(modules)
+    if len(modules) == 1:
+        return PackedLinear(modules, all_reduce=kinds[0][1])
+    return None
 
 
 def _norm_call(module, fused):
@@ -87,7 +111,7 @@ def _norm_call(module, fused):
 class LeanLayer:
     """One decoder layer's ops, resolved once."""
 
-    def __init__(self, layer, rope, fused):
+    def __init__(self, layer, rope, fused, packed: bool = False):
         attn, mlp = layer.self_attn, layer.mlp
         self.index = attn.layer_idx
         self.head_dim = attn.head_dim
@@ -99,6 +123,11 @@ class LeanLayer:
         self.gate, self.up, self.down = (linear_call(getattr(mlp, n)) for n in ("gate_proj", "up_proj", "down_proj"))
         self.act_fn = mlp.act_fn
         self.silu_mul = fused[1] if fused and _is_silu(mlp) else None
+        self.packed = _packed_linears(attn, mlp) if packed else None
+
+    def release_packed(self) -> None:
+        for linear in (self.packed or {}).values():
+            linear.release()
 
     def act_mul(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         if self.silu_mul is not None and g.dtype == torch.bfloat16:
@@ -108,17 +137,26 @@ class LeanLayer:
     def __call__(self, h, cos, sin, meta: AttentionMetadata, kv, op):
         """h [1, B, H] -> [1, B, H] (B sequences, one new token each)."""
         b, d = h.shape[1], self.head_dim
+        p = self.packed
         x = self.norm1(h)
-        q = self.q(x).view(1, b, -1, d)                                   # [1, B, Hq, D]
-        k = self.k(x).view(1, b, -1, d)                                   # [1, B, Hkv, D]
-        v = self.v(x).view(1, b, -1, d)
+        q, k, v = p["qkv"].split(p["qkv"](x)) if p else (self.q(x), self.k(x), self.v(x))
+        q, k, v = q.view(1, b, -1, d), k.view(1, b, -1, d), v.view(1, b, -1, d)   # [1, B, Hq|Hkv, D]
         q, k = self.rope(q, k, cos, sin, unsqueeze_dim=2)                 # element-wise: same bits as [1, H, B, D]
         kv.write(self.index, k.transpose(1, 2), v.transpose(1, 2), meta.slot_mapping)
         k_cache, v_cache = kv.layer(self.index)
         attn = decode_attention(q[0], k_cache, v_cache, meta, self.scaling, op)   # [B, Hq, D]
-        h = h + self.o(attn.reshape(1, b, -1))
+        h = h + (p["o"] if p else self.o)(attn.reshape(1, b, -1))
         x = self.norm2(h)
-        return h + self.down(self.act_mul(self.gate(x), self.up(x)))
+        gate, up = p["gate_up"].split(p["gate_up"](x)) if p else (self.gate(x), self.up(x))
+        return h + (p["down"] if p else self.down)(self.act_mul(gate, up))
+
+
+def _packed_linears(attn, mlp) -> dict[str, PackedLinear] | None:
+    """q/k/v as one packed matmul, o, gate/up as one, down; None unless all four apply."""
+    groups = {"qkv": (attn.q_proj, attn.k_proj, attn.v_proj), "o": (attn.o_proj,),
+              "gate_up": (mlp.gate_proj, mlp.up_proj), "down": (mlp.down_proj,)}
+    packed = {name: packed_call(modules) for name, modules in groups.items()}
+    return None if any(p is None for p in packed.values()) else packed
 
 
 def _is_silu(mlp) -> bool:
@@ -128,23 +166,40 @@ def _is_silu(mlp) -> bool:
 
 class LeanDecoder:
     """The decode path over a runner's layers; `supported` is False when a layer is of a kind it does not
-    know (then the runner keeps transformers' modules)."""
+    know (then the runner keeps transformers' modules). `weights_key` names the weights' current content
+    (the master copy's key): when it changes, every packed copy is dropped and made again on next use."""
 
-    def __init__(self, layers):
+    def __init__(self, layers, weights_key: Callable[[], str] = lambda: ""):
         self.supported = all(type(layer).__name__ in LAYERS for layer in layers)
+        self.weights_key = weights_key
         self._layers = layers
         self._lean: list[LeanLayer] | None = None
+        self._key: str | None = None
 
     def _build(self) -> list[LeanLayer]:
         fused = layer_ops()
         rope = getattr(sys.modules[type(self._layers[0].self_attn).__module__], "apply_rotary_pos_emb")
-        return [LeanLayer(layer, rope, fused) for layer in self._layers]
+        packed = packing_enabled()
+        return [LeanLayer(layer, rope, fused, packed) for layer in self._layers]
 
     def run(self, h: torch.Tensor, cos_sin, layers: range, meta: AttentionMetadata, kv) -> torch.Tensor:
         if self._lean is None:
             self._lean = self._build()
+        key = self.weights_key()
+        if key != self._key:
+            self.release_packed()
+            self._key = key
         cos, sin = cos_sin
         op = paged_decode_op() if h.device.type == "cpu" else None
         for i in layers:
             h = self._lean[i](h, cos, sin, meta, kv, op)
         return h
+
+    def release_packed(self) -> None:
+        """Drop the packed weight copies (made again on next use)."""
+        for layer in self._lean or ():
+            layer.release_packed()
+
+    @property
+    def packed_bytes(self) -> int:
+        return sum(p.nbytes for layer in self._lean or () for p in (layer.packed or {}).values())

@@ -40,6 +40,17 @@ class ModelRunner:
         self.lm_head = hf_model.lm_head
         self.lean = LeanDecoder(self.layers) if lean_decode_enabled() else None
 
+    def follow_weights(self, weights_key) -> None:
+        """`weights_key()` names the current weights (the master copy's key): derived copies made for
+        decode (packed linears) are dropped when it changes."""
+        if self.lean is not None:
+            self.lean.weights_key = weights_key
+
+    def release_derived(self) -> None:
+        """Drop the weight copies made for decode (made again on next use)."""
+        if self.lean is not None:
+            self.lean.release_packed()
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids[None, :])                     # [1, T, H]
 

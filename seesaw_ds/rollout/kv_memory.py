@@ -1,9 +1,9 @@
 """Hand the rollout engine's KV memory back to the OS between rollouts, and take it again before the next.
 
 Training and rollout share the ranks' memory: outside `RolloutEngine.generating()` the device KV pool is
-an empty tensor (its allocation freed, then `malloc_trim`) and the host store's shared-memory pages are
-punched out (`madvise(MADV_REMOVE)`: the mapping stays, the tmpfs pages go; touched again they come back
-zero-filled). The engine's objects keep their identity, so nothing inside the engine has to be rebuilt.
+an empty tensor (its allocation freed, then `malloc_trim`), decode's packed weight copies are dropped, and
+the host store's shared-memory pages are punched out (`madvise(MADV_REMOVE)`: the mapping stays, the tmpfs
+pages go; touched again they come back zero-filled). The engine's objects keep their identity, so nothing inside the engine has to be rebuilt.
 """
 from __future__ import annotations
 
@@ -50,6 +50,7 @@ class KVMemory:
         stasher = engine.runtimes["prefill"].stasher
         self.store = stasher.store if stasher is not None else None
         self.scheduler = engine.scheduler
+        self.runners = list({id(r.executor.runner): r.executor.runner for r in engine.runtimes.values()}.values())
         self.held = True
 
     @property
@@ -66,6 +67,8 @@ class KVMemory:
         self.pool.tensor = torch.empty(0, dtype=self.pool.spec.dtype, device=self.pool.tensor.device)
         if self.store is not None:
             _punch_out(self.store.tensor)
+        for runner in self.runners:      # decode's packed weight copies: made again on next use
+            runner.release_derived()
         release_freed_host_memory()
         self.held = False
 

@@ -132,3 +132,37 @@ def test_update_weights_under_pp2_to_tp2_and_close(tmp_path):
     assert out["after"] == _expect(new, prompts)
     assert out["switches"] >= 2 and out["threads"] == []
     assert out["group_left"] is False          # the LLM made the process group, so close() removed it
+
+
+def test_update_weights_in_bf16_reach_the_packed_decode_linears():
+    """bf16 decode runs packed copies of the linears (models/packed_linear.py): after an update the
+    engine generates what a fresh engine on the new weights generates."""
+    new = tiny_hf_model("qwen2", seed=1).to(torch.bfloat16)
+    llm = LLM.from_hf(tiny_hf_model("qwen2", seed=0).to(torch.bfloat16), kv_device_gb=0.01)
+    prompts = _prompts(seed=4)
+    before = _greedy(llm, prompts)
+    llm.update_weights(new.state_dict())
+    with LLM.from_hf(new, kv_device_gb=0.01) as fresh:
+        want = _greedy(fresh, prompts)
+    assert _greedy(llm, prompts) == want and want != before
+    llm.close()
+
+
+def _pp2_tp2_bf16(rank, folder, prompts, new_state):
+    with LLM(folder, dtype="bfloat16", parallel={"prefill": {"pp": 2}, "decode": {"tp": 2}}, kv_device_gb=0.01,
+             kv_host_gb=0.01, block_size=8, max_model_len=256) as llm:
+        before = _greedy(llm, prompts)
+        if new_state is not None:
+            llm.update_weights(new_state if rank == 0 else None)      # rank 1 sees it through the master's key
+        return {"before": before, "after": _greedy(llm, prompts)}
+
+
+def test_update_weights_in_bf16_under_pp2_to_tp2(tmp_path):
+    old, new = tiny_hf_model("llama", seed=0), tiny_hf_model("llama", seed=3)
+    old.save_pretrained(tmp_path / "old")
+    new.save_pretrained(tmp_path / "new")
+    state = {k: v.clone() for k, v in new.state_dict().items()}
+    prompts = _prompts(seed=5)
+    updated = run_ranks(2, _pp2_tp2_bf16, str(tmp_path / "old"), prompts, state, out_dir=str(tmp_path))
+    fresh = run_ranks(2, _pp2_tp2_bf16, str(tmp_path / "new"), prompts, None, out_dir=str(tmp_path))
+    assert updated["after"] == fresh["after"] and updated["after"] != updated["before"]
