@@ -124,6 +124,12 @@ class LeanLayer:
         self.act_fn = mlp.act_fn
         self.silu_mul = fused[1] if fused and _is_silu(mlp) else None
         self.packed = _packed_linears(attn, mlp) if packed else None
+        if self.packed:           # [..., H] -> (q, k, v) and (gate, up) from one matmul each
+            self.qkv, self.gate_up = _split_call(self.packed["qkv"]), _split_call(self.packed["gate_up"])
+            self.o, self.down = self.packed["o"], self.packed["down"]
+        else:
+            self.qkv = lambda x: (self.q(x), self.k(x), self.v(x))
+            self.gate_up = lambda x: (self.gate(x), self.up(x))
 
     def release_packed(self) -> None:
         for linear in (self.packed or {}).values():
@@ -137,18 +143,15 @@ class LeanLayer:
     def __call__(self, h, cos, sin, meta: AttentionMetadata, kv, op):
         """h [1, B, H] -> [1, B, H] (B sequences, one new token each)."""
         b, d = h.shape[1], self.head_dim
-        p = self.packed
         x = self.norm1(h)
-        q, k, v = p["qkv"].split(p["qkv"](x)) if p else (self.q(x), self.k(x), self.v(x))
-        q, k, v = q.view(1, b, -1, d), k.view(1, b, -1, d), v.view(1, b, -1, d)   # [1, B, Hq|Hkv, D]
+        q, k, v = (t.view(1, b, -1, d) for t in self.qkv(x))             # [1, B, Hq|Hkv, D]
         q, k = self.rope(q, k, cos, sin, unsqueeze_dim=2)                 # element-wise: same bits as [1, H, B, D]
         kv.write(self.index, k.transpose(1, 2), v.transpose(1, 2), meta.slot_mapping)
         k_cache, v_cache = kv.layer(self.index)
         attn = decode_attention(q[0], k_cache, v_cache, meta, self.scaling, op)   # [B, Hq, D]
-        h = h + (p["o"] if p else self.o)(attn.reshape(1, b, -1))
+        h = h + self.o(attn.reshape(1, b, -1))
         x = self.norm2(h)
-        gate, up = p["gate_up"].split(p["gate_up"](x)) if p else (self.gate(x), self.up(x))
-        return h + (p["down"] if p else self.down)(self.act_mul(gate, up))
+        return h + self.down(self.act_mul(*self.gate_up(x)))
 
 
 def _packed_linears(attn, mlp) -> dict[str, PackedLinear] | None:
@@ -157,6 +160,10 @@ def _packed_linears(attn, mlp) -> dict[str, PackedLinear] | None:
               "gate_up": (mlp.gate_proj, mlp.up_proj), "down": (mlp.down_proj,)}
     packed = {name: packed_call(modules) for name, modules in groups.items()}
     return None if any(p is None for p in packed.values()) else packed
+
+
+def _split_call(linear: PackedLinear):
+    return lambda x: linear.split(linear(x))
 
 
 def _is_silu(mlp) -> bool:

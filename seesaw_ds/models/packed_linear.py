@@ -8,7 +8,7 @@ gate/up as another:
     x [..., K] -> out [..., N1 + N2 + ...]        split(out) -> ([..., N1], [..., N2], ...)
 
 The copy is derived, not owned: it is made on first use and made again whenever a source weight is
-re-bound (new storage) or written in place (its version counter moves); `release()` drops it (the decode
+re-bound (new storage) or written in place (its version counter moves), and so is a bias; `release()` drops it (the decode
 path also drops every copy when the master copy's key changes, which covers writes made by another rank
 into shared memory). The modules' weights stay the weights of record. Row-parallel AutoTP linears
 all-reduce the matmul's output and add their bias after it, exactly as their forward does.
@@ -64,7 +64,8 @@ class PackedLinear:
         self._source: tuple | None = None
 
     def _signature(self) -> tuple:
-        return tuple((m.weight.data_ptr(), m.weight._version) for m in self.modules)
+        tensors = [t for m in self.modules for t in (m.weight, getattr(m, "bias", None)) if t is not None]
+        return tuple((t.data_ptr(), t._version) for t in tensors)
 
     def _pack(self) -> None:
         weights = [m.weight.detach() for m in self.modules]

@@ -3,7 +3,8 @@
 Training and rollout share the ranks' memory: outside `RolloutEngine.generating()` the device KV pool is
 an empty tensor (its allocation freed, then `malloc_trim`), decode's packed weight copies are dropped, and
 the host store's shared-memory pages are punched out (`madvise(MADV_REMOVE)`: the mapping stays, the tmpfs
-pages go; touched again they come back zero-filled). The engine's objects keep their identity, so nothing inside the engine has to be rebuilt.
+pages go; touched again they come back zero-filled). The engine's objects keep their identity, so nothing
+inside the engine has to be rebuilt.
 """
 from __future__ import annotations
 

@@ -52,6 +52,9 @@ def test_packed_copy_follows_the_weights():
     with torch.no_grad():                          # an in-place write moves the version counter
         mods[1].weight.mul_(-1)
     torch.testing.assert_close(packed.split(packed(x))[1], F.linear(x, mods[1].weight, mods[1].bias))
+    with torch.no_grad():                          # a bias alone, too
+        mods[1].bias.add_(1)
+    torch.testing.assert_close(packed.split(packed(x))[1], F.linear(x, mods[1].weight, mods[1].bias))
     mods[0].weight = torch.nn.Parameter(mods[0].weight * 3, requires_grad=False)      # a re-bind
     torch.testing.assert_close(packed.split(packed(x))[0], F.linear(x, mods[0].weight, mods[0].bias))
     stale = packed(x)
