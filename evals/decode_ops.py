@@ -51,13 +51,18 @@ def layer_breakdown(runner, pool, meta, ids, positions, barrier=lambda: None, re
     attn = decode_attention(q[0], k_cache, v_cache, meta, ll.scaling, op).reshape(1, b, -1)
     gate, up = ll.gate(x), ll.up(x)
     act = ll.act_mul(gate, up)
+    if ll.packed:        # the calls the layer makes: q/k/v as one matmul, gate/up as one
+        qkv = {"q/k/v (one packed matmul)": lambda: ll.qkv(x)}
+        gate_up = {"gate/up (one packed matmul)": lambda: ll.gate_up(x)}
+    else:
+        qkv = {"q_proj": lambda: ll.q(x), "k_proj": lambda: ll.k(x), "v_proj": lambda: ll.v(x)}
+        gate_up = {"gate_proj": lambda: ll.gate(x), "up_proj": lambda: ll.up(x)}
     ops = {
-        "norm (x2)": lambda: (ll.norm1(h), ll.norm2(h)),
-        "q_proj": lambda: ll.q(x), "k_proj": lambda: ll.k(x), "v_proj": lambda: ll.v(x),
+        "norm (x2)": lambda: (ll.norm1(h), ll.norm2(h)), **qkv,
         "rope": lambda: ll.rope(q, k, cos, sin, unsqueeze_dim=2),
         "kv write": lambda: pool.write(0, k.transpose(1, 2), v.transpose(1, 2), meta.slot_mapping),
         "attention": lambda: decode_attention(q[0], k_cache, v_cache, meta, ll.scaling, op),
-        "o_proj": lambda: ll.o(attn), "gate_proj": lambda: ll.gate(x), "up_proj": lambda: ll.up(x),
+        "o_proj": lambda: ll.o(attn), **gate_up,
         "act * up": lambda: ll.act_mul(gate, up), "down_proj": lambda: ll.down(act),
         "residual adds (x2)": lambda: (h + h, h + h),
     }

@@ -5,11 +5,12 @@
     op = prefill_attention_op()     # None without AVX512-BF16 (then prefill uses torch's SDPA)
     out = op(q, k, v, cu_seqlens, scale)                                      # csrc/prefill_attention.cpp
     set_prefill_amx(False)          # keep prefill on AVX512-BF16 even where the tile unit (AMX) is usable
+    pack, linear = linear_ops()     # bf16 linears at decode's row counts (csrc/decode_linear.cpp), or None
 
 The build goes through torch's extension builder into `TORCH_EXTENSIONS_DIR` (default
 `~/.cache/torch_extensions`); the module name carries a hash of the source, the torch version and the CPU's
 instruction-set flags, so a cache shared between different machines never loads a build made for another.
-`SEESAW_DS_NATIVE=0` turns the kernel off; `SEESAW_DS_PREFILL_AMX=0` starts the prefill kernel on its AVX512-BF16
+`SEESAW_DS_NATIVE=0` turns the kernels off (`SEESAW_DS_NATIVE_LINEAR=0` only the linear one); `SEESAW_DS_PREFILL_AMX=0` starts the prefill kernel on its AVX512-BF16
 path instead of the tile unit (see `set_prefill_amx`).
 """
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 
 log = logging.getLogger("seesaw_ds")
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = ("bindings.cpp", "paged_decode.cpp", "prefill_attention.cpp", "layer_ops.cpp")
+SOURCES = ("bindings.cpp", "paged_decode.cpp", "prefill_attention.cpp", "layer_ops.cpp", "decode_linear.cpp")
 HEADERS = ("kernels.h", "vec.h", "decode_bf16.h", "decode_amx.h", "prefill_amx.h", "prefill_pack.h")
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -98,6 +99,15 @@ def layer_ops():
     if module is None or not module.has_prefill_attention():     # compiled in under the same ISA test
         return None
     return module.rms_norm, module.silu_mul
+
+
+def linear_ops():
+    """The compiled bf16 (`pack_linear(w)`, `linear_packed(x, packed, bias, N)`), or None (disabled, no build,
+    or no tile unit (AMX) here)."""
+    module = _module()
+    if module is None or not env_switch("SEESAW_DS_NATIVE_LINEAR") or not module.has_linear_packed():
+        return None
+    return module.pack_linear, module.linear_packed
 
 
 def _clear_stale_lock(name: str, max_age_s: float = 900.0) -> None:

@@ -15,8 +15,8 @@ weights of record (a re-bind after `update_weights` is seen at once). Rotary emb
 function, the norms and activation the fused ops of models/fused.py: greedy tokens are identical to the
 module path (tests/models/test_decode_path.py compares logits bit for bit). Modules of an unknown kind are
 called as modules. With bf16 weights on a CPU, the linears run as packed oneDNN matmuls instead
-(models/packed_linear.py: q/k/v as one, gate/up as one), which re-lay no weight per call; their copies
-follow the weights of record. `SEESAW_DS_LEAN_DECODE=0` turns the lean path off.
+(models/packed_linear.py: q/k/v as one, gate/up as one, and the LM head), which re-lay no weight per
+call; their copies follow the weights of record. `SEESAW_DS_LEAN_DECODE=0` turns the lean path off.
 """
 from __future__ import annotations
 
@@ -176,26 +176,38 @@ class LeanDecoder:
     know (then the runner keeps transformers' modules). `weights_key` names the weights' current content
     (the master copy's key): when it changes, every packed copy is dropped and made again on next use."""
 
-    def __init__(self, layers, weights_key: Callable[[], str] = lambda: ""):
+    def __init__(self, layers, lm_head=None, weights_key: Callable[[], str] = lambda: ""):
         self.supported = all(type(layer).__name__ in LAYERS for layer in layers)
         self.weights_key = weights_key
         self._layers = layers
+        self._lm_head = lm_head
         self._lean: list[LeanLayer] | None = None
+        self._head: PackedLinear | None = None
         self._key: str | None = None
 
-    def _build(self) -> list[LeanLayer]:
+    def _build(self) -> None:
         fused = layer_ops()
         rope = getattr(sys.modules[type(self._layers[0].self_attn).__module__], "apply_rotary_pos_emb")
         packed = packing_enabled()
-        return [LeanLayer(layer, rope, fused, packed) for layer in self._layers]
+        self._lean = [LeanLayer(layer, rope, fused, packed) for layer in self._layers]
+        if packed and self._lm_head is not None:
+            self._head = packed_call([self._lm_head])
 
-    def run(self, h: torch.Tensor, cos_sin, layers: range, meta: AttentionMetadata, kv) -> torch.Tensor:
+    def _follow_weights(self) -> None:
         if self._lean is None:
-            self._lean = self._build()
+            self._build()
         key = self.weights_key()
         if key != self._key:
             self.release_packed()
             self._key = key
+
+    def head(self, h: torch.Tensor) -> torch.Tensor | None:
+        """lm_head(h) [..., H] -> [..., V] over a packed copy of its weight; None where the head is not packed."""
+        self._follow_weights()
+        return self._head(h) if self._head is not None else None
+
+    def run(self, h: torch.Tensor, cos_sin, layers: range, meta: AttentionMetadata, kv) -> torch.Tensor:
+        self._follow_weights()
         cos, sin = cos_sin
         op = paged_decode_op() if h.device.type == "cpu" else None
         for i in layers:
@@ -206,7 +218,10 @@ class LeanDecoder:
         """Drop the packed weight copies (made again on next use)."""
         for layer in self._lean or ():
             layer.release_packed()
+        if self._head is not None:
+            self._head.release()
 
     @property
     def packed_bytes(self) -> int:
-        return sum(p.nbytes for layer in self._lean or () for p in (layer.packed or {}).values())
+        head = self._head.nbytes if self._head is not None else 0
+        return head + sum(p.nbytes for layer in self._lean or () for p in (layer.packed or {}).values())

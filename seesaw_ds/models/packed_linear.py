@@ -1,4 +1,4 @@
-"""Decode's linear layers as oneDNN matmuls over pre-packed weights (bf16 on CPU).
+"""Decode's linear layers as matmuls over pre-packed bf16 weights (CPU).
 
 torch's bf16 `F.linear` on a CPU lays the weight out again in oneDNN's blocked format on every call; at a
 decode step's few dozen rows that relayout costs as much as the matmul. A `PackedLinear` keeps one packed
@@ -7,17 +7,18 @@ gate/up as another:
 
     x [..., K] -> out [..., N1 + N2 + ...]        split(out) -> ([..., N1], [..., N2], ...)
 
-The copy is derived, not owned: it is made on first use and made again whenever a source weight is
-re-bound (new storage) or written in place (its version counter moves), and so is a bias; `release()` drops it (the decode
+Two kernels: the project's own on the tile unit (AMX; kv/csrc/decode_linear.cpp: each weight byte streamed
+once; input widths that are multiples of 32), else oneDNN's matmul over its own packed layout
+(`mkldnn._linear_pointwise`). Both accumulate in fp32 and round once; their low bits differ from
+`F.linear`'s, so the packed path is used for bfloat16 only, where batch composition already changes low
+bits; float32 keeps `F.linear` (token identity with Hugging Face's `generate` is tested there).
+`SEESAW_DS_PACKED_LINEAR=0` turns packing off, `SEESAW_DS_NATIVE_LINEAR=0` keeps oneDNN's kernel.
+
+The copy is derived, not owned: it is made on first use and made again whenever a source weight or bias is
+re-bound (new storage) or written in place (its version counter moves); `release()` drops it (the decode
 path also drops every copy when the master copy's key changes, which covers writes made by another rank
 into shared memory). The modules' weights stay the weights of record. Row-parallel AutoTP linears
 all-reduce the matmul's output and add their bias after it, exactly as their forward does.
-
-The matmul is oneDNN's, as in `F.linear`, with the weight blocked once instead of per call; the result
-equals `F.linear`'s at most row counts, but not all (oneDNN picks its blocking by shape), so the packed
-path is used for bfloat16 only, where batch composition already changes low bits; float32 keeps
-`F.linear` (token identity with Hugging Face's `generate` is tested there). `SEESAW_DS_PACKED_LINEAR=0`
-turns it off.
 """
 from __future__ import annotations
 
@@ -25,13 +26,17 @@ from typing import Callable, Sequence
 
 import torch
 
-from seesaw_ds.kv.native import env_switch
+from seesaw_ds.kv.native import env_switch, linear_ops
 
 
 def packing_enabled() -> bool:
-    """The switch is on and this torch has oneDNN's bf16 packed linear."""
+    """The switch is on and one of the two kernels is here."""
     if not env_switch("SEESAW_DS_PACKED_LINEAR"):
         return False
+    return linear_ops() is not None or _onednn_available()
+
+
+def _onednn_available() -> bool:
     ops = getattr(torch.ops, "mkldnn", None)
     try:
         return (torch.backends.mkldnn.is_available() and hasattr(ops, "_linear_pointwise")
@@ -62,25 +67,34 @@ class PackedLinear:
         self._bias: torch.Tensor | None = None          # passed to the matmul (column-parallel or whole)
         self._bias_after: torch.Tensor | None = None    # added after the all-reduce (row-parallel)
         self._source: tuple | None = None
+        self._matmul: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def _signature(self) -> tuple:
         tensors = [t for m in self.modules for t in (m.weight, getattr(m, "bias", None)) if t is not None]
-        return tuple((t.data_ptr(), t._version) for t in tensors)
+        # an inference tensor keeps no version counter: only a re-bind is seen for it
+        return tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in tensors)
 
     def _pack(self) -> None:
         weights = [m.weight.detach() for m in self.modules]
         weight = weights[0].contiguous() if len(weights) == 1 else torch.cat(weights)   # [N, K]
-        self._packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
         biases = [m.bias for m in self.modules if getattr(m, "bias", None) is not None]
         bias = None if not biases else (biases[0] if len(biases) == 1 else torch.cat(biases)).detach().clone()
         self._bias, self._bias_after = (None, bias) if self.all_reduce is not None else (bias, None)
+        native = linear_ops()
+        if native is not None and weight.shape[1] % 32 == 0:
+            pack, linear = native
+            self._packed, n = pack(weight), weight.shape[0]             # [ceil(N / 16), K / 2, 16, 2]
+            self._matmul = lambda x: linear(x, self._packed, self._bias, n)
+        else:
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+            self._matmul = lambda x: torch.ops.mkldnn._linear_pointwise(x, self._packed, self._bias, "none", [], "")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         signature = self._signature()
         if signature != self._source:
             self._pack()
             self._source = signature
-        out = torch.ops.mkldnn._linear_pointwise(x, self._packed, self._bias, "none", [], "")
+        out = self._matmul(x)
         if self.all_reduce is not None:
             self.all_reduce(out)
             if self._bias_after is not None:
@@ -92,7 +106,7 @@ class PackedLinear:
         return out.split(self.sizes, dim=-1)
 
     def release(self) -> None:
-        self._packed = self._bias = self._bias_after = self._source = None
+        self._packed = self._bias = self._bias_after = self._source = self._matmul = None
 
     @property
     def nbytes(self) -> int:

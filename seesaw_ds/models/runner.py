@@ -38,7 +38,7 @@ class ModelRunner:
         self.norm = inner.norm
         self.rotary_emb = inner.rotary_emb
         self.lm_head = hf_model.lm_head
-        self.lean = LeanDecoder(self.layers) if lean_decode_enabled() else None
+        self.lean = LeanDecoder(self.layers, self.lm_head) if lean_decode_enabled() else None
 
     def follow_weights(self, weights_key) -> None:
         """`weights_key()` names the current weights (the master copy's key): derived copies made for
@@ -69,7 +69,10 @@ class ModelRunner:
     def head(self, h: torch.Tensor, logits_indices: torch.Tensor) -> torch.Tensor:
         # only the rows that are sampled go through the norm and the (large) vocabulary projection
         h = self.norm(h[:, logits_indices])                              # [1, B, H]
-        return self.lm_head(h)[0].float()                                # [B, V] (AutoTP's head wants 3-D)
+        logits = self.lean.head(h) if self.lean is not None and self.lean.supported else None
+        if logits is None:
+            logits = self.lm_head(h)                                     # AutoTP's head wants 3-D
+        return logits[0].float()                                         # [B, V]
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,

@@ -24,4 +24,10 @@ bool set_prefill_amx(bool enable);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
 torch::Tensor silu_mul(torch::Tensor g, torch::Tensor u);
 
+// bf16 linears at decode's row counts (decode_linear.cpp): w [N, K] -> packed [ceil(N / 16), K / 2, 16, 2];
+// x [..., K], bias [N] or none -> [..., N]
+torch::Tensor pack_linear(torch::Tensor w);
+torch::Tensor linear_packed(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias, int64_t N);
+bool has_linear_packed();
+
 }  // namespace seesaw

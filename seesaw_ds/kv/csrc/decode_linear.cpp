@@ -1,0 +1,155 @@
+// bf16 linear layers at decode's row counts (one to a few dozen rows), on the tile unit (AMX).
+//
+// A decode step's linears read every weight once for a handful of rows: the step is bound by streaming the
+// weights from memory, and what matters is that each weight byte is read once, at the memory's rate, while
+// the arithmetic keeps up. The weight is packed once into 16-column panels of bf16 pairs,
+//
+//   packed [N/16, K/2, 16, 2]:  packed[p][kk][j][e] = w[16p + j][2kk + e]      (w [N, K], N padded to 16)
+//
+// so 16 consecutive pairs of a panel are one B tile (16 rows of 64 bytes) and up to 16 rows of x one A tile
+// (32 inputs each). A block of up to 4 panels (64 output columns) runs over all of K for 16 rows at a time:
+// its panels stream from memory for the first 16 rows and from L2 for the rest. Threads split the blocks.
+// Accumulation is in fp32, the bias added in fp32, the result rounded to bf16 once (as oneDNN's bf16 linear
+// does; the order of the sums differs, so low bits may).
+#include "kernels.h"
+#include "vec.h"
+
+#include <ATen/Parallel.h>
+
+#include "decode_amx.h"
+
+namespace seesaw {
+
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__AVX512BF16__)
+namespace {
+using bf16 = c10::BFloat16;
+constexpr int64_t kPanel = 16;     // output columns per panel (one C tile's width)
+constexpr int64_t kBlock = 4;      // panels per block: C tiles 4..7
+constexpr int64_t kRows = 16;      // rows of x per A tile
+constexpr int64_t kDepth = 32;     // inputs per A tile row
+
+// Tiles: 0 = A [mr, 32 bf16], 1 and 2 = B [16 pairs, 16 columns] (alternating, so a load overlaps the
+// previous product), 4 .. 7 = C [mr, 16 fp32].
+struct alignas(64) LinearTiles {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+  explicit LinearTiles(int64_t mr) {
+    for (int t : {0, 4, 5, 6, 7}) colsb[t] = 64, rows[t] = static_cast<uint8_t>(mr);
+    for (int t : {1, 2}) colsb[t] = 64, rows[t] = 16;
+  }
+};
+
+// the tile intrinsics take literal tile numbers
+#define SEESAW_PANEL_PRODUCT(C, B, ptr) \
+  do {                                  \
+    _tile_loadd(B, ptr, 64);            \
+    _tile_dpbf16ps(C, 0, B);            \
+  } while (0)
+
+// out [mr, columns of this block] = x [mr, K] . panels^T (+ bias); NB panels, rows ldx / ldo apart
+template <int NB>
+void block(const bf16* x, int64_t ldx, int64_t mr, const bf16* panels, int64_t half_k, const bf16* bias,
+           bf16* out, int64_t ldo, int64_t columns) {
+  const int64_t panel_stride = half_k * 2 * kPanel;
+  _tile_zero(4);
+  if constexpr (NB > 1) _tile_zero(5);
+  if constexpr (NB > 2) _tile_zero(6);
+  if constexpr (NB > 3) _tile_zero(7);
+  for (int64_t k0 = 0; k0 < 2 * half_k; k0 += kDepth) {
+    _tile_loadd(0, x + k0, ldx * sizeof(bf16));
+    const bf16* b = panels + k0 * kPanel;              // pairs k0/2 .. k0/2 + 15 of panel 0
+    SEESAW_PANEL_PRODUCT(4, 1, b);
+    if constexpr (NB > 1) SEESAW_PANEL_PRODUCT(5, 2, b + panel_stride);
+    if constexpr (NB > 2) SEESAW_PANEL_PRODUCT(6, 1, b + 2 * panel_stride);
+    if constexpr (NB > 3) SEESAW_PANEL_PRODUCT(7, 2, b + 3 * panel_stride);
+  }
+  alignas(64) float sums[kBlock][kRows * kPanel];
+  _tile_stored(4, sums[0], 64);
+  if constexpr (NB > 1) _tile_stored(5, sums[1], 64);
+  if constexpr (NB > 2) _tile_stored(6, sums[2], 64);
+  if constexpr (NB > 3) _tile_stored(7, sums[3], 64);
+  for (int p = 0; p < NB; ++p) {
+    const int64_t valid = std::min<int64_t>(kPanel, columns - p * kPanel);
+    if (valid <= 0) break;
+    const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1);
+    const __m512 bv = bias ? _mm512_maskz_cvtpbh_ps(mask, (__m256bh)_mm256_maskz_loadu_epi16(mask, bias + p * kPanel))
+                           : _mm512_setzero_ps();
+    for (int64_t r = 0; r < mr; ++r) {
+      const __m256i v = (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(_mm512_load_ps(sums[p] + r * kPanel), bv));
+      _mm256_mask_storeu_epi16(out + r * ldo + p * kPanel, mask, v);
+    }
+  }
+}
+#undef SEESAW_PANEL_PRODUCT
+
+using BlockFn = void (*)(const bf16*, int64_t, int64_t, const bf16*, int64_t, const bf16*, bf16*, int64_t, int64_t);
+constexpr BlockFn kBlocks[kBlock] = {&block<1>, &block<2>, &block<3>, &block<4>};
+}  // namespace
+
+bool has_linear_packed() { return amx_usable(); }
+
+torch::Tensor pack_linear(torch::Tensor w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16, "pack_linear takes a 2-D bfloat16 weight");
+  const int64_t N = w.size(0), K = w.size(1);
+  TORCH_CHECK(K % kDepth == 0, "pack_linear: the input width must be a multiple of ", kDepth, ", got ", K);
+  const int64_t panels = (N + kPanel - 1) / kPanel;
+  auto padded = torch::zeros({panels * kPanel, K}, w.options());
+  padded.narrow(0, 0, N).copy_(w);
+  // [P * 16, K] -> [P, 16, K/2, 2] -> [P, K/2, 16, 2]
+  return padded.view({panels, kPanel, K / 2, 2}).permute({0, 2, 1, 3}).contiguous();
+}
+
+torch::Tensor linear_packed(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias, int64_t N) {
+  TORCH_CHECK(amx_usable(), "linear_packed needs the tile unit (AMX)");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && packed.scalar_type() == at::kBFloat16, "linear_packed takes bfloat16");
+  TORCH_CHECK(packed.dim() == 4 && packed.size(2) == kPanel && packed.size(3) == 2, "linear_packed: not a packed weight");
+  const int64_t half_k = packed.size(1), K = 2 * half_k, panels = packed.size(0);
+  TORCH_CHECK(x.size(-1) == K, "linear_packed: input width ", x.size(-1), " != ", K);
+  TORCH_CHECK(N > (panels - 1) * kPanel && N <= panels * kPanel, "linear_packed: ", N, " columns for ", panels, " panels");
+  auto xc = x.contiguous();
+  const int64_t M = xc.numel() / K;
+  auto sizes = xc.sizes().vec();
+  sizes.back() = N;
+  auto out = torch::empty(sizes, xc.options());
+  torch::Tensor bc;
+  const bf16* bd = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    bc = bias->contiguous();
+    TORCH_CHECK(bc.scalar_type() == at::kBFloat16 && bc.numel() == N, "linear_packed: bias must be bf16 [", N, "]");
+    bd = bc.data_ptr<bf16>();
+  }
+  const bf16 *xd = xc.data_ptr<bf16>(), *wd = packed.data_ptr<bf16>();
+  bf16* od = out.data_ptr<bf16>();
+  const int64_t blocks = (panels + kBlock - 1) / kBlock;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    int64_t configured = 0;                                // the tile configuration is per thread
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t p0 = blk * kBlock, nb = std::min<int64_t>(kBlock, panels - p0), c0 = p0 * kPanel;
+      for (int64_t r0 = 0; r0 < M; r0 += kRows) {
+        const int64_t mr = std::min<int64_t>(kRows, M - r0);
+        if (mr != configured) {
+          const LinearTiles config(mr);
+          _tile_loadconfig(&config);
+          configured = mr;
+        }
+        kBlocks[nb - 1](xd + r0 * K, K, mr, wd + p0 * half_k * 2 * kPanel, half_k, bd ? bd + c0 : nullptr,
+                        od + r0 * N + c0, N, N - c0);
+      }
+    }
+    if (configured) _tile_release();
+  });
+  return out;
+}
+
+#else   // no tile unit: decode keeps oneDNN's linear
+
+bool has_linear_packed() { return false; }
+torch::Tensor pack_linear(torch::Tensor) { TORCH_CHECK(false, "pack_linear was not compiled in (needs AMX)"); }
+torch::Tensor linear_packed(torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, int64_t) {
+  TORCH_CHECK(false, "linear_packed was not compiled in (needs AMX)");
+}
+
+#endif
+
+}  // namespace seesaw
