@@ -57,10 +57,15 @@ def layer_breakdown(runner, pool, meta, ids, positions, barrier=lambda: None, re
     else:
         qkv = {"q_proj": lambda: ll.q(x), "k_proj": lambda: ll.k(x), "v_proj": lambda: ll.v(x)}
         gate_up = {"gate_proj": lambda: ll.gate(x), "up_proj": lambda: ll.up(x)}
+    if ll.rope_kv_write is not None:     # one fused op over the q/k/v matmul's output
+        qkv_out = ll.packed["qkv"](x)
+        rope_write = {"rope + kv write (fused)": lambda: ll.rope_kv_write(
+            qkv_out, cos, sin, k_cache, v_cache, meta.slot_mapping, ll.heads, k_cache.shape[2])}
+    else:
+        rope_write = {"rope": lambda: ll.rope(q, k, cos, sin, unsqueeze_dim=2),
+                      "kv write": lambda: pool.write(0, k.transpose(1, 2), v.transpose(1, 2), meta.slot_mapping)}
     ops = {
-        "norm (x2)": lambda: (ll.norm1(h), ll.norm2(h)), **qkv,
-        "rope": lambda: ll.rope(q, k, cos, sin, unsqueeze_dim=2),
-        "kv write": lambda: pool.write(0, k.transpose(1, 2), v.transpose(1, 2), meta.slot_mapping),
+        "norm (x2)": lambda: (ll.norm1(h), ll.norm2(h)), **qkv, **rope_write,
         "attention": lambda: decode_attention(q[0], k_cache, v_cache, meta, ll.scaling, op),
         "o_proj": lambda: ll.o(attn), **gate_up,
         "act * up": lambda: ll.act_mul(gate, up), "down_proj": lambda: ll.down(act),

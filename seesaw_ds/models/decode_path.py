@@ -130,6 +130,9 @@ class LeanLayer:
         else:
             self.qkv = lambda x: (self.q(x), self.k(x), self.v(x))
             self.gate_up = lambda x: (self.gate(x), self.up(x))
+        # q/k/v's one matmul straight into rope and the cache writes (bf16 caches; the modules' rounding)
+        self.rope_kv_write = fused[2] if fused and self.packed else None
+        self.heads = self.packed["qkv"].sizes[0] // self.head_dim if self.packed else 0
 
     def release_packed(self) -> None:
         for linear in (self.packed or {}).values():
@@ -144,11 +147,17 @@ class LeanLayer:
         """h [1, B, H] -> [1, B, H] (B sequences, one new token each)."""
         b, d = h.shape[1], self.head_dim
         x = self.norm1(h)
-        q, k, v = (t.view(1, b, -1, d) for t in self.qkv(x))             # [1, B, Hq|Hkv, D]
-        q, k = self.rope(q, k, cos, sin, unsqueeze_dim=2)                 # element-wise: same bits as [1, H, B, D]
-        kv.write(self.index, k.transpose(1, 2), v.transpose(1, 2), meta.slot_mapping)
-        k_cache, v_cache = kv.layer(self.index)
-        attn = decode_attention(q[0], k_cache, v_cache, meta, self.scaling, op)   # [B, Hq, D]
+        k_cache, v_cache = kv.layer(self.index)                           # [blocks, block_size, Hkv, D]
+        if self.rope_kv_write is not None and k_cache.dtype == torch.bfloat16 and x.dtype == torch.bfloat16:
+            qkv = self.packed["qkv"](x)                                   # [1, B, (Hq + 2 Hkv) * D]
+            q = self.rope_kv_write(qkv, cos, sin, k_cache, v_cache, meta.slot_mapping, self.heads,
+                                   k_cache.shape[2])                      # [B, Hq, D]
+        else:
+            q, k, v = (t.view(1, b, -1, d) for t in self.qkv(x))         # [1, B, Hq|Hkv, D]
+            q, k = self.rope(q, k, cos, sin, unsqueeze_dim=2)             # element-wise: same bits as [1, H, B, D]
+            kv.write(self.index, k.transpose(1, 2), v.transpose(1, 2), meta.slot_mapping)
+            q = q[0]
+        attn = decode_attention(q, k_cache, v_cache, meta, self.scaling, op)      # [B, Hq, D]
         h = h + self.o(attn.reshape(1, b, -1))
         x = self.norm2(h)
         return h + self.down(self.act_mul(*self.gate_up(x)))

@@ -66,3 +66,30 @@ def test_modules_use_fused_ops_only_inside_an_engine_forward(ops, monkeypatch):
         assert torch.equal(layer.mlp(x), reference)
         assert torch.equal(layer.input_layernorm(x), type(layer.input_layernorm).forward(layer.input_layernorm, x))
     assert calls == ["mlp", "norm"]
+
+
+@pytest.mark.parametrize("heads,kv_heads,d", [(9, 3, 64), (4, 2, 128), (2, 1, 24)])   # 24: the scalar path
+def test_rope_kv_write_matches_transformers(ops, heads, kv_heads, d):
+    """A decode step's rope over q and k, and the K/V cache writes, bit for bit as transformers' rope and the
+    pool's index_copy; the cache's other rows untouched."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    g = torch.Generator().manual_seed(heads * d)
+    tokens = 7
+    qkv = (torch.randn(1, tokens, (heads + 2 * kv_heads) * d, generator=g) * 4).bfloat16()
+    angles = torch.rand(1, tokens, d // 2, generator=g) * 100
+    cos, sin = (torch.cat([f(angles)] * 2, dim=-1).bfloat16() for f in (torch.cos, torch.sin))   # [1, T, D]
+    k_cache = torch.zeros(5, 4, kv_heads, d, dtype=torch.bfloat16)
+    v_cache = torch.zeros_like(k_cache)
+    slots = torch.randperm(20, generator=g)[:tokens]
+    q = ops[2](qkv, cos, sin, k_cache, v_cache, slots, heads, kv_heads)
+
+    want_q, want_k, want_v = (t.view(1, tokens, -1, d) for t in qkv.split([heads * d, kv_heads * d, kv_heads * d], -1))
+    want_q, want_k = apply_rotary_pos_emb(want_q, want_k, cos, sin, unsqueeze_dim=2)
+    assert q.shape == (tokens, heads, d) and torch.equal(q, want_q[0])
+    assert torch.equal(k_cache.view(-1, kv_heads, d)[slots], want_k[0])
+    assert torch.equal(v_cache.view(-1, kv_heads, d)[slots], want_v[0])
+    untouched = torch.ones(20, dtype=torch.bool)
+    untouched[slots] = False
+    assert not k_cache.view(-1, kv_heads, d)[untouched].any() and not v_cache.view(-1, kv_heads, d)[untouched].any()
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        ops[2](qkv, cos, sin, k_cache, v_cache, slots + 20, heads, kv_heads)

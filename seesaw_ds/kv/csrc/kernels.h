@@ -24,6 +24,11 @@ bool set_prefill_amx(bool enable);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
 torch::Tensor silu_mul(torch::Tensor g, torch::Tensor u);
 
+// one decode step: qkv [T, (H + 2 Hkv) * D] bf16 (q, k, v of T tokens), cos/sin [T, D] -> q [T, H, D] rotated;
+// k rotated and v written to rows `slots` [T] int64 of the caches [N, bs, Hkv, D] (as transformers rounds rope)
+torch::Tensor rope_kv_write(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,
+                            torch::Tensor v_cache, torch::Tensor slots, int64_t heads, int64_t kv_heads);
+
 // bf16 linears at decode's row counts (decode_linear.cpp): w [N, K] -> packed [ceil(N / 16), K / 2, 16, 2];
 // x [..., K], bias [N] or none -> [..., N]
 torch::Tensor pack_linear(torch::Tensor w);

@@ -3,6 +3,9 @@
 //
 //   rms_norm   x [T, N], w [N]   -> w * bf16(x * rsqrt(sum(x^2) / N + eps))     (LlamaRMSNorm)
 //   silu_mul   g, u [T, N]       -> bf16(bf16(g / (1 + exp(-g))) * u)          (LlamaMLP's act(gate) * up)
+//   rope_kv_write  one decode step's q/k/v (one matmul's [T, (Hq + 2 Hkv) * D]): rotary embedding of q and k
+//              as transformers' apply_rotary_pos_emb rounds it (bf16(bf16(x * cos) + bf16(rotate_half(x) *
+//              sin))), k and v written to their cache rows, q returned [T, Hq, D]
 //
 // rms_norm sums in torch's order and matches it bit for bit; silu's exp may differ in its last bit.
 #include "kernels.h"
@@ -94,7 +97,55 @@ void silu_mul_span(const bf16* g, const bf16* u, int64_t n, bf16* out) {
     out[i] = bf16(round_bf16(x / (1.f + std::exp(-x))) * to_float(u[i]));
   }
 }
+// x [D] -> out [D]: bf16(bf16(x * cos) + bf16(rotate_half(x) * sin)), rotate_half(x) = (-x[D/2:], x[:D/2])
+void rope_row(const bf16* x, const bf16* cos, const bf16* sin, int64_t D, bf16* out) {
+  const int64_t half = D / 2;
+  int64_t d = 0;
+  if (half % 16 == 0) {
+    const __m512 sign = _mm512_set1_ps(-0.f);
+    for (; d < D; d += 16) {
+      const __m512 a = round_bf16x16(_mm512_mul_ps(load16(x + d), load16(cos + d)));
+      const __m512 r = d < half ? _mm512_xor_ps(load16(x + d + half), sign) : load16(x + d - half);
+      store_bf16x16(out + d, _mm512_add_ps(a, round_bf16x16(_mm512_mul_ps(r, load16(sin + d)))));
+    }
+  }
+  for (; d < D; ++d) {
+    const float r = d < half ? -to_float(x[d + half]) : to_float(x[d - half]);
+    out[d] = bf16(round_bf16(to_float(x[d]) * to_float(cos[d])) + round_bf16(r * to_float(sin[d])));
+  }
+}
 }  // namespace
+
+torch::Tensor rope_kv_write(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,
+                            torch::Tensor v_cache, torch::Tensor slots, int64_t heads, int64_t kv_heads) {
+  const int64_t D = k_cache.size(-1);
+  const int64_t T = slots.numel(), width = (heads + 2 * kv_heads) * D;
+  for (const auto& t : {qkv, cos, sin, k_cache, v_cache})
+    TORCH_CHECK(t.scalar_type() == at::kBFloat16, "rope_kv_write takes bfloat16");
+  TORCH_CHECK(qkv.numel() == T * width && qkv.stride(-1) == 1, "rope_kv_write: qkv must be [", T, ", ", width, "]");
+  TORCH_CHECK(cos.numel() == T * D && sin.numel() == T * D, "rope_kv_write: cos and sin must be [", T, ", ", D, "]");
+  TORCH_CHECK(k_cache.size(-2) == kv_heads && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+              v_cache.sizes() == k_cache.sizes(), "rope_kv_write: caches must be contiguous [N, bs, ", kv_heads, ", D]");
+  TORCH_CHECK(slots.scalar_type() == at::kLong, "rope_kv_write: slots must be int64");
+  auto x = qkv.contiguous(), c = cos.contiguous(), s = sin.contiguous(), sl = slots.contiguous();
+  auto q = torch::empty({T, heads, D}, x.options());
+  const bf16 *xd = x.data_ptr<bf16>(), *cd = c.data_ptr<bf16>(), *sd = s.data_ptr<bf16>();
+  bf16 *qd = q.data_ptr<bf16>(), *kd = k_cache.data_ptr<bf16>(), *vd = v_cache.data_ptr<bf16>();
+  const int64_t* slot = sl.data_ptr<int64_t>();
+  const int64_t rows = k_cache.numel() / (kv_heads * D);
+  for (int64_t t = 0; t < T; ++t)
+    TORCH_CHECK(slot[t] >= 0 && slot[t] < rows, "rope_kv_write: slot ", slot[t], " outside the cache's ", rows, " rows");
+  at::parallel_for(0, T, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const bf16 *row = xd + t * width, *ct = cd + t * D, *st = sd + t * D;
+      for (int64_t h = 0; h < heads; ++h) rope_row(row + h * D, ct, st, D, qd + (t * heads + h) * D);
+      bf16 *k_row = kd + slot[t] * kv_heads * D, *v_row = vd + slot[t] * kv_heads * D;
+      for (int64_t h = 0; h < kv_heads; ++h) rope_row(row + (heads + h) * D, ct, st, D, k_row + h * D);
+      std::memcpy(v_row, row + (heads + kv_heads) * D, kv_heads * D * sizeof(bf16));
+    }
+  });
+  return q;
+}
 
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "rms_norm takes bfloat16");
@@ -134,6 +185,10 @@ torch::Tensor rms_norm(torch::Tensor, torch::Tensor, double) {
 }
 torch::Tensor silu_mul(torch::Tensor, torch::Tensor) {
   TORCH_CHECK(false, "silu_mul was not compiled in (needs AVX512-BF16)");
+}
+torch::Tensor rope_kv_write(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,
+                            int64_t, int64_t) {
+  TORCH_CHECK(false, "rope_kv_write was not compiled in (needs AVX512-BF16)");
 }
 
 #endif
