@@ -95,6 +95,43 @@ def packed_call(modules) -> PackedLinear | None:
     return None
 
 
+def packed_head(lm_head):
+    """The LM head as a packed matmul: a whole nn.Linear, or AutoTP's `LmHeadLinearAllreduce` (each rank holds
+    a slice of the hidden columns: its slice of the input, the matmul, the all-reduce of the partial logits,
+    then the bias, as its forward); None where neither applies. The callable has the PackedLinear's
+    `release()` and `nbytes`."""
+    try:
+        from deepspeed.module_inject.layers import LmHeadLinearAllreduce
+    except ImportError:
+        LmHeadLinearAllreduce = None
+    if LmHeadLinearAllreduce is None or type(lm_head) is not LmHeadLinearAllreduce:
+        return packed_call([lm_head])
+    sizes, index = getattr(lm_head, "_partition_sizes", None), getattr(lm_head, "tp_index", None)
+    if sizes is None or index is None or lm_head.is_training_mode() or not packable([lm_head]):
+        return None
+    from deepspeed.comm import inference_all_reduce, pg_utils
+    group = lm_head.mp_group
+    reduce = (lambda out: inference_all_reduce(out, group=group)) if pg_utils.is_parallel(group) else None
+    return _SlicedInput(PackedLinear([lm_head], all_reduce=reduce), sum(sizes[:index]), sizes[index])
+
+
+class _SlicedInput:
+    """x [..., H] -> linear(x[..., start:start + size])."""
+
+    def __init__(self, linear: PackedLinear, start: int, size: int):
+        self.linear, self.start, self.size = linear, start, size
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x[..., self.start:self.start + self.size].contiguous())
+
+    def release(self) -> None:
+        self.linear.release()
+
+    @property
+    def nbytes(self) -> int:
+        return self.linear.nbytes
+
+
 def _norm_call(module, fused):
     if fused is not None and getattr(module, "weight", None) is not None and \
             module.weight.dtype == torch.bfloat16 and hasattr(module, "variance_epsilon"):
@@ -191,7 +228,7 @@ class LeanDecoder:
         self._layers = layers
         self._lm_head = lm_head
         self._lean: list[LeanLayer] | None = None
-        self._head: PackedLinear | None = None
+        self._head: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._key: str | None = None
 
     def _build(self) -> None:
@@ -200,7 +237,7 @@ class LeanDecoder:
         packed = packing_enabled()
         self._lean = [LeanLayer(layer, rope, fused, packed) for layer in self._layers]
         if packed and self._lm_head is not None:
-            self._head = packed_call([self._lm_head])
+            self._head = packed_head(self._lm_head)
 
     def _follow_weights(self) -> None:
         if self._lean is None:

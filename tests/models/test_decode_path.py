@@ -129,7 +129,7 @@ def _autotp_rank(rank, state, kind, packed="0"):
     if packed == "1":
         assert runner.lean.packed_bytes > 0, "the packed linears did not run"
         close_in_bf16(lean_logits, ref_logits)
-        return {"kv_heads": kv_heads}
+        return {"kv_heads": kv_heads, "head": type(runner.lm_head).__name__, "head_packed": runner.lean._head is not None}
     return {"logits_equal": bool(torch.equal(lean_logits, ref_logits)),
             "pool_equal": bool(torch.equal(lean_pool, ref_pool)), "kv_heads": kv_heads}
 
@@ -143,6 +143,8 @@ def test_lean_decode_equals_module_path_under_autotp(kind, tmp_path):
 
 
 def test_packed_lean_decode_close_under_autotp(tmp_path):
-    """The packed row-parallel linears all-reduce, then add their bias, as AutoTP's forward does."""
+    """The packed row-parallel linears all-reduce, then add their bias, as AutoTP's forward does; so does the
+    LM head, split by AutoTP over the hidden columns."""
     state = tiny_hf_model("qwen2", num_attention_heads=6, num_key_value_heads=3).to(torch.bfloat16).state_dict()
-    assert run_ranks(2, _autotp_rank, state, "qwen2", "1", out_dir=str(tmp_path)) == {"kv_heads": 2}
+    assert run_ranks(2, _autotp_rank, state, "qwen2", "1", out_dir=str(tmp_path)) == \
+        {"kv_heads": 2, "head": "LmHeadLinearAllreduce", "head_packed": True}
