@@ -1,4 +1,4 @@
-"""The CPU attention kernels (`csrc/`), compiled once per machine on first use.
+"""The CPU kernels (`csrc/`: attention, fused layer ops, decode's linear), built once per machine.
 
     op = paged_decode_op()          # None when it cannot be built here (then attention uses torch ops)
     out = op(q, k_cache, v_cache, block_tables, context_lens, scale, window)   # csrc/paged_decode.cpp
@@ -8,10 +8,11 @@
     pack, linear = linear_ops()     # bf16 linears at decode's row counts (csrc/decode_linear.cpp), or None
 
 The build goes through torch's extension builder into `TORCH_EXTENSIONS_DIR` (default
-`~/.cache/torch_extensions`); the module name carries a hash of the source, the torch version and the CPU's
-instruction-set flags, so a cache shared between different machines never loads a build made for another.
-`SEESAW_DS_NATIVE=0` turns the kernels off (`SEESAW_DS_NATIVE_LINEAR=0` only the linear one); `SEESAW_DS_PREFILL_AMX=0` starts the prefill kernel on its AVX512-BF16
-path instead of the tile unit (see `set_prefill_amx`).
+`~/.cache/torch_extensions`); the module name carries a hash of the source, the torch version, the CPU's
+instruction-set flags and the source folder, so a cache shared between machines never loads a build made
+for another, and two checkouts on one machine never rebuild each other's. `SEESAW_DS_NATIVE=0` turns the
+kernels off (`SEESAW_DS_NATIVE_LINEAR=0` only the linear one); `SEESAW_DS_PREFILL_AMX=0` starts the prefill
+kernel on its AVX512-BF16 path instead of the tile unit (see `set_prefill_amx`).
 """
 from __future__ import annotations
 
@@ -45,7 +46,9 @@ def _cpu_flags() -> str:
 def extension_name() -> str:
     digest = hashlib.sha1()
     parts = [(CSRC / name).read_bytes() for name in SOURCES + HEADERS]
-    for part in parts + [torch.__version__.encode(), _cpu_flags().encode()]:
+    # the folder too: ninja re-runs a build whose source paths changed, so two checkouts sharing one cache
+    # would otherwise rebuild each other's extension inside a job
+    for part in parts + [torch.__version__.encode(), _cpu_flags().encode(), str(CSRC.resolve()).encode()]:
         digest.update(part)
     return f"seesaw_ds_attention_{digest.hexdigest()[:12]}"
 
