@@ -14,9 +14,10 @@ the bias), reading the module's weight at call time, so AutoTP's shards and the 
 weights of record (a re-bind after `update_weights` is seen at once). Rotary embedding is transformers' own
 function, the norms and activation the fused ops of models/fused.py: greedy tokens are identical to the
 module path (tests/models/test_decode_path.py compares logits bit for bit). Modules of an unknown kind are
-called as modules. With bf16 weights on a CPU, the linears run as packed oneDNN matmuls instead
-(models/packed_linear.py: q/k/v as one, gate/up as one, and the LM head), which re-lay no weight per
-call; their copies follow the weights of record. `SEESAW_DS_LEAN_DECODE=0` turns the lean path off.
+called as modules. With bf16 weights on a CPU, the linears run as matmuls over packed copies of the
+weights instead (models/packed_linear.py: q/k/v as one, gate/up as one, and the LM head), whose copies follow
+the weights of record, and rope + the K/V cache writes run as one op over the q/k/v matmul's output.
+`SEESAW_DS_LEAN_DECODE=0` turns the lean path off.
 """
 from __future__ import annotations
 

@@ -46,11 +46,14 @@ def _onednn_available() -> bool:
 
 
 def packable(modules: Sequence[torch.nn.Module]) -> bool:
-    """Every module has a 2-D bf16 CPU weight of one input width, and all or none have a bias."""
+    """Every module has a 2-D bf16 CPU weight of one input width that a kernel here takes, and all or none
+    have a bias."""
     weights = [getattr(m, "weight", None) for m in modules]
     if any(w is None or w.dim() != 2 or w.dtype != torch.bfloat16 or w.device.type != "cpu" for w in weights):
         return False
     if len({w.shape[1] for w in weights}) != 1:
+        return False
+    if weights[0].shape[1] % 32 != 0 and not _onednn_available():      # the tile kernel's input widths only
         return False
     return len({getattr(m, "bias", None) is None for m in modules}) == 1
 
