@@ -53,11 +53,14 @@ def _autotp_kind(module):
         if kind.tp_overlap_comm or getattr(module, "gather_output", False):
             return None
         return "column", None
+    return "row", _row_all_reduce(module)
+
+
+def _row_all_reduce(module):
+    """The in-place all-reduce a row-parallel AutoTP linear runs on its output; None on a group of one."""
     from deepspeed.comm import inference_all_reduce, pg_utils
     group = module.mp_group
-    if not pg_utils.is_parallel(group):
-        return "row", None
-    return "row", lambda out: inference_all_reduce(out, group=group)
+    return (lambda out: inference_all_reduce(out, group=group)) if pg_utils.is_parallel(group) else None
 
 
 def linear_call(module):
@@ -110,10 +113,7 @@ def packed_head(lm_head):
     sizes, index = getattr(lm_head, "_partition_sizes", None), getattr(lm_head, "tp_index", None)
     if sizes is None or index is None or lm_head.is_training_mode() or not packable([lm_head]):
         return None
-    from deepspeed.comm import inference_all_reduce, pg_utils
-    group = lm_head.mp_group
-    reduce = (lambda out: inference_all_reduce(out, group=group)) if pg_utils.is_parallel(group) else None
-    return _SlicedInput(PackedLinear([lm_head], all_reduce=reduce), sum(sizes[:index]), sizes[index])
+    return _SlicedInput(PackedLinear([lm_head], all_reduce=_row_all_reduce(lm_head)), sum(sizes[:index]), sizes[index])
 
 
 class _SlicedInput:
