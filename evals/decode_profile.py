@@ -3,9 +3,11 @@
 Builds the model runner the engine uses (one rank: the whole model; TP2: DeepSpeed AutoTP over 2 ranks),
 fills a paged KV pool for `--batch` sequences with contexts drawn from `--context-min..--context-max`, and
 times decode steps: the whole step, the decoder layers and the head. The floor of a piece is its FLOPs at
-the calibrated matmul rate plus the weight and KV bytes it reads at the copy rate; the overhead of a layer
-call is its measured time minus its floor. `--ops` adds each op of a layer call timed alone and the fixed
-cost of a call (evals/decode_ops.py); `--profile` adds torch.profiler's top operators.
+the matmul rate plus the weight and KV bytes it reads at the copy rate, both measured in the same run by
+every rank at once with the rank's own threads (a one-thread rank gets one core's rate, not the node's);
+the overhead of a layer call is its measured time minus its floor. `--ops` adds each op of a layer call
+timed alone and the fixed cost of a call (evals/decode_ops.py); `--profile` adds torch.profiler's top
+operators.
 
     python evals/decode_profile.py                       # one rank, both cores
     python evals/decode_profile.py --layout TP2          # relaunches itself: deepspeed --num_gpus 2
@@ -27,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 RESULTS = Path(__file__).resolve().parent / "results"
+COPY_RATE_BYTES = 256 * 2 ** 20
 
 
 class _Parser(argparse.ArgumentParser):
@@ -46,8 +49,9 @@ def arguments(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--matmul-gflops", type=float, default=None,
-                   help="calibrated bf16 matmul rate of the cores one rank uses (default 405 for 2 cores, 190 for 1)")
-    p.add_argument("--copy-gbs", type=float, default=31.0, help="calibrated memory copy rate, GB/s")
+                   help="bf16 matmul rate of one rank (default: measured in this run, 1024^3 matmuls)")
+    p.add_argument("--copy-gbs", type=float, default=None,
+                   help="memory copy rate of one rank, GB/s (default: measured in this run, 2 x 256 MB / copy time)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per rank (default: cores / ranks)")
     p.add_argument("--ops", action="store_true", help="time each op of a layer call alone (evals/decode_ops.py)")
     p.add_argument("--profile", action="store_true", help="print torch.profiler's top operators of one step")
@@ -126,6 +130,22 @@ def floors(cfg, ctx, tp: int, gflops: float, gbs: float) -> dict:
             "head_gflop": head_flops / 1e9, "head_mb": head_bytes / 1e6}
 
 
+def measure_rates(torch, barrier, windows: int = 8, seconds: float = 0.25) -> tuple[float, float]:
+    """(bf16 matmul GFLOP/s, copy GB/s) of this rank with its own threads while every rank measures too:
+    the planner's calibration measures (1024^3 matmuls; a copy counted as read + write bytes, over a buffer
+    past the last-level cache), each the best of `windows` short windows: a floor is what the cores can do,
+    and the tile unit's rate here flips between two levels (~430 and ~1100 GFLOP/s) within seconds."""
+    from seesaw_ds.planner.calibration_rank import MATMUL_N, timed_alone
+    a, b = torch.randn(MATMUL_N, MATMUL_N).bfloat16(), torch.randn(MATMUL_N, MATMUL_N).bfloat16()
+    src = torch.ones(COPY_RATE_BYTES // 4)
+    dst = torch.empty_like(src)
+    barrier()
+    gflops = [2 * MATMUL_N ** 3 / timed_alone(lambda: torch.mm(a, b), seconds) / 1e9 for _ in range(windows)]
+    barrier()
+    gbs = [2 * COPY_RATE_BYTES / timed_alone(lambda: dst.copy_(src), seconds) / 1e9 for _ in range(windows)]
+    return max(gflops), max(gbs)
+
+
 def time_steps(runner, pool, meta, ids, positions, args, torch, barrier):
     """Median ms of (step, decoder layers, head) over `steps` decode steps of the same batch, and the
     median CPU ms of a step (this process's CPU time: with one thread, the step's work even when other
@@ -183,8 +203,9 @@ def main(argv=None) -> int:
         barrier = dist.barrier
     else:
         barrier = lambda: None   # noqa: E731
-    gflops = args.matmul_gflops or (405.0 if torch.get_num_threads() > 1 else 190.0)
-    fl = floors(cfg, ctx, tp, gflops, args.copy_gbs)
+    gflops, gbs = measure_rates(torch, barrier)
+    gflops, gbs = args.matmul_gflops or gflops, args.copy_gbs or gbs
+    fl = floors(cfg, ctx, tp, gflops, gbs)
     step_ms, body_ms, head_ms, cpu_ms = time_steps(runner, pool, meta, ids, positions, args, torch, barrier)
     ops = {}
     if args.ops:
@@ -204,7 +225,7 @@ def main(argv=None) -> int:
     result = {
         "layout": args.layout, "path": path, "rank": rank, "threads": torch.get_num_threads(),
         "batch": args.batch, "mean_context": float(ctx.float().mean()), "layers": cfg.num_layers,
-        "matmul_gflops": gflops, "copy_gbs": args.copy_gbs, "load_avg": os.getloadavg()[0],
+        "matmul_gflops": gflops, "copy_gbs": gbs, "load_avg": os.getloadavg()[0],
         "layer_call_ms": layer_ms, "layer_floor_ms": fl["layer_ms"], "layer_overhead_ms": layer_ms - fl["layer_ms"],
         "head_ms": head_ms, "head_floor_ms": fl["head_ms"],
         "step_ms": step_ms, "step_cpu_ms": cpu_ms, "step_floor_ms": floor_step, "step_over_floor": step_ms / floor_step,
@@ -213,7 +234,7 @@ def main(argv=None) -> int:
     if rank == 0:
         print(f"decode step, {args.layout} ({path} path), batch {args.batch}, mean context "
               f"{result['mean_context']:.0f}, {torch.get_num_threads()} thread(s)/rank, floor at "
-              f"{gflops:.0f} GFLOP/s + {args.copy_gbs:.0f} GB/s, load {result['load_avg']:.2f}")
+              f"{gflops:.0f} GFLOP/s + {gbs:.1f} GB/s per rank, load {result['load_avg']:.2f}")
         print(f"{'':22}{'measured ms':>12}{'floor ms':>10}{'overhead ms':>13}")
         print(f"{'per layer call':22}{layer_ms:12.3f}{fl['layer_ms']:10.3f}{layer_ms - fl['layer_ms']:13.3f}")
         print(f"{'head (norm + lm_head)':22}{head_ms:12.2f}{fl['head_ms']:10.2f}{head_ms - fl['head_ms']:13.2f}")
