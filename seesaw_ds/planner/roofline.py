@@ -19,8 +19,9 @@ allowed, as DeepSpeed AutoTP makes them), pp <= num_layers. Assumptions:
   Every stage re-reads its weights once per micro-batch.
 - One step is one pass of the DeepSpeed pipeline engine (`eval_batch`): it fills and drains, because the
   next step needs this step's sampled tokens. With u the busiest stage's time for one micro-batch, the step
-  takes (m + pp - 1) u: the m u of work plus a `bubble` of (pp - 1) u. (`drains=False`: the paper's
-  steady state, no bubble.)
+  takes m u of work plus a `bubble` of (pp - 1) micro-batch times of the other stages, which hold layers
+  but no LM head (the last stage's head is on the critical path once per micro-batch, not in the fill and
+  drain): (pp - 1) (u - u_head). (`drains=False`: the paper's steady state, no bubble.)
 - Terms add (no overlap of memory traffic, compute and communication), as in the paper.
 - The slowest device sets the pace: ceil(L/pp) layers on a stage, ceil(h_kv/tp) KV heads (and their query
   groups) on a TP rank; the MLP splits evenly. With even splits and m = pp the work part is exactly
@@ -201,7 +202,8 @@ def stage_step_time(cfg: ModelConfig, cluster: ClusterSpec, degrees: Degrees, st
     lm_head = head_compute + cluster.allreduce_seconds(e * seqs * vocab, tp, calls=m, gap=head_compute / m)
     work = TimeBreakdown(weights=weights, linear=linear, kv=kv, attention=attention, allreduce=allreduce,
                          p2p=p2p, overhead=overhead, lm_head=lm_head)
-    return dataclasses.replace(work, bubble=(pp - 1) * work.total / m if drains else 0.0)
+    fill_and_drain = (pp - 1) * (work.total - work.lm_head) / m      # the stages without the head
+    return dataclasses.replace(work, bubble=fill_and_drain if drains and pp > 1 else 0.0)
 
 
 def enumerate_degrees(cfg: ModelConfig, num_devices: int, max_tp: int | None = None) -> list[Degrees]:
