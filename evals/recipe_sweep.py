@@ -8,6 +8,7 @@ point alike; the table shows each round, the median, and the ratio to the recipe
     python evals/recipe_sweep.py --config recipes/arxiv.yaml --grid engine.max_num_batched_tokens=2048,4096,8192,16384
     python evals/recipe_sweep.py --config recipes/sharegpt.yaml --set data.limit=128 \\
         --grid "engine.max_num_batched_tokens=4096,8192,16384;engine.max_num_seqs=32,64,128"
+    python evals/recipe_sweep.py --config recipes/arxiv.yaml --num-gpus 1,2     # `make generate` vs NUM_GPUS=2
 
 Writes `--out` (JSON: every run's job summary totals and engine stage times, and the table's rows).
 """
@@ -53,17 +54,19 @@ def grid_points(axes: list[tuple[str, list[str]]]) -> list[dict[str, str]]:
     return [dict(zip(keys, combo)) for combo in itertools.product(*(v for _, v in axes))]
 
 
+RANKS = "ranks"      # a grid point's DeepSpeed --num_gpus (not a recipe key)
+
+
 def label(point: dict[str, str]) -> str:
     return " ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in point.items())
 
 
-def run_point(config: str, point: dict[str, str], extra: list[str], num_gpus: int, out_dir: Path,
-              timeout: float) -> dict:
+def run_point(config: str, point: dict[str, str], extra: list[str], out_dir: Path, timeout: float) -> dict:
     """One job; its job_summary.json totals and replica 0's engine stats (or the failure's last line)."""
     from seesaw_ds.distributed.node import free_port
-    cmd = ["deepspeed", "--num_gpus", str(num_gpus), "--master_port", str(free_port()),
+    cmd = ["deepspeed", "--num_gpus", point[RANKS], "--master_port", str(free_port()),
            str(ROOT / "launch" / "generate.py"), "--config", config, *extra,
-           *(f"{k}={v}" for k, v in point.items()), f"output.dir={out_dir}"]
+           *(f"{k}={v}" for k, v in point.items() if k != RANKS), f"output.dir={out_dir}"]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     summary = out_dir / "job_summary.json"
@@ -124,21 +127,23 @@ def recipe_setting(config: str, extra: list[str], keys: list[str]) -> dict[str, 
 def main(argv=None) -> int:
     p = _Parser(description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="the recipe (YAML)")
-    p.add_argument("--grid", required=True, help="'key=v1,v2;key2=w1,w2' (recipe keys, as on the command line)")
+    p.add_argument("--grid", default="", help="'key=v1,v2;key2=w1,w2' (recipe keys, as on the command line)")
     p.add_argument("--set", nargs="*", default=[], help="overrides for every point (key=value)")
-    p.add_argument("--num-gpus", type=int, default=1, help="ranks per job (DeepSpeed's --num_gpus)")
+    p.add_argument("--num-gpus", default="1", help="ranks per job (DeepSpeed's --num_gpus); a comma list is a grid axis")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per job")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     try:
-        axes = parse_grid(args.grid)
+        axes = parse_grid(args.grid) if args.grid else []
+        ranks = [str(int(n)) for n in args.num_gpus.split(",")]
     except ValueError as e:
-        p.error(f"--grid: {e}")
-    if args.rounds < 1 or args.num_gpus < 1:
-        p.error("--rounds and --num-gpus must be >= 1")
-    points = grid_points(axes)
+        p.error(f"--grid / --num-gpus: {e}")
+    if args.rounds < 1 or any(int(n) < 1 for n in ranks) or (not axes and len(ranks) < 2):
+        p.error("--rounds and --num-gpus must be >= 1, and --grid or several --num-gpus values give the points")
+    points = grid_points([(RANKS, ranks), *axes])
     reference = recipe_setting(args.config, args.set, [k for k, _ in axes])
+    reference = None if reference is None else {RANKS: ranks[0], **reference}
     runs = []
     with tempfile.TemporaryDirectory(prefix="recipe_sweep_") as scratch:
         for rnd in range(args.rounds):
@@ -146,12 +151,12 @@ def main(argv=None) -> int:
             for i, point in enumerate(order):
                 out_dir = Path(scratch) / f"r{rnd}-{i}"
                 print(f"== round {rnd + 1}: {label(point)}", flush=True)
-                run = run_point(args.config, point, args.set, args.num_gpus, out_dir, args.timeout)
+                run = run_point(args.config, point, args.set, out_dir, args.timeout)
                 runs.append({**run, "round": rnd})
                 print(f"   {run['tokens_per_s']:.1f} tokens/s" if run["ok"] else f"   failed: {run['error']}", flush=True)
     text, rows = table(points, runs, reference)
     print(text)
-    out = Path(args.out) if args.out else RESULTS / f"recipe_sweep-{Path(args.config).stem}-{args.num_gpus}rank.json"
+    out = Path(args.out) if args.out else RESULTS / f"recipe_sweep-{Path(args.config).stem}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"config": args.config, "grid": args.grid, "set": args.set, "num_gpus": args.num_gpus,
             "rounds": args.rounds, "recipe_setting": reference}
