@@ -29,7 +29,7 @@ from seesaw_ds.distributed.node import free_port
 from seesaw_ds.planner import calibration_rank
 from seesaw_ds.planner.clusters import ClusterSpec, DeviceSpec
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 DEVICE_MEMORY_SHARE = 0.5
 _MEASURE_SECONDS = 0.25      # per measurement loop
 _RANK_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "calibration_rank.py")
@@ -82,6 +82,9 @@ def measure(num_ranks: int, seconds: float = _MEASURE_SECONDS) -> dict:
     return {
         "matmul_flops": {k: min(r["matmul_flops"][k] for r in ranks) for k in ranks[0]["matmul_flops"]},
         "copy_bandwidth": min(r["copy_bandwidth"] for r in ranks),
+        "decode_linear_flops": {dtype: {rows: min(r["decode_linear_flops"][dtype][rows] for r in ranks)
+                                        for rows in by_rows}
+                                for dtype, by_rows in ranks[0]["decode_linear_flops"].items()},
         "allreduce": ranks[0]["allreduce"],
         "tp_allreduce": ranks[0].get("tp_allreduce"),
         "layer_overhead": max(r["layer_overhead"] for r in ranks),
@@ -99,7 +102,10 @@ def cluster_from_measurements(measured: dict, num_ranks: int, total_memory: floa
     p2p = measured.get("p2p") or {"latency": 0.0, "bandwidth": copy_bw}
     device = DeviceSpec(name="local-cpu-rank", memory_bytes=total_memory * DEVICE_MEMORY_SHARE / num_ranks,
                         memory_bandwidth=copy_bw, flops=tuple(measured["matmul_flops"].items()),
-                        layer_overhead=measured.get("layer_overhead", 0.0))
+                        layer_overhead=measured.get("layer_overhead", 0.0),
+                        decode_flops=tuple((dtype, int(rows), rate)
+                                           for dtype, by_rows in measured.get("decode_linear_flops", {}).items()
+                                           for rows, rate in by_rows.items()))
     return ClusterSpec(
         name="local", device=device, num_devices=num_ranks,
         allreduce_bandwidth=tuple(allreduce[str(k)]["bandwidth"] for k in degrees),

@@ -20,6 +20,9 @@ MATMUL_N = 1024
 COPY_BYTES = 64 * 2 ** 20
 SMALL_BYTES = 1024
 LARGE_BYTES = 4 * 2 ** 20
+DECODE_ROWS = (1, 4, 16, 64)              # sequences of a decode step
+DECODE_WEIGHT_BYTES = 256 * 2 ** 20       # streamed from memory, as a model's weights are
+DECODE_SHAPE = (4096, 1024)               # [N, K] of each weight
 
 
 def timed_alone(fn, seconds: float, min_iters: int = 2) -> float:
@@ -80,6 +83,23 @@ def decoder_layer_overhead(seconds: float) -> float:
         return timed_alone(lambda: layer(h, position_embeddings=rope), seconds, min_iters=20)
 
 
+def decode_linear_flops(seconds: float, dtype=torch.float32) -> dict:
+    """{rows: FLOP/s} of `F.linear` with `rows` input rows over weights past the caches: decode's linears,
+    whose rate at a few rows is neither the large-matmul rate nor the copy rate."""
+    n, k = DECODE_SHAPE
+    size = torch.tensor([], dtype=dtype).element_size()
+    weights = [torch.randn(n, k).to(dtype) for _ in range(max(1, DECODE_WEIGHT_BYTES // (n * k * size)))]
+    out = {}
+    for rows in DECODE_ROWS:
+        x = torch.randn(rows, k).to(dtype)
+
+        def run():
+            for w in weights:
+                torch.nn.functional.linear(x, w)
+        out[str(rows)] = 2 * rows * n * k * len(weights) / timed_alone(run, seconds)
+    return out
+
+
 def measure_allreduce(fn, groups, rank: int, seconds: float, dtype=torch.float32) -> dict:
     """{degree: {latency, bandwidth}} of `fn(tensor, group)` over ranks 0..degree-1."""
     size = torch.tensor([], dtype=dtype).element_size()
@@ -117,6 +137,9 @@ def rank_main(rank: int, world: int, init_file: str, out_dir: str, spawned_at: f
     dist.barrier()
     result["copy_bandwidth"] = 2 * COPY_BYTES / timed_alone(lambda: dst.copy_(src), seconds)
     phase_done("copy")
+    dist.barrier()
+    result["decode_linear_flops"] = {"float32": decode_linear_flops(seconds)}
+    phase_done("decode_linear")
 
     dist.barrier()
     result["layer_overhead"] = decoder_layer_overhead(seconds)

@@ -41,6 +41,9 @@ class DeviceSpec:
     memory_bandwidth: float                 # B_mem: bytes/s
     flops: tuple[tuple[str, float], ...]    # (dtype, dense FLOP/s), e.g. (("bfloat16", 125e12), ...)
     layer_overhead: float = 0.0             # seconds per decoder-layer call beyond its roofline terms
+    # (dtype, rows, FLOP/s) of a linear with that many input rows over weights read from memory (measured for
+    # `local`: decode's few-row linears run far below the large-matmul rate); empty: the roofline's terms
+    decode_flops: tuple[tuple[str, int, float], ...] = ()
 
     def __post_init__(self):
         if not self.name:
@@ -53,6 +56,10 @@ class DeviceSpec:
         if not self.flops or any(v <= 0 for _, v in self.flops):
             raise ValueError(f"DeviceSpec.flops must list positive FLOP/s per dtype, got {self.flops}")
         object.__setattr__(self, "flops", tuple((canonical_dtype(k), float(v)) for k, v in self.flops))
+        if any(rows < 1 or rate <= 0 for _, rows, rate in self.decode_flops):
+            raise ValueError(f"DeviceSpec.decode_flops must list (dtype, rows >= 1, FLOP/s > 0), got {self.decode_flops}")
+        object.__setattr__(self, "decode_flops", tuple(sorted((canonical_dtype(d), int(r), float(v))
+                                                              for d, r, v in self.decode_flops)))
 
     def flops_for(self, dtype) -> float:
         name = canonical_dtype(dtype)
@@ -61,6 +68,21 @@ class DeviceSpec:
                 return value
         raise ValueError(f"DeviceSpec.flops of {self.name} has no figure for {name}; "
                          f"known: {[k for k, _ in self.flops]}")
+
+    def decode_flops_for(self, dtype, rows: float) -> float | None:
+        """FLOP/s of a `rows`-row linear in `dtype`: the measured figures interpolated in log(rows), the end
+        figures beyond them; None without figures for `dtype`."""
+        points = [(r, v) for d, r, v in self.decode_flops if d == canonical_dtype(dtype)]
+        if not points:
+            return None
+        rows = max(float(rows), 1.0)
+        if rows <= points[0][0]:
+            return points[0][1]
+        for (r0, v0), (r1, v1) in zip(points, points[1:]):
+            if rows <= r1:
+                t = (math.log(rows) - math.log(r0)) / (math.log(r1) - math.log(r0))
+                return v0 + t * (v1 - v0)
+        return points[-1][1]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,6 +23,9 @@ allowed, as DeepSpeed AutoTP makes them), pp <= num_layers. Assumptions:
   but no LM head (the last stage's head is on the critical path once per micro-batch, not in the fill and
   drain): (pp - 1) (u - u_head). (`drains=False`: the paper's steady state, no bubble.)
 - Terms add (no overlap of memory traffic, compute and communication), as in the paper.
+- Where the device lists measured few-row linear rates (`DeviceSpec.decode_flops`, calibrated for `local`),
+  a decode step's linears take at least their FLOPs at that rate for the micro-batch's rows (the `linear`
+  term is what that time adds to the weight read).
 - The slowest device sets the pace: ceil(L/pp) layers on a stage, ceil(h_kv/tp) KV heads (and their query
   groups) on a TP rank; the MLP splits evenly. With even splits and m = pp the work part is exactly
       t ~ L * (T_w/TP + (T_lin + T_kv + T_attn)/(DP*TP*PP) + T_ar(TP)/(PP*DP)).
@@ -186,6 +189,9 @@ def stage_step_time(cfg: ModelConfig, cluster: ClusterSpec, degrees: Degrees, st
 
     weights = layers * m * e * w_rank / mem_bw
     linear = layers * 2 * new_tokens * w_rank / flops
+    decode_rate = cluster.device.decode_flops_for(dtype, new_tokens / m) if stage == DECODE else None
+    if decode_rate is not None:             # measured few-row linears: their time beyond the weight read
+        linear = max(linear, layers * 2 * new_tokens * w_rank / decode_rate - weights)
     if stage == PREFILL:
         kv = layers * e * seqs * seq_len * (q_heads + 2 * kv_heads) * d / mem_bw
         attention = layers * seqs * q_heads * seq_len ** 2 * d / flops

@@ -128,3 +128,27 @@ def test_layer_overhead_lm_head_and_pipeline_sends_by_hand(llama70b, a10):
     assert tp8.overhead == pytest.approx(80 * 60e-6) and tp8.bubble == 0
     assert tp8.lm_head == pytest.approx(2 * 32 * 32000 * 8192 / (8 * 125e12) + 2 * 32000 * 8192 / (8 * 600e9)
                                         + a10.allreduce_seconds(2 * 32 * 32000, 8))
+
+
+def test_measured_few_row_linear_rate_sets_decode_linears(llama70b, a10):
+    # A device that lists its few-row linear rates (as `local` is calibrated): decode's linears take their
+    # FLOPs at the rate for the micro-batch's rows (interpolated in log rows), the weight read included.
+    rates = (("float16", 1, 0.2e12), ("float16", 16, 3.2e12), ("float16", 64, 10e12))    # below the copy rate
+    device = dataclasses.replace(a10.device, decode_flops=rates)
+    assert device.decode_flops_for("fp16", 1) == 0.2e12 and device.decode_flops_for("fp16", 0.5) == 0.2e12
+    assert device.decode_flops_for("fp16", 4) == pytest.approx(0.2e12 + 0.5 * 3e12)     # halfway in log(rows)
+    assert device.decode_flops_for("fp16", 256) == 10e12 and device.decode_flops_for("bf16", 4) is None
+    cluster = dataclasses.replace(a10, device=device)
+    plain = rl.stage_step_time(llama70b, a10, (8, 1, 1), "decode", batch=4, seq_len=1000, dtype="float16")
+    step = rl.stage_step_time(llama70b, cluster, (8, 1, 1), "decode", batch=4, seq_len=1000, dtype="float16")
+    w_rank = rl.layer_params_per_rank(llama70b, 8)
+    measured = 80 * 2 * 4 * w_rank / device.decode_flops_for("fp16", 4)
+    assert step.weights == plain.weights and step.weights + step.linear == pytest.approx(measured)
+    assert step.linear > plain.linear
+    # prefill keeps the large-matmul rate; a rate faster than the roofline never lowers the linear term
+    assert rl.stage_step_time(llama70b, cluster, (8, 1, 1), "prefill", 4, 1000, "float16").linear == \
+        rl.stage_step_time(llama70b, a10, (8, 1, 1), "prefill", 4, 1000, "float16").linear
+    fast = dataclasses.replace(a10, device=dataclasses.replace(a10.device, decode_flops=(("float16", 1, 1e18),)))
+    assert rl.stage_step_time(llama70b, fast, (8, 1, 1), "decode", 4, 1000, "float16").linear == plain.linear
+    with pytest.raises(ValueError, match="decode_flops"):
+        dataclasses.replace(a10.device, decode_flops=(("float16", 0, 1e12),))
