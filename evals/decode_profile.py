@@ -135,15 +135,14 @@ def measure_rates(torch, barrier, windows: int = 8, seconds: float = 0.25) -> tu
     the planner's calibration measures (1024^3 matmuls; a copy counted as read + write bytes, over a buffer
     past the last-level cache), each the best of `windows` short windows: a floor is what the cores can do,
     and the tile unit's rate here flips between two levels (~430 and ~1100 GFLOP/s) within seconds."""
-    from seesaw_ds.planner.calibration_rank import MATMUL_N, timed_alone
+    from seesaw_ds.planner.calibration_rank import MATMUL_N, copy_rate, matmul_rate
     a, b = torch.randn(MATMUL_N, MATMUL_N).bfloat16(), torch.randn(MATMUL_N, MATMUL_N).bfloat16()
     src = torch.ones(COPY_RATE_BYTES // 4)
     dst = torch.empty_like(src)
     barrier()
-    gflops = [2 * MATMUL_N ** 3 / timed_alone(lambda: torch.mm(a, b), seconds) / 1e9 for _ in range(windows)]
+    gflops = max(matmul_rate(a, b, seconds) for _ in range(windows)) / 1e9
     barrier()
-    gbs = [2 * COPY_RATE_BYTES / timed_alone(lambda: dst.copy_(src), seconds) / 1e9 for _ in range(windows)]
-    return max(gflops), max(gbs)
+    return gflops, max(copy_rate(dst, src, seconds) for _ in range(windows)) / 1e9
 
 
 def time_steps(runner, pool, meta, ids, positions, args, torch, barrier):

@@ -129,7 +129,8 @@ def main(argv=None) -> int:
     p.add_argument("--config", required=True, help="the recipe (YAML)")
     p.add_argument("--grid", default="", help="'key=v1,v2;key2=w1,w2' (recipe keys, as on the command line)")
     p.add_argument("--set", nargs="*", default=[], help="overrides for every point (key=value)")
-    p.add_argument("--num-gpus", default="1", help="ranks per job (DeepSpeed's --num_gpus); a comma list is a grid axis")
+    p.add_argument("--num-gpus", default="1",
+                   help="ranks per job (DeepSpeed's --num_gpus); a comma list is a grid axis")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per job")
     p.add_argument("--out", default=None)
@@ -153,7 +154,8 @@ def main(argv=None) -> int:
                 print(f"== round {rnd + 1}: {label(point)}", flush=True)
                 run = run_point(args.config, point, args.set, out_dir, args.timeout)
                 runs.append({**run, "round": rnd})
-                print(f"   {run['tokens_per_s']:.1f} tokens/s" if run["ok"] else f"   failed: {run['error']}", flush=True)
+                status = f"{run['tokens_per_s']:.1f} tokens/s" if run["ok"] else f"failed: {run['error']}"
+                print(f"   {status}", flush=True)
     text, rows = table(points, runs, reference)
     print(text)
     out = Path(args.out) if args.out else RESULTS / f"recipe_sweep-{Path(args.config).stem}.json"

@@ -35,6 +35,16 @@ def timed_alone(fn, seconds: float, min_iters: int = 2) -> float:
     return (time.perf_counter() - start) / iters
 
 
+def matmul_rate(a: torch.Tensor, b: torch.Tensor, seconds: float) -> float:
+    """FLOP/s of `a @ b`."""
+    return 2 * a.shape[0] * a.shape[1] * b.shape[1] / timed_alone(lambda: torch.mm(a, b), seconds)
+
+
+def copy_rate(dst: torch.Tensor, src: torch.Tensor, seconds: float) -> float:
+    """Bytes/s of `dst.copy_(src)`, counting the read and the write."""
+    return 2 * src.numel() * src.element_size() / timed_alone(lambda: dst.copy_(src), seconds)
+
+
 def timed_together(fn, seconds: float, group, min_iters: int = 2) -> float:
     """Seconds per call of a communicating `fn`; every member of `group` runs the same iteration count."""
     fn()  # warm-up
@@ -129,13 +139,12 @@ def rank_main(rank: int, world: int, init_file: str, out_dir: str, spawned_at: f
         a = torch.randn(MATMUL_N, MATMUL_N).to(dtype)
         b = torch.randn(MATMUL_N, MATMUL_N).to(dtype)
         dist.barrier()
-        per_call = timed_alone(lambda: torch.mm(a, b), seconds)
-        result["matmul_flops"][str(dtype).replace("torch.", "")] = 2 * MATMUL_N ** 3 / per_call
+        result["matmul_flops"][str(dtype).replace("torch.", "")] = matmul_rate(a, b, seconds)
     phase_done("matmul")
     src = torch.ones(COPY_BYTES // 4)
     dst = torch.empty_like(src)
     dist.barrier()
-    result["copy_bandwidth"] = 2 * COPY_BYTES / timed_alone(lambda: dst.copy_(src), seconds)
+    result["copy_bandwidth"] = copy_rate(dst, src, seconds)
     phase_done("copy")
     dist.barrier()
     result["decode_linear_flops"] = {"float32": decode_linear_flops(seconds)}

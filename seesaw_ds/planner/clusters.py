@@ -57,7 +57,8 @@ class DeviceSpec:
             raise ValueError(f"DeviceSpec.flops must list positive FLOP/s per dtype, got {self.flops}")
         object.__setattr__(self, "flops", tuple((canonical_dtype(k), float(v)) for k, v in self.flops))
         if any(rows < 1 or rate <= 0 for _, rows, rate in self.decode_flops):
-            raise ValueError(f"DeviceSpec.decode_flops must list (dtype, rows >= 1, FLOP/s > 0), got {self.decode_flops}")
+            raise ValueError(f"DeviceSpec.decode_flops must list (dtype, rows >= 1, FLOP/s > 0), "
+                             f"got {self.decode_flops}")
         object.__setattr__(self, "decode_flops", tuple(sorted((canonical_dtype(d), int(r), float(v))
                                                               for d, r, v in self.decode_flops)))
 

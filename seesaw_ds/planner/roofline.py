@@ -209,7 +209,7 @@ def stage_step_time(cfg: ModelConfig, cluster: ClusterSpec, degrees: Degrees, st
     work = TimeBreakdown(weights=weights, linear=linear, kv=kv, attention=attention, allreduce=allreduce,
                          p2p=p2p, overhead=overhead, lm_head=lm_head)
     fill_and_drain = (pp - 1) * (work.total - work.lm_head) / m      # the stages without the head
-    return dataclasses.replace(work, bubble=fill_and_drain if drains and pp > 1 else 0.0)
+    return dataclasses.replace(work, bubble=fill_and_drain if drains else 0.0)
 
 
 def enumerate_degrees(cfg: ModelConfig, num_devices: int, max_tp: int | None = None) -> list[Degrees]:
