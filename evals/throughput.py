@@ -52,6 +52,7 @@ class SeesawLayout:
     launcher: tuple[str, ...]   # command prefix that starts the runner script
     llm_kwargs: dict            # extra keyword arguments for seesaw_ds.LLM
     ranks: int = 1
+    replicas: bool = False      # one one-rank engine per rank (data parallel), not one engine over the ranks
 
     def __post_init__(self):
         if not self.label or not self.launcher:
@@ -65,9 +66,12 @@ def seesaw_layout(text: str) -> SeesawLayout:
     `parallel` is the layout as the plain mapping every revision's LLM reads ({tp, pp} or {prefill, decode}),
     without `dp`: a row is one replica over the ranks it launches, which the engine fills in itself."""
     layouts = StageLayouts.from_spec(text)
-    if layouts.prefill.dp > 1:
-        raise ValueError(f"seesaw layout {text!r}: a row is one engine over its ranks; drop the DP factor")
+    if layouts.prefill.dp > 1 and layouts.prefill.ranks_per_replica > 1:
+        raise ValueError(f"seesaw layout {text!r}: DP rows are one-rank replicas (TP1xDP2); a replica of several "
+                         f"ranks is not a row")
     ranks = layouts.world_size
+    if layouts.prefill.dp > 1:      # replicas: every rank its own engine over its share of the requests
+        return SeesawLayout(layouts.label(), ("deepspeed", "--num_gpus", str(ranks)), {}, ranks, replicas=True)
     if ranks == 1:
         return SeesawLayout(layouts.label(), (sys.executable,), {})
     spec = {k: v for k, v in layouts.spec().items() if k != "dp"}
@@ -125,8 +129,9 @@ def planned_runs(args, model_dir: str, workload_file: Path, scratch: Path,
                     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "SEESAW_CACHE": str(baseline.cache_dir)}
                     rows.insert(0, (baseline.label(layout.label), baseline.runner, env))
                 for label, runner, env in rows:
+                    replicas = ("--replicas",) if layout.replicas else ()
                     runs.append(EngineRun("seesaw", label, (*layout.launcher, str(runner), *common("seesaw", label),
-                                                            "--llm-kwargs", json.dumps(kwargs)), env))
+                                                            "--llm-kwargs", json.dumps(kwargs), *replicas), env))
         else:
             raise ValueError(f"unknown engine {engine!r}; engines: hf, seesaw (peers via --peers)")
     if "vllm" in args.peers.split(","):

@@ -66,9 +66,48 @@ def run_seesaw(model_dir: str, workloads: list[dict], dtype: str, llm_kwargs: di
     return setup_s, results
 
 
+def run_replicas(model_dir: str, workloads: list[dict], dtype: str, llm_kwargs: dict) -> tuple[float, list[dict]]:
+    """Data-parallel replicas, as a job's `parallel: {dp: N}` runs them: every rank its own one-process engine
+    over requests rank, rank + N, ...; each workload starts on every rank together (a barrier after the
+    warm-up), and its row is the slowest rank's wall time over every rank's tokens."""
+    from seesaw_ds import LLM, SamplingParams
+    from seesaw_ds.distributed.builder import init_distributed
+    from seesaw_ds.engine.comm import TorchComm
+    init_distributed()
+    comm = TorchComm()
+    rank, world = comm.rank, comm.world_size
+    setup_start = time.perf_counter()
+    llm = LLM(model=model_dir, dtype=dtype, distributed=False, **llm_kwargs)
+    setup_s = time.perf_counter() - setup_start
+
+    def generate(requests):
+        prompts = [{"prompt_token_ids": r["prompt_token_ids"]} for r in requests]
+        params = [SamplingParams(temperature=0, max_tokens=r["output_len"], ignore_eos=True) for r in requests]
+        return [output_token_ids(o) for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    results = []
+    for wl in workloads:
+        mine = wl["requests"][rank::world]
+        generate(common.warmup_requests(mine))
+        comm.barrier()
+        start = time.perf_counter()
+        tokens = generate(mine)
+        parts = comm.all_gather_object({"wall_s": time.perf_counter() - start, "tokens": tokens,
+                                        "extra": engine_metrics(llm)})
+        merged = [parts[i % world]["tokens"][i // world] for i in range(len(wl["requests"]))]
+        row = {"workload": wl["name"], "wall_s": max(p["wall_s"] for p in parts),
+               **common.counted_tokens(wl["requests"], [len(t) for t in merged]),
+               "extra": {"replica_wall_s": [p["wall_s"] for p in parts], **parts[0]["extra"]}}
+        row["output_digests"] = common.token_digests(merged)
+        results.append(row)
+    return setup_s, results
+
+
 def main() -> None:
     parser = common.runner_arguments(__doc__.splitlines()[0])
     parser.add_argument("--llm-kwargs", default="{}", help="JSON keyword arguments for seesaw_ds.LLM")
+    parser.add_argument("--replicas", action="store_true",
+                        help="every rank its own engine over its share of the requests (data parallel)")
     args = parser.parse_args()
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -87,7 +126,8 @@ def main() -> None:
     llm_kwargs = json.loads(args.llm_kwargs)
     longest = max(len(r["prompt_token_ids"]) + r["output_len"] for wl in workloads for r in wl["requests"])
     llm_kwargs.setdefault("max_model_len", max(2048, longest))
-    setup_s, results = run_seesaw(args.model, workloads, args.dtype, llm_kwargs)
+    run = run_replicas if args.replicas else run_seesaw
+    setup_s, results = run(args.model, workloads, args.dtype, llm_kwargs)
     for row in results:
         print(f"[seesaw rank {rank}] {row['workload']}: {row['wall_s']:.1f} s", flush=True)
     if rank == 0:

@@ -13,9 +13,11 @@ from seesaw_ds.distributed.master import build_hf_model
 from seesaw_ds.distributed.weight_views import WeightViews
 from seesaw_ds.engine.inputs import ModelInputs
 from seesaw_ds.models.config import ModelConfig
+from seesaw_ds.models.decode_path import tp_all_reduce
+from seesaw_ds.models.vocab_head import ShardedLogits, VocabShard, rows_linear
 from seesaw_ds.models.runner import ModelRunner
 from seesaw_ds.parallel.layout import Layout
-from seesaw_ds.parallel.weight_plan import shard_entries, tp_head_ranges
+from seesaw_ds.parallel.weight_plan import shard_entries, tp_head_ranges, vocab_head_entry, vocab_rows
 
 
 class LocalStageExecutor:
@@ -28,14 +30,18 @@ class LocalStageExecutor:
         return 1
 
     @torch.inference_mode()
-    def run(self, micro_inputs: list[ModelInputs], kv) -> torch.Tensor:
-        return torch.cat([self.runner.forward(m.input_ids, m.positions, m.meta, kv, m.logits_indices)
-                          for m in micro_inputs])
+    def run(self, micro_inputs: list[ModelInputs], kv) -> torch.Tensor | ShardedLogits:
+        parts = [self.runner.forward(m.input_ids, m.positions, m.meta, kv, m.logits_indices) for m in micro_inputs]
+        if len(parts) == 1:
+            return parts[0]
+        return ShardedLogits.cat(parts) if isinstance(parts[0], ShardedLogits) else torch.cat(parts)
 
 
 class TensorParallelExecutor(LocalStageExecutor):
     """AutoTP over a fresh model built on the master copy; its shards are then re-pointed at the plan's
-    slices of the master copy, so the node keeps one copy of the weights whatever the layout."""
+    slices of the master copy, so the node keeps one copy of the weights whatever the layout. The logits
+    come from a vocabulary-parallel head over this rank's rows of the same copy (models/vocab_head.py)
+    instead of AutoTP's hidden-split head and its all-reduce of every logit."""
 
     def __init__(self, folder: str, weights: WeightViews, dtype: torch.dtype, cfg: ModelConfig, layout: Layout,
                  rank: int):
@@ -48,6 +54,15 @@ class TensorParallelExecutor(LocalStageExecutor):
         tp_rank = layout.coords(rank).tp_rank
         self.bound_bytes = weights.bind(engine.module, shard_entries(cfg, layout, 0, tp_rank))
         self.kv_heads = tp_head_ranges(cfg, layout.tp)[tp_rank][1]
+        if getattr(engine.module.lm_head, "bias", None) is None:
+            self._shard_vocab(engine.module.lm_head, weights, cfg, layout.tp, tp_rank)
+
+    def _shard_vocab(self, autotp_head, weights: WeightViews, cfg: ModelConfig, tp: int, tp_rank: int) -> None:
+        rows = vocab_rows(cfg, tp)[tp_rank]
+        head = rows_linear(torch.empty(len(rows), cfg.hidden_size, dtype=autotp_head.weight.dtype))
+        weights.bind(head, (vocab_head_entry(cfg, tp, tp_rank),))   # re-pointed at the master copy's rows
+        shard = VocabShard(rows.start, rows.stop, cfg.vocab_size, tp_rank, tp, tp_all_reduce(autotp_head))
+        self.runner.shard_vocab(head, shard)
 
 
 def build_executor(layout: Layout, rank: int, folder: str | None, weights: WeightViews, dtype: torch.dtype,

@@ -22,6 +22,7 @@ from seesaw_ds.engine.sampling_params import SamplingParams
 from seesaw_ds.engine.scheduler import Scheduler
 from seesaw_ds.engine.sequence import RequestOutput, SampleOutput, Sequence, SequenceStatus
 from seesaw_ds.engine.stats import EngineStats
+from seesaw_ds.models.vocab_head import ShardedLogits
 
 log = logging.getLogger("seesaw_ds")
 
@@ -165,7 +166,16 @@ class Engine:
 
     def _sample_and_share(self, logits, seqs: list[Sequence], rows: list[int], src: int):
         """One token per sequence, sequence i drawing from logits row rows[i] (n samples of one prompt share
-        its row at prefill), sampled on the rank holding the logits and broadcast to the others."""
+        its row at prefill), sampled on the rank holding the logits and broadcast to the others. Logits
+        held as vocabulary slices (a vocabulary-parallel head): every rank of the group takes part; greedy
+        rows exchange only their slices' maxima, anything else gathers the whole rows first."""
+        if isinstance(logits, ShardedLogits):
+            if rows != list(range(len(rows))):
+                logits = logits.rows(torch.tensor(rows, dtype=torch.long))
+                rows = list(range(len(rows)))
+            if all(s.params.greedy and s.params.logprobs is None for s in seqs):
+                return logits.argmax().tolist(), None                # the same tokens on every rank
+            logits = logits.full()
         tokens = torch.zeros(len(seqs), dtype=torch.long)
         logprobs = None
         if self.comm.rank == src:

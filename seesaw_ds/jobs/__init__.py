@@ -16,7 +16,7 @@ _EXPORTS = {
     "seesaw_ds.jobs.schema": ("RecipeError",),
     "seesaw_ds.jobs.sources": ("load_source", "register_source"),
     "seesaw_ds.jobs.tracking": ("Tracker",),
-    "seesaw_ds.jobs.world": ("JobWorld", "ReplicaRole", "recipe_layouts", "replica_role"),
+    "seesaw_ds.jobs.world": ("JobWorld", "ReplicaRole", "choose_layouts", "recipe_layouts", "replica_role"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

@@ -107,14 +107,17 @@ def _load_model_meta(recipe: Recipe, comm):
     return folder, load_model_config(folder), load_tokenizer(folder)
 
 
-def _auto_planner(recipe: Recipe, tokenizer) -> Callable:
-    """plan_auto(world, cfg): the best planned layouts that one launch can run, for a workload measured on
-    the first rows of the source."""
-    def plan_auto(world_size: int, cfg):
+def _job_planner(recipe: Recipe, tokenizer, say: Callable[[str], None]) -> Callable:
+    """plan_job(world, cfg): the planner's ranking (`planner.Plan`) of layouts on this machine for a
+    workload measured on the first rows of the source (the machine is calibrated once, announced)."""
+    def plan_job(world_size: int, cfg):
         from seesaw_ds.jobs.inputs import open_inputs
         from seesaw_ds.jobs.outputs import resolved_dtype
-        from seesaw_ds.jobs.world import supported
-        from seesaw_ds.planner import PlannerOptions, plan, stage_layouts
+        from seesaw_ds.planner import PlannerOptions, plan
+        from seesaw_ds.planner.calibrate import calibration_path, is_calibrated
+        if not is_calibrated(world_size):
+            say(f"calibrating this machine for the layout planner ({world_size} ranks, once; cached in "
+                f"{calibration_path(world_size)})")
         probe = open_inputs(recipe, tokenizer, announce=lambda _: None)
         items = list(itertools.islice(probe.items(), PLANNER_SAMPLE_ROWS))
         if items:
@@ -123,13 +126,10 @@ def _auto_planner(recipe: Recipe, tokenizer) -> Callable:
             workload = f"{max(prompt, 1):.0f}/{max(output, 1):.0f}/{probe.loaded.num_rows or len(items)}"
         else:
             workload = "sharegpt-small"
-        result = plan(cfg, "local", workload, PlannerOptions(dtype=resolved_dtype(recipe.model.dtype)), num_devices=world_size)
-        for candidate in result.ranked:
-            layouts = stage_layouts(candidate)
-            if supported(layouts):
-                return layouts
-        raise RecipeError("parallel", f"auto found no layouts for {world_size} ranks that one launch can run")
-    return plan_auto
+        options = PlannerOptions(dtype=resolved_dtype(recipe.model.dtype),
+                                 max_batched_tokens=recipe.engine.max_num_batched_tokens)
+        return plan(cfg, "local", workload, options, num_devices=world_size)
+    return plan_job
 
 
 def _engine_report(engine: Any) -> dict[str, Any]:
@@ -147,7 +147,7 @@ def run(recipe: Recipe, world, announce: Callable[[str], None] = print) -> dict[
     from seesaw_ds.jobs.inputs import open_inputs
     from seesaw_ds.jobs.job import claim_output_dir, release_output_dir
     from seesaw_ds.jobs.startup_checks import check_engine_fits
-    from seesaw_ds.jobs.world import describe, recipe_layouts, replica_role
+    from seesaw_ds.jobs.world import choose_layouts, describe, replica_role
     from seesaw_ds.prebuild import ensure_built
     ensure_built(announce if world.rank == 0 else (lambda _: None))   # never inside the job's clock
     comm = _job_comm(world)
@@ -158,12 +158,14 @@ def run(recipe: Recipe, world, announce: Callable[[str], None] = print) -> dict[
         import datasets
         datasets.disable_progress_bars()
     folder, cfg, tokenizer = _load_model_meta(recipe, comm)
-    plan_auto = _auto_planner(recipe, tokenizer)
-    layouts = _from_rank0(comm, lambda: recipe_layouts(recipe.parallel, world.size, cfg, plan_auto))
+    plan_job = _job_planner(recipe, tokenizer, say)
+    layouts, why = _from_rank0(comm, lambda: choose_layouts(recipe.parallel, world.size, cfg, plan_job))
     role = replica_role(layouts, world.rank)
     _from_rank0(comm, lambda: check_engine_fits(recipe, cfg, layouts, role.single_process_engine))
     say(f"layouts: {describe(layouts)} ({_count(world.size, 'rank')}, {_count(role.num_replicas, 'replica')} of "
         f"{_count(len(role.ranks), 'rank')}; model {recipe.model.name} -> {folder})")
+    if why:
+        say(why if why.startswith("parallel:") else f"parallel: {recipe.parallel}: {why}")
     source = open_inputs(recipe, tokenizer, replica=role.replica, num_replicas=role.num_replicas, announce=say)
     fingerprint = _from_rank0(comm, lambda: claim_output_dir(recipe, source, say))   # before weights load
     try:

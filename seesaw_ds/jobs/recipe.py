@@ -186,7 +186,8 @@ class Recipe:
     data: DataSection = option(None, "")
     sampling: SamplingSection = option(SamplingSection(), "")
     engine: EngineSection = option(EngineSection(), "")
-    parallel: Any = option("seesaw", "auto (planner) | seesaw (prefill pp=N -> decode tp=N on N ranks) | "
+    parallel: Any = option("seesaw", "auto (planner) | seesaw (prefill pp=N -> decode tp=N on N ranks, or the static "
+                                      "layout the planner predicts faster) | "
                                       "{tp: 1, pp: 1, dp: 1} | {prefill: {pp: 2}, decode: {tp: 2}, dp: 1} | "
                                       "a label: 1proc, TP2, PP2, PP2->TP2 (dp 1 unless given: TP1xDP2)")
     output: OutputSection = option(OutputSection(), "")

@@ -3,7 +3,7 @@
 Pure functions; the launch script supplies the environment and the planner.
 
     world = JobWorld.from_env()                            # RANK / WORLD_SIZE / LOCAL_SIZE of the launcher
-    layouts = recipe_layouts(recipe.parallel, world.size, cfg, plan_auto)
+    layouts, why = choose_layouts(recipe.parallel, world.size, cfg, plan_job)   # why: for the start-up line
     role = replica_role(layouts, world.rank)               # replica index, writer or not
 
 One engine spans the `tp * pp` consecutive ranks of a replica; replicas split the rows (row i goes to replica
@@ -73,19 +73,31 @@ def supported(layouts: StageLayouts) -> bool:
 
 
 def recipe_layouts(parallel: str | Mapping[str, Any], world_size: int, cfg: ModelConfig,
-                   plan_auto: Callable[[int, ModelConfig], StageLayouts] | None = None) -> StageLayouts:
-    """The recipe's `parallel` (validated by the recipe) as StageLayouts checked against the world and model.
+                   plan_job: Callable[[int, ModelConfig], Any] | None = None) -> StageLayouts:
+    """`choose_layouts` without the reason."""
+    return choose_layouts(parallel, world_size, cfg, plan_job)[0]
 
-    `auto`: one rank -> tp=pp=dp=1; several -> `plan_auto(world_size, cfg)`. `seesaw`: prefill PP -> decode TP
-    over the largest replica the model allows (`auto_layouts`; one rank -> tp=pp=dp=1). Misfits raise RecipeError."""
+
+def choose_layouts(parallel: str | Mapping[str, Any], world_size: int, cfg: ModelConfig,
+                   plan_job: Callable[[int, ModelConfig], Any] | None = None) -> tuple[StageLayouts, str]:
+    """The recipe's `parallel` (validated by the recipe) as StageLayouts checked against the world and model,
+    and why they were chosen ("" when the recipe named them).
+
+    `plan_job(world_size, cfg)` is the planner's ranking (a `planner.Plan`) for this job's workload.
+    `auto`: one rank -> tp=pp=dp=1; several -> the planner's fastest layouts one launch can run. `seesaw`:
+    prefill PP -> decode TP over the largest replica the model allows (`auto_layouts`), unless the planner
+    predicts a static layout faster (`seesaw_or_static`); one rank -> tp=pp=dp=1. Misfits raise RecipeError."""
+    why = ""
+    if world_size == 1 and parallel in ("auto", "seesaw"):
+        return StageLayouts.static(Layout()), why
     if parallel == "seesaw":
         layouts = auto_layouts(world_size, cfg)
+        if plan_job is not None:
+            layouts, why = seesaw_or_static(plan_job(world_size, cfg), layouts)
     elif parallel == "auto":
-        if world_size == 1:
-            return StageLayouts.static(Layout())
-        if plan_auto is None:
+        if plan_job is None:
             raise RecipeError("parallel", "is auto but no planner is at hand; give the layouts")
-        layouts = plan_auto(world_size, cfg)
+        layouts, why = fastest_runnable(plan_job(world_size, cfg))
     else:
         layouts = StageLayouts.from_spec(parallel, world_size)
     try:
@@ -97,7 +109,52 @@ def recipe_layouts(parallel: str | Mapping[str, Any], world_size: int, cfg: Mode
         raise RecipeError("parallel", f"{describe(layouts)} runs {layouts.prefill.dp} replicas of "
                                       f"{layouts.prefill.ranks_per_replica} ranks; one launch runs either one "
                                       f"replica over all ranks (dp: 1) or one rank per replica (tp = pp = 1)")
-    return layouts
+    return layouts, why
+
+
+def _runnable(plan, static_only: bool = False) -> list:
+    from seesaw_ds.planner import stage_layouts
+    return [c for c in plan.ranked if supported(stage_layouts(c)) and (c.is_static or not static_only)]
+
+
+def _shape(plan) -> str:
+    w = plan.workload
+    return (f"{w.num_requests} requests of ~{w.mean_prompt_len:.0f} prompt + {w.mean_output_len:.0f} output "
+            f"tokens on {plan.cluster.num_devices}x{plan.cluster.name}")
+
+
+def fastest_runnable(plan) -> tuple[StageLayouts, str]:
+    """`auto`: the planner's fastest layouts that one launch can run."""
+    from seesaw_ds.planner import stage_layouts
+    ranked = _runnable(plan)
+    if not ranked:
+        raise RecipeError("parallel", f"auto found no layouts for {plan.cluster.num_devices} ranks that one "
+                                      f"launch can run")
+    best = ranked[0]
+    return stage_layouts(best), f"the planner's fastest for {_shape(plan)} ({best.tokens_per_s:,.0f} tokens/s predicted)"
+
+
+def seesaw_or_static(plan, pair: StageLayouts) -> tuple[StageLayouts, str]:
+    """`seesaw` on several ranks: the Seesaw pair where the planner predicts it at least as fast as every
+    static layout one launch can run, else the fastest of those (a re-shard that cannot pay for itself is
+    not made: on fast links and small models data-parallel replicas can beat any pair)."""
+    from seesaw_ds.planner import stage_layouts
+    statics = _runnable(plan, static_only=True)
+    mine = next((c for c in plan.ranked if stage_layouts(c) == pair), None)
+    if not statics:
+        return pair, ""
+    static = statics[0]
+    label = stage_layouts(static).label()
+    if mine is None:
+        return stage_layouts(static), (f"parallel: seesaw runs {label}: the planner finds no room for the pair "
+                                       f"{pair.label()} ({_shape(plan)})")
+    ratio = mine.tokens_per_s / static.tokens_per_s
+    if ratio >= 1.0:
+        return pair, f"the planner predicts {pair.label()} at {ratio:.2f}x {label}, the fastest static layout"
+    return stage_layouts(static), (
+        f"parallel: seesaw runs {label}, not the pair {pair.label()}: the planner predicts the pair at "
+        f"{ratio:.2f}x of it for {_shape(plan)} (a pair gains where links are slow against compute); "
+        f"`parallel: {pair.label()}` runs the pair anyway")
 
 
 def describe(layouts: StageLayouts) -> str:

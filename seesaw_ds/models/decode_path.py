@@ -53,10 +53,10 @@ def _autotp_kind(module):
         if kind.tp_overlap_comm or getattr(module, "gather_output", False):
             return None
         return "column", None
-    return "row", _row_all_reduce(module)
+    return "row", tp_all_reduce(module)
 
 
-def _row_all_reduce(module):
+def tp_all_reduce(module):
     """The in-place all-reduce a row-parallel AutoTP linear runs on its output; None on a group of one."""
     from deepspeed.comm import inference_all_reduce, pg_utils
     group = module.mp_group
@@ -113,7 +113,7 @@ def packed_head(lm_head):
     sizes, index = getattr(lm_head, "_partition_sizes", None), getattr(lm_head, "tp_index", None)
     if sizes is None or index is None or lm_head.is_training_mode() or not packable([lm_head]):
         return None
-    return _SlicedInput(PackedLinear([lm_head], all_reduce=_row_all_reduce(lm_head)), sum(sizes[:index]), sizes[index])
+    return _SlicedInput(PackedLinear([lm_head], all_reduce=tp_all_reduce(lm_head)), sum(sizes[:index]), sizes[index])
 
 
 class _SlicedInput:
@@ -247,6 +247,13 @@ class LeanDecoder:
         if key != self._key:
             self.release_packed()
             self._key = key
+
+    def set_head(self, lm_head) -> None:
+        """Project with `lm_head` from now on (a vocabulary-parallel head's rows, models/vocab_head.py)."""
+        if self._head is not None:
+            self._head.release()
+        self._lm_head = lm_head
+        self._head = packed_head(lm_head) if self._lean is not None and packing_enabled() else None
 
     def head(self, h: torch.Tensor) -> torch.Tensor | None:
         """lm_head(h) [..., H] -> [..., V] over a packed copy of its weight; None where the head is not packed."""

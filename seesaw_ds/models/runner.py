@@ -7,7 +7,8 @@ model is split into three pieces that a pipeline stage can own:
 
     embed(input_ids)                      [T] -> [1, T, H]
     run_layers(h, positions, layers)      [1, T, H] -> [1, T, H]   (layers: a contiguous global range)
-    head(h, logits_indices)               [1, T, H] -> [B, V] float32
+    head(h, logits_indices)               [1, T, H] -> [B, V] float32 (or this rank's vocabulary slice of it,
+                                                            ShardedLogits, under a vocabulary-parallel head)
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from seesaw_ds.kv.attention import ATTN_IMPLEMENTATION, AttentionMetadata, paged
 from seesaw_ds.kv.pool import KVPool
 from seesaw_ds.models.decode_path import LeanDecoder, lean_decode_enabled
 from seesaw_ds.models.fused import use_fused_layer_ops
+from seesaw_ds.models.vocab_head import ShardedLogits, VocabShard
 
 
 def use_paged_attention(hf_model) -> None:
@@ -39,6 +41,14 @@ class ModelRunner:
         self.rotary_emb = inner.rotary_emb
         self.lm_head = hf_model.lm_head
         self.lean = LeanDecoder(self.layers, self.lm_head) if lean_decode_enabled() else None
+        self.vocab_shard: VocabShard | None = None
+
+    def shard_vocab(self, head: torch.nn.Linear, shard: VocabShard) -> None:
+        """Project onto this rank's rows of the vocabulary only (`head`: those rows, [V_r, H]); `head()` then
+        returns ShardedLogits (models/vocab_head.py)."""
+        self.lm_head, self.vocab_shard = head, shard
+        if self.lean is not None:
+            self.lean.set_head(head)
 
     def follow_weights(self, weights_key) -> None:
         """`weights_key()` names the current weights (the master copy's key): derived copies made for
@@ -72,7 +82,8 @@ class ModelRunner:
         logits = self.lean.head(h) if self.lean is not None and self.lean.supported else None
         if logits is None:
             logits = self.lm_head(h)                                     # AutoTP's head wants 3-D
-        return logits[0].float()                                         # [B, V]
+        logits = logits[0].float()                                       # [B, V] (or [B, V_r])
+        return logits if self.vocab_shard is None else ShardedLogits(logits, self.vocab_shard)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,

@@ -185,6 +185,19 @@ def shard_entries(cfg: ModelConfig, layout: Layout, pp_stage: int, tp_rank: int,
     return tuple(entries)
 
 
+def vocab_rows(cfg: ModelConfig, tp: int, grain: int = AUTOTP_GRAIN_SIZE) -> list[range]:
+    """The vocabulary-parallel head's rows per TP rank (models/vocab_head.py), cut as AutoTP cuts a dim."""
+    return _ranges_from_sizes(grain_split_sizes(cfg.vocab_size, tp, grain))
+
+
+def vocab_head_entry(cfg: ModelConfig, tp: int, tp_rank: int, grain: int = AUTOTP_GRAIN_SIZE) -> ShardEntry:
+    """The `weight` of TP rank `tp_rank`'s vocabulary-parallel head: its rows of the LM head (the embedding
+    when tied), whole hidden width. A replica of elements AutoTP's head shards already cover."""
+    rows = vocab_rows(cfg, tp, grain)[tp_rank]
+    return _entry("weight", (cfg.vocab_size, cfg.hidden_size), cut_dim=0, cut=rows,
+                  source_name=EMBED if cfg.tie_embeddings else LM_HEAD, primary=False)
+
+
 def whole_model_entries(cfg: ModelConfig) -> tuple[ShardEntry, ...]:
     """Every parameter of the unsharded model as whole tensors (`lm_head.weight` reads the embedding when
     the embeddings are tied): the entries that bind a one-process model to the master copy."""

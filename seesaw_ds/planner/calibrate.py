@@ -121,6 +121,15 @@ def _machine_key(num_ranks: int) -> dict:
             "cpu_count": os.cpu_count(), "torch": torch.__version__}
 
 
+def is_calibrated(num_ranks: int) -> bool:
+    """True when this machine's measurements for `num_ranks` ranks are cached (no measuring needed)."""
+    path = calibration_path(num_ranks)
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        return json.load(f).get("key") == _machine_key(num_ranks)
+
+
 def load_or_measure(num_ranks: int, recalibrate: bool = False, seconds: float = _MEASURE_SECONDS) -> dict:
     """Cached measurements for this machine and rank count; measure (and cache) when absent or asked."""
     path, key = calibration_path(num_ranks), _machine_key(num_ranks)

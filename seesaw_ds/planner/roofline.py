@@ -36,10 +36,10 @@ allowed, as DeepSpeed AutoTP makes them), pp <= num_layers. Assumptions:
   launches or, on a CPU, operator dispatch), paid per layer per micro-batch whatever the batch; TP does not
   divide it.
 - `lm_head`: the logits of each sequence's last token (every token in decode): 2 b V H FLOPs and the V x H
-  weight read per micro-batch, on the last pipeline stage (counted on the busiest one), split by TP with an
-  all-reduce of the b x V logits (AutoTP's head is row-parallel).
+  weight read per micro-batch, on the last pipeline stage (counted on the busiest one), split by TP over
+  vocabulary rows: greedy decoding exchanges each row's (max, id) per rank, not the b x V logits.
 - A shaped link (`ClusterSpec.shaped`: a token bucket) refills during compute: each all-reduce of a layer
-  follows 1/(2m) of the layer's compute, each pipeline send one micro-batch's compute, the logits' all-reduce
+  follows 1/(2m) of the layer's compute, each pipeline send one micro-batch's compute, the head's exchange
   the LM head's compute.
 - Rates are datasheet peaks (or measured, for `local`): absolute tokens/s are rough; the model is meant
   for ranking layouts against each other.
@@ -205,7 +205,8 @@ def stage_step_time(cfg: ModelConfig, cluster: ClusterSpec, degrees: Degrees, st
                                                    gap=compute / (layers * 2 * m))
     p2p = (cluster.p2p_seconds(e * new_tokens * hidden, messages=PIPE_MESSAGES * m, transfers=m,
                                gap=compute / m) if pp > 1 else 0.0)
-    lm_head = head_compute + cluster.allreduce_seconds(e * seqs * vocab, tp, calls=m, gap=head_compute / m)
+    # vocabulary-parallel head: greedy rows exchange (max, id) per rank, fp32 (models/vocab_head.py)
+    lm_head = head_compute + cluster.allreduce_seconds(4 * 2 * tp * seqs, tp, calls=m, gap=head_compute / m)
     work = TimeBreakdown(weights=weights, linear=linear, kv=kv, attention=attention, allreduce=allreduce,
                          p2p=p2p, overhead=overhead, lm_head=lm_head)
     fill_and_drain = (pp - 1) * (work.total - work.lm_head) / m      # the stages without the head

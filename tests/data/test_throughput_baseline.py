@@ -26,7 +26,9 @@ def test_labels_become_launchers_and_llm_kwargs():
     assert seesaw.llm_kwargs == {"parallel": {"prefill": {"tp": 1, "pp": 2}, "decode": {"tp": 2, "pp": 1}}}
     four = seesaw_layout("PP2xTP2->TP4")                       # any label of the grammar, not a fixed list
     assert four.launcher[-1] == "4" and four.llm_kwargs["parallel"]["decode"] == {"tp": 4, "pp": 1}
-    with pytest.raises(ValueError, match="drop the DP factor"):
+    dp = seesaw_layout("TP1xDP2")                              # one-rank replicas: one engine per rank
+    assert (dp.label, dp.launcher, dp.llm_kwargs, dp.replicas) == ("DP2", ("deepspeed", "--num_gpus", "2"), {}, True)
+    with pytest.raises(ValueError, match="a replica of several ranks is not a row"):
         seesaw_layout("TP2xDP2")
 
 

@@ -31,13 +31,15 @@ def _generate(rank, folder, parallel, kv_host_gb, kv_device_gb):
         for o in engine.step():
             out[o.request_id] = o.token_ids
     stats, kv = engine.stats, engine.kv_metrics
+    shard = engine.runtimes["decode"].executor.runner.vocab_shard if engine.layouts.decode.tp > 1 else None
     engine.close()
     return {"tokens": [out[str(i)] for i in range(len(prompts))], "prompts": prompts,
             "switches": stats.switches, "summary": stats.summary(), "kv_bytes": stats.kv_bytes_moved,
             "scheduler_switches": kv.get("num_switches", 0), "swap_outs": kv.get("num_swap_outs", 0),
             "recomputes": kv["num_preemptions"], "host_blocks": engine.scheduler.host.num_blocks
             if engine.scheduler.has_host_tier else 0, "static": engine.layouts.is_static,
-            "layouts": [engine.layouts.prefill.describe(), engine.layouts.decode.describe()]}
+            "layouts": [engine.layouts.prefill.describe(), engine.layouts.decode.describe()],
+            "decode_vocab_rows": None if shard is None else [shard.start, shard.stop]}
 
 
 def _bytes_for_tokens(model, tokens: int) -> float:
@@ -70,6 +72,9 @@ def test_layout_matches_hf_generate(case, tmp_path):
                     out_dir=str(tmp_path))
     for prompt, tokens in zip(out["prompts"], out["tokens"]):
         assert tokens == hf_greedy(model, prompt, MAX_TOKENS), f"{case}: prompt of {len(prompt)} diverged"
+    if world > 1 and case != "pp2":     # TP decode: rank 0's logits are its slice of the vocabulary rows
+        rows = out["decode_vocab_rows"]
+        assert rows is not None and 0 == rows[0] < rows[1] < model.config.vocab_size
     summary = out["summary"]
     assert out["static"] == (parallel is None or "prefill" not in parallel)
     if out["static"]:               # one runtime, the device pool only: never a switch, the pool filled up

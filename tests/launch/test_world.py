@@ -4,7 +4,7 @@ import pytest
 from seesaw_ds.jobs.parallel_spec import data_parallel_size, describe_layouts, validate_parallel
 from seesaw_ds.jobs.report import combine, format_report
 from seesaw_ds.jobs.schema import RecipeError
-from seesaw_ds.jobs.world import JobWorld, recipe_layouts, replica_role, row_label
+from seesaw_ds.jobs.world import JobWorld, choose_layouts, recipe_layouts, replica_role, row_label, seesaw_or_static
 from seesaw_ds.models.config import ModelConfig
 from seesaw_ds.parallel.layout import Layout, StageLayouts
 
@@ -37,9 +37,30 @@ def test_recipe_layouts_forms():
     assert data_parallel_size(validate_parallel("TP2")) == 1 and data_parallel_size("seesaw") is None
     assert recipe_layouts("auto", 1, cfg()) == StageLayouts.static(Layout())
     assert recipe_layouts("seesaw", 1, cfg()) == StageLayouts.static(Layout())
-    assert recipe_layouts("seesaw", 2, cfg()) == StageLayouts(Layout(pp=2), Layout(tp=2))
-    planned = StageLayouts(Layout(pp=2), Layout(tp=2))
-    assert recipe_layouts("auto", 2, cfg(), lambda world, _: planned) == planned
+    assert recipe_layouts("seesaw", 2, cfg()) == StageLayouts(Layout(pp=2), Layout(tp=2))   # no planner: the pair
+
+
+def test_seesaw_runs_the_pair_only_where_the_planner_predicts_a_gain():
+    from seesaw_ds.planner import plan, stage_layouts
+    # a small model on two fast-linked devices: data-parallel replicas beat the pair
+    small = plan(cfg(), "2xA100-NVLINK", "arxiv-small")
+    pair = StageLayouts(Layout(pp=2), Layout(tp=2))
+    ratio = next(c for c in small.ranked if stage_layouts(c) == pair).tokens_per_s / small.best_static.tokens_per_s
+    assert ratio < 1 and stage_layouts(small.best_static) == StageLayouts.static(Layout(dp=2))
+    layouts, why = choose_layouts("seesaw", 2, cfg(), lambda world, _: small)
+    assert layouts == StageLayouts.static(Layout(dp=2))
+    assert why.startswith(f"parallel: seesaw runs DP2, not the pair PP2->TP2: the planner predicts the pair at "
+                          f"{ratio:.2f}x of it for 32 requests of ~1536 prompt + 64 output tokens on 2xA100-NVLINK")
+    assert "`parallel: PP2->TP2` runs the pair anyway" in why
+    # 70B on eight PCIe A10s: the pair the planner ranks above every static layout is run
+    big = plan("llama-2-70b", "8xA10", "arxiv")
+    best_pair = stage_layouts(big.best_pair)
+    assert big.speedup(big.best_pair) > 1
+    layouts, why = seesaw_or_static(big, best_pair)
+    assert layouts == best_pair and why.startswith(f"the planner predicts {best_pair.label()} at ")
+    # auto: the fastest layouts one launch can run, with the prediction
+    layouts, why = choose_layouts("auto", 2, cfg(), lambda world, _: small)
+    assert layouts == stage_layouts(small.best) and why.startswith("the planner's fastest for 32 requests")
 
 
 @pytest.mark.parametrize("parallel, world, message", [
