@@ -89,11 +89,13 @@ def run_replicas(model_dir: str, workloads: list[dict], dtype: str, llm_kwargs: 
     for wl in workloads:
         mine = wl["requests"][rank::world]
         generate(common.warmup_requests(mine))
+        before = engine_metrics(llm)
         comm.barrier()
         start = time.perf_counter()
         tokens = generate(mine)
-        parts = comm.all_gather_object({"wall_s": time.perf_counter() - start, "tokens": tokens,
-                                        "extra": engine_metrics(llm)})
+        wall = time.perf_counter() - start
+        extra = {k: v - before.get(k, 0) if isinstance(v, (int, float)) else v for k, v in engine_metrics(llm).items()}
+        parts = comm.all_gather_object({"wall_s": wall, "tokens": tokens, "extra": extra})
         merged = [parts[i % world]["tokens"][i // world] for i in range(len(wl["requests"]))]
         row = {"workload": wl["name"], "wall_s": max(p["wall_s"] for p in parts),
                **common.counted_tokens(wl["requests"], [len(t) for t in merged]),

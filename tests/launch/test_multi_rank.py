@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from seesaw_ds.jobs.outputs import existing_shards
+from seesaw_ds.parallel.layout import StageLayouts
 from tests.launch.conftest import (NUM_ROWS, REPO, deepspeed_command, free_port, job_bars, job_env, rank_log,
                                    recipe_dict, run_checked, write_recipe)
 from tests.launch.wandb_records import read_run
@@ -60,6 +61,24 @@ def test_data_parallel_two_ranks_write_every_row_once(tiny_model, articles, refe
     total = json.load(open(tmp_path / "out" / "job_summary.json"))["total"]
     assert total["rows_written"] == NUM_ROWS and total["num_replicas"] == 2
     assert not shm_files(port) and not (shm_files() - kv_before)
+
+
+def test_seesaw_default_names_its_layouts_and_why(tiny_model, articles, reference_rows, tmp_path):
+    # `parallel: seesaw` asks the planner (this machine's calibration) whether the PP2 -> TP2 pair pays here;
+    # whichever it runs, one start-up line names it and why, and the rows are the reference's
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tiny_model[0], articles, str(tmp_path / "out"),
+                                                           parallel="seesaw"))
+    proc = run_checked(deepspeed_command(2, free_port(), recipe), job_env(tmp_path))
+    assert_rows_match(output_rows(tmp_path / "out"), reference_rows)
+    lines = proc.stdout.splitlines()
+    [why] = [line for line in lines if line.startswith("parallel: seesaw")]
+    if why.startswith("parallel: seesaw runs "):          # a static layout predicted at least as fast
+        label = why.split(" runs ")[1].split(",")[0]
+        assert "not the pair PP2->TP2: the planner predicts the pair at " in why and "runs the pair anyway" in why
+    else:
+        label = why.split("the planner predicts ")[1].split(" at ")[0]
+        assert label == "PP2->TP2", why
+    assert f"layouts: {StageLayouts.from_spec(label).describe()} (2 ranks" in proc.stdout, (why, proc.stdout[-2000:])
 
 
 def start_job(cmd, env):
