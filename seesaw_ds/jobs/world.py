@@ -131,7 +131,8 @@ def fastest_runnable(plan) -> tuple[StageLayouts, str]:
         raise RecipeError("parallel", f"auto found no layouts for {plan.cluster.num_devices} ranks that one "
                                       f"launch can run")
     best = ranked[0]
-    return stage_layouts(best), f"the planner's fastest for {_shape(plan)} ({best.tokens_per_s:,.0f} tokens/s predicted)"
+    return stage_layouts(best), (f"the planner's fastest for {_shape(plan)} "
+                                 f"({best.tokens_per_s:,.0f} tokens/s predicted)")
 
 
 # A pair must be predicted this much faster than the best static layout to be run: the planner's predicted
