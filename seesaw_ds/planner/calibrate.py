@@ -29,7 +29,7 @@ from seesaw_ds.distributed.node import free_port
 from seesaw_ds.planner import calibration_rank
 from seesaw_ds.planner.clusters import ClusterSpec, DeviceSpec
 
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 DEVICE_MEMORY_SHARE = 0.5
 _MEASURE_SECONDS = 0.25      # per measurement loop
 _RANK_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "calibration_rank.py")

@@ -93,20 +93,33 @@ def decoder_layer_overhead(seconds: float) -> float:
         return timed_alone(lambda: layer(h, position_embeddings=rope), seconds, min_iters=20)
 
 
+def decode_linear(weight: torch.Tensor):
+    """x -> x @ weight.T as the lean decode step runs it: bf16 through the packed kernel where it is here
+    (models/packed_linear.py), else `F.linear`."""
+    if weight.dtype == torch.bfloat16:
+        from seesaw_ds.models.packed_linear import PackedLinear, packable, packing_enabled
+        holder = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+        holder.weight = torch.nn.Parameter(weight, requires_grad=False)
+        if packing_enabled() and packable([holder]):
+            return PackedLinear([holder])
+    return lambda x: torch.nn.functional.linear(x, weight)
+
+
 def decode_linear_flops(seconds: float, dtype=torch.float32) -> dict:
-    """{rows: FLOP/s} of `F.linear` with `rows` input rows over weights past the caches: decode's linears,
-    whose rate at a few rows is neither the large-matmul rate nor the copy rate."""
+    """{rows: FLOP/s} of decode's linears (`decode_linear`) with `rows` input rows over weights past the
+    caches: their rate at a few rows is neither the large-matmul rate nor the copy rate."""
     n, k = DECODE_SHAPE
     size = torch.tensor([], dtype=dtype).element_size()
-    weights = [torch.randn(n, k).to(dtype) for _ in range(max(1, DECODE_WEIGHT_BYTES // (n * k * size)))]
+    linears = [decode_linear(torch.randn(n, k).to(dtype))
+               for _ in range(max(1, DECODE_WEIGHT_BYTES // (n * k * size)))]
     out = {}
     for rows in DECODE_ROWS:
         x = torch.randn(rows, k).to(dtype)
 
         def run():
-            for w in weights:
-                torch.nn.functional.linear(x, w)
-        out[str(rows)] = 2 * rows * n * k * len(weights) / timed_alone(run, seconds)
+            for linear in linears:
+                linear(x)
+        out[str(rows)] = 2 * rows * n * k * len(linears) / timed_alone(run, seconds)
     return out
 
 
@@ -147,7 +160,8 @@ def rank_main(rank: int, world: int, init_file: str, out_dir: str, spawned_at: f
     result["copy_bandwidth"] = copy_rate(dst, src, seconds)
     phase_done("copy")
     dist.barrier()
-    result["decode_linear_flops"] = {"float32": decode_linear_flops(seconds)}
+    result["decode_linear_flops"] = {"float32": decode_linear_flops(seconds),
+                                     "bfloat16": decode_linear_flops(seconds, torch.bfloat16)}
     phase_done("decode_linear")
 
     dist.barrier()

@@ -27,9 +27,11 @@ def test_local_calibration_smoke(tmp_path, monkeypatch):
     # AutoTP's all-reduce (DeepSpeed's shared-memory op here) is what the TP terms use
     assert measured["tp_allreduce"]["2"]["latency"] > 0 and measured["tp_allreduce"]["2"]["bandwidth"] > 1e6
     assert 0 < measured["layer_overhead"] < 0.1
-    # decode's few-row fp32 linears: a rate per row count, more rows doing more FLOPs per byte read
-    decode = measured["decode_linear_flops"]["float32"]
-    assert set(decode) == {"1", "4", "16", "64"} and decode["64"] > decode["1"] > 1e8
+    # decode's few-row linears, fp32 and bf16 (the packed kernel where it is here): a rate per row count,
+    # more rows doing more FLOPs per byte read
+    decode, decode_bf16 = measured["decode_linear_flops"]["float32"], measured["decode_linear_flops"]["bfloat16"]
+    assert set(decode) == set(decode_bf16) == {"1", "4", "16", "64"}
+    assert decode["64"] > decode["1"] > 1e8 and decode_bf16["64"] > decode_bf16["1"] > 1e8
 
     # the cache is written once and re-used: the second call spawns nothing and returns the same figures
     with open(calibrate.calibration_path(2)) as f:
@@ -42,6 +44,7 @@ def test_local_calibration_smoke(tmp_path, monkeypatch):
     assert cluster.allreduce_latency[0] == measured["tp_allreduce"]["2"]["latency"]
     assert cluster.device.layer_overhead == measured["layer_overhead"]
     assert cluster.device.decode_flops_for("float32", 16) == decode["16"]
+    assert cluster.device.decode_flops_for("bf16", 16) == decode_bf16["16"]
 
     result = plan_layouts(ModelConfig.from_hf(SMOLLM2), cluster, parse_workload("sharegpt-small"))
     assert result.best.tokens_per_s > 0 and {c.prefill.degrees for c in result.ranked} == {(1, 2, 1), (2, 1, 1),
