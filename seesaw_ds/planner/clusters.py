@@ -82,7 +82,7 @@ class DeviceSpec:
         for (r0, v0), (r1, v1) in zip(points, points[1:]):
             if rows <= r1:
                 t = (math.log(rows) - math.log(r0)) / (math.log(r1) - math.log(r0))
-                return v0 + t * (v1 - v0)
+                return (1 - t) * v0 + t * v1               # exactly v1 at a measured row count (t = 1)
         return points[-1][1]
 
 
