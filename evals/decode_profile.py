@@ -84,17 +84,15 @@ def build_runner(args, torch):
     import deepspeed
     import torch.distributed as dist
     from seesaw_ds.distributed.builder import init_distributed
-    from seesaw_ds.models.decode_path import tp_all_reduce
-    from seesaw_ds.models.vocab_head import VocabShard, rows_linear
-    from seesaw_ds.parallel.weight_plan import vocab_rows
+    from seesaw_ds.distributed.executors import vocab_shard
+    from seesaw_ds.models.vocab_head import rows_linear
     init_distributed()
     full_head = model.lm_head.weight.detach()                # [V, H], before AutoTP cuts the head
     engine = deepspeed.init_inference(model, tensor_parallel={"tp_size": 2}, dtype=torch.bfloat16,
                                       replace_with_kernel_inject=False)
     runner, rank = ModelRunner(engine.module), dist.get_rank()
-    rows = vocab_rows(cfg, 2)[rank]                          # the vocabulary-parallel head, as the engine's
-    runner.shard_vocab(rows_linear(full_head[rows.start:rows.stop]),
-                       VocabShard(rows.start, rows.stop, cfg.vocab_size, rank, 2, tp_all_reduce(engine.module.lm_head)))
+    shard = vocab_shard(cfg, 2, rank, engine.module.lm_head)   # the vocabulary-parallel head, as the engine's
+    runner.shard_vocab(rows_linear(full_head[shard.start:shard.stop]), shard)
     return runner, cfg, 2, rank
 
 

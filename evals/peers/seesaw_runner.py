@@ -39,9 +39,22 @@ def engine_metrics(llm) -> dict:
     return {}
 
 
+def generate_greedy(llm, requests: list[dict]) -> tuple[list[list[int]], dict]:
+    """Every request greedily to exactly its output length: (token ids per request, the engine metrics'
+    change over the call)."""
+    from seesaw_ds import SamplingParams
+    prompts = [{"prompt_token_ids": r["prompt_token_ids"]} for r in requests]
+    params = [SamplingParams(temperature=0, max_tokens=r["output_len"], ignore_eos=True) for r in requests]
+    before = engine_metrics(llm)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    after = engine_metrics(llm)
+    delta = {k: v - before.get(k, 0) if isinstance(v, (int, float)) else v for k, v in after.items()}
+    return [output_token_ids(o) for o in outputs], delta
+
+
 def run_seesaw(model_dir: str, workloads: list[dict], dtype: str, llm_kwargs: dict) -> tuple[float, list[dict]]:
     """(setup seconds, one result row per workload); every rank calls this, rank 0 reports it."""
-    from seesaw_ds import LLM, SamplingParams
+    from seesaw_ds import LLM
     setup_start = time.perf_counter()
     llm = LLM(model=model_dir, dtype=dtype, **llm_kwargs)
     setup_s = time.perf_counter() - setup_start
@@ -49,13 +62,7 @@ def run_seesaw(model_dir: str, workloads: list[dict], dtype: str, llm_kwargs: di
     last = {}   # the token ids of the latest call: after `timed_workload`, those of the timed one
 
     def generate(requests):
-        prompts = [{"prompt_token_ids": r["prompt_token_ids"]} for r in requests]
-        params = [SamplingParams(temperature=0, max_tokens=r["output_len"], ignore_eos=True) for r in requests]
-        before = engine_metrics(llm)
-        outputs = llm.generate(prompts, params, use_tqdm=False)
-        after = engine_metrics(llm)
-        delta = {k: v - before.get(k, 0) if isinstance(v, (int, float)) else v for k, v in after.items()}
-        last["tokens"] = [output_token_ids(o) for o in outputs]
+        last["tokens"], delta = generate_greedy(llm, requests)
         return [len(ids) for ids in last["tokens"]], delta
 
     results = []
@@ -70,7 +77,7 @@ def run_replicas(model_dir: str, workloads: list[dict], dtype: str, llm_kwargs: 
     """Data-parallel replicas, as a job's `parallel: {dp: N}` runs them: every rank its own one-process engine
     over requests rank, rank + N, ...; each workload starts on every rank together (a barrier after the
     warm-up), and its row is the slowest rank's wall time over every rank's tokens."""
-    from seesaw_ds import LLM, SamplingParams
+    from seesaw_ds import LLM
     from seesaw_ds.distributed.builder import init_distributed
     from seesaw_ds.engine.comm import TorchComm
     init_distributed()
@@ -80,21 +87,14 @@ def run_replicas(model_dir: str, workloads: list[dict], dtype: str, llm_kwargs: 
     llm = LLM(model=model_dir, dtype=dtype, distributed=False, **llm_kwargs)
     setup_s = time.perf_counter() - setup_start
 
-    def generate(requests):
-        prompts = [{"prompt_token_ids": r["prompt_token_ids"]} for r in requests]
-        params = [SamplingParams(temperature=0, max_tokens=r["output_len"], ignore_eos=True) for r in requests]
-        return [output_token_ids(o) for o in llm.generate(prompts, params, use_tqdm=False)]
-
     results = []
     for wl in workloads:
         mine = wl["requests"][rank::world]
-        generate(common.warmup_requests(mine))
-        before = engine_metrics(llm)
+        generate_greedy(llm, common.warmup_requests(mine))
         comm.barrier()
         start = time.perf_counter()
-        tokens = generate(mine)
+        tokens, extra = generate_greedy(llm, mine)
         wall = time.perf_counter() - start
-        extra = {k: v - before.get(k, 0) if isinstance(v, (int, float)) else v for k, v in engine_metrics(llm).items()}
         parts = comm.all_gather_object({"wall_s": wall, "tokens": tokens, "extra": extra})
         merged = [parts[i % world]["tokens"][i // world] for i in range(len(wl["requests"]))]
         row = {"workload": wl["name"], "wall_s": max(p["wall_s"] for p in parts),

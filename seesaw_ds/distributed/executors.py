@@ -58,11 +58,16 @@ class TensorParallelExecutor(LocalStageExecutor):
             self._shard_vocab(engine.module.lm_head, weights, cfg, layout.tp, tp_rank)
 
     def _shard_vocab(self, autotp_head, weights: WeightViews, cfg: ModelConfig, tp: int, tp_rank: int) -> None:
-        rows = vocab_rows(cfg, tp)[tp_rank]
-        head = rows_linear(torch.empty(len(rows), cfg.hidden_size, dtype=autotp_head.weight.dtype))
+        shard = vocab_shard(cfg, tp, tp_rank, autotp_head)
+        head = rows_linear(torch.empty(shard.stop - shard.start, cfg.hidden_size, dtype=autotp_head.weight.dtype))
         weights.bind(head, (vocab_head_entry(cfg, tp, tp_rank),))   # re-pointed at the master copy's rows
-        shard = VocabShard(rows.start, rows.stop, cfg.vocab_size, tp_rank, tp, tp_all_reduce(autotp_head))
         self.runner.shard_vocab(head, shard)
+
+
+def vocab_shard(cfg: ModelConfig, tp: int, tp_rank: int, autotp_head) -> VocabShard:
+    """TP rank `tp_rank`'s rows of the vocabulary (the weight plan's cut), exchanged over AutoTP's group."""
+    rows = vocab_rows(cfg, tp)[tp_rank]
+    return VocabShard(rows.start, rows.stop, cfg.vocab_size, tp_rank, tp, tp_all_reduce(autotp_head))
 
 
 def build_executor(layout: Layout, rank: int, folder: str | None, weights: WeightViews, dtype: torch.dtype,

@@ -169,18 +169,18 @@ class Engine:
         its row at prefill), sampled on the rank holding the logits and broadcast to the others. Logits
         held as vocabulary slices (a vocabulary-parallel head): every rank of the group takes part; greedy
         rows exchange only their slices' maxima, anything else gathers the whole rows first."""
+        if logits is not None and rows != list(range(len(rows))):      # None: a rank without logits (PP)
+            if isinstance(logits, ShardedLogits):
+                logits = logits.rows(torch.tensor(rows, dtype=torch.long, device=logits.local.device))
+            else:
+                logits = logits[torch.tensor(rows, dtype=torch.long, device=logits.device)]
         if isinstance(logits, ShardedLogits):
-            if rows != list(range(len(rows))):
-                logits = logits.rows(torch.tensor(rows, dtype=torch.long))
-                rows = list(range(len(rows)))
             if all(s.params.greedy and s.params.logprobs is None for s in seqs):
                 return logits.argmax().tolist(), None                # the same tokens on every rank
             logits = logits.full()
         tokens = torch.zeros(len(seqs), dtype=torch.long)
         logprobs = None
         if self.comm.rank == src:
-            if rows != list(range(len(rows))):
-                logits = logits[torch.tensor(rows, dtype=torch.long, device=logits.device)]
             ids, logprobs = sample(logits, seqs)
             tokens = torch.tensor(ids, dtype=torch.long)
         tokens = self.comm.broadcast(tokens, src=src)

@@ -237,8 +237,10 @@ class LeanDecoder:
         rope = getattr(sys.modules[type(self._layers[0].self_attn).__module__], "apply_rotary_pos_emb")
         packed = packing_enabled()
         self._lean = [LeanLayer(layer, rope, fused, packed) for layer in self._layers]
-        if packed and self._lm_head is not None:
-            self._head = packed_head(self._lm_head)
+        self._head = self._packed_head()
+
+    def _packed_head(self):
+        return packed_head(self._lm_head) if self._lm_head is not None and packing_enabled() else None
 
     def _follow_weights(self) -> None:
         if self._lean is None:
@@ -253,7 +255,7 @@ class LeanDecoder:
         if self._head is not None:
             self._head.release()
         self._lm_head = lm_head
-        self._head = packed_head(lm_head) if self._lean is not None and packing_enabled() else None
+        self._head = self._packed_head() if self._lean is not None else None     # else: made by _build
 
     def head(self, h: torch.Tensor) -> torch.Tensor | None:
         """lm_head(h) [..., H] -> [..., V] over a packed copy of its weight; None where the head is not packed."""

@@ -47,9 +47,6 @@ class ShardedLogits:
     local: torch.Tensor       # [B, V_r] float32: this rank's columns of the [B, V] logits
     shard: VocabShard
 
-    def __len__(self) -> int:
-        return self.local.shape[0]
-
     def rows(self, index: torch.Tensor) -> "ShardedLogits":
         return ShardedLogits(self.local[index], self.shard)
 

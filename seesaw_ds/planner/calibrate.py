@@ -121,23 +121,27 @@ def _machine_key(num_ranks: int) -> dict:
             "cpu_count": os.cpu_count(), "torch": torch.__version__}
 
 
-def is_calibrated(num_ranks: int) -> bool:
-    """True when this machine's measurements for `num_ranks` ranks are cached (no measuring needed)."""
+def cached_measurements(num_ranks: int) -> dict | None:
+    """This machine's cached measurements for `num_ranks` ranks, or None (absent, or another machine's)."""
     path = calibration_path(num_ranks)
     if not os.path.isfile(path):
-        return False
+        return None
     with open(path) as f:
-        return json.load(f).get("key") == _machine_key(num_ranks)
+        cached = json.load(f)
+    return cached["measured"] if cached.get("key") == _machine_key(num_ranks) else None
+
+
+def is_calibrated(num_ranks: int) -> bool:
+    """True when no measuring is needed for `num_ranks` ranks."""
+    return cached_measurements(num_ranks) is not None
 
 
 def load_or_measure(num_ranks: int, recalibrate: bool = False, seconds: float = _MEASURE_SECONDS) -> dict:
     """Cached measurements for this machine and rank count; measure (and cache) when absent or asked."""
+    cached = None if recalibrate else cached_measurements(num_ranks)
+    if cached is not None:
+        return cached
     path, key = calibration_path(num_ranks), _machine_key(num_ranks)
-    if not recalibrate and os.path.isfile(path):
-        with open(path) as f:
-            cached = json.load(f)
-        if cached.get("key") == key:
-            return cached["measured"]
     load_before = os.getloadavg()[0]
     if load_before > 0.5 * (os.cpu_count() or 1):
         warnings.warn(f"calibrating while the machine is busy (1-min load {load_before:.1f}): the figures will "
