@@ -7,6 +7,7 @@ files apart and says whose a leftover is. Standard library only.
     node_key()    # "$SEESAW_NODE_KEY" when set (the test cluster sets "<cluster prefix>-h<i>"), else
                   # "<hostname>-<network namespace inode>": distinct between namespaced hosts of one machine,
                   # and between machines of a real cluster by their host names
+    boot_id()     # equal exactly for processes of one machine
     shm_domain(d)  # "<boot id>:<device of d>": equal exactly for processes that map the same files under d
                    # (the node's /dev/shm), whatever their node keys
     free_port()    # a TCP port free on this node now (a rendezvous port for ranks started here)
@@ -50,16 +51,21 @@ def node_key() -> str:
     return "-".join(p for p in parts if p)
 
 
+def boot_id() -> str:
+    """The running kernel's boot id: equal exactly for processes of one machine ('' without /proc)."""
+    try:
+        with open(BOOT_ID, encoding="ascii") as handle:
+            return handle.read().strip()
+    except OSError:
+        return ""
+
+
 def shm_domain(directory: str) -> str:
     """Which processes share the files under `directory` (the node's /dev/shm): the running kernel's boot id
     and the directory's filesystem device. Namespaced hosts or containers that mount one machine's /dev/shm
     get the same value; separate machines differ by boot id, private /dev/shm mounts of one machine by device.
     Without a boot id (no /proc) the node key stands in: distinct nodes are then never taken as sharing."""
-    try:
-        with open(BOOT_ID, encoding="ascii") as handle:
-            boot = handle.read().strip()
-    except OSError:
-        boot = ""
+    boot = boot_id()
     try:
         device = str(os.stat(directory).st_dev)
     except OSError:

@@ -81,11 +81,13 @@ def _leave_job_comm(comm) -> None:
             leave_distributed()
 
 
-def _set_threads(world) -> None:
+def _set_threads(nodes) -> None:
+    """The machine's cores split between the ranks it runs (namespaced hosts or containers of one machine
+    share its cores, whatever their LOCAL_SIZE)."""
     import torch
-    if world.is_multi_rank:   # NOTE: oversubscribed cores make small matmuls 10-40x slower
+    if nodes.world_size > 1:   # NOTE: oversubscribed cores make small matmuls 10-40x slower
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        torch.set_num_threads(max(1, cores // world.local_size))
+        torch.set_num_threads(max(1, cores // nodes.machine_ranks))
 
 
 def _load_model_meta(recipe: Recipe, comm):
@@ -107,17 +109,22 @@ def _load_model_meta(recipe: Recipe, comm):
     return folder, load_model_config(folder), load_tokenizer(folder)
 
 
-def _job_planner(recipe: Recipe, tokenizer, say: Callable[[str], None]) -> Callable:
-    """plan_job(world, cfg): the planner's ranking (`planner.Plan`) of layouts on this machine for a
-    workload measured on the first rows of the source (the machine is calibrated once, announced)."""
+def _job_planner(recipe: Recipe, tokenizer, nodes, comm, say: Callable[[str], None]) -> Callable:
+    """plan_job(world, cfg): the planner's ranking (`planner.Plan`) of layouts on the job's cluster
+    (jobs/job_cluster.py: this machine, calibrated once, announced; over several nodes, the link between
+    them, probed now) for a workload measured on the first rows of the source. Every rank calls this."""
+    from seesaw_ds.jobs.job_cluster import job_cluster, probe_link
+    planned = recipe.parallel in ("auto", "seesaw") and nodes.world_size > 1
+    link = probe_link(nodes, comm, say) if planned else None
+
     def plan_job(world_size: int, cfg):
         from seesaw_ds.jobs.inputs import open_inputs
         from seesaw_ds.jobs.outputs import resolved_dtype
         from seesaw_ds.planner import PlannerOptions, plan
         from seesaw_ds.planner.calibrate import calibration_path, is_calibrated
-        if not is_calibrated(world_size):
-            say(f"calibrating this machine for the layout planner ({world_size} ranks, once; cached in "
-                f"{calibration_path(world_size)})")
+        if not is_calibrated(nodes.machine_ranks):
+            say(f"calibrating this machine for the layout planner ({nodes.machine_ranks} ranks, once; cached in "
+                f"{calibration_path(nodes.machine_ranks)})")
         probe = open_inputs(recipe, tokenizer, announce=lambda _: None)
         items = list(itertools.islice(probe.items(), PLANNER_SAMPLE_ROWS))
         if items:
@@ -126,9 +133,11 @@ def _job_planner(recipe: Recipe, tokenizer, say: Callable[[str], None]) -> Calla
             workload = f"{max(prompt, 1):.0f}/{max(output, 1):.0f}/{probe.loaded.num_rows or len(items)}"
         else:
             workload = "sharegpt-small"
+        tp_inside_nodes = nodes.num_nodes > 1 and not recipe.engine.allow_cross_node_tp
         options = PlannerOptions(dtype=resolved_dtype(recipe.model.dtype),
-                                 max_batched_tokens=recipe.engine.max_num_batched_tokens)
-        return plan(cfg, "local", workload, options, num_devices=world_size)
+                                 max_batched_tokens=recipe.engine.max_num_batched_tokens,
+                                 max_tp=min(nodes.ranks_per_node, cfg.num_kv_heads) if tp_inside_nodes else None)
+        return plan(cfg, job_cluster(nodes, link), workload, options, num_devices=world_size)
     return plan_job
 
 
@@ -146,6 +155,7 @@ def run(recipe: Recipe, world, announce: Callable[[str], None] = print) -> dict[
     """The whole job on this rank; returns the combined report (every rank gets it)."""
     from seesaw_ds.jobs.inputs import open_inputs
     from seesaw_ds.jobs.job import claim_output_dir, release_output_dir
+    from seesaw_ds.jobs.job_cluster import job_nodes
     from seesaw_ds.jobs.startup_checks import check_engine_fits
     from seesaw_ds.jobs.world import choose_layouts, describe, replica_role
     from seesaw_ds.prebuild import ensure_built
@@ -153,17 +163,20 @@ def run(recipe: Recipe, world, announce: Callable[[str], None] = print) -> dict[
     comm = _job_comm(world)
     main_rank = world.rank == 0
     say = announce if main_rank else (lambda _: None)
-    _set_threads(world)
+    nodes = job_nodes(world, comm)
+    _set_threads(nodes)
     if not main_rank:
         import datasets
         datasets.disable_progress_bars()
     folder, cfg, tokenizer = _load_model_meta(recipe, comm)
-    plan_job = _job_planner(recipe, tokenizer, say)
+    plan_job = _job_planner(recipe, tokenizer, nodes, comm, say)
     layouts, why = _from_rank0(comm, lambda: choose_layouts(recipe.parallel, world.size, cfg, plan_job))
     role = replica_role(layouts, world.rank)
     _from_rank0(comm, lambda: check_engine_fits(recipe, cfg, layouts, role.single_process_engine))
+    import torch
     say(f"layouts: {describe(layouts)} ({_count(world.size, 'rank')}, {_count(role.num_replicas, 'replica')} of "
-        f"{_count(len(role.ranks), 'rank')}; model {recipe.model.name} -> {folder})")
+        f"{_count(len(role.ranks), 'rank')}, {_count(torch.get_num_threads(), 'thread')} per rank; model "
+        f"{recipe.model.name} -> {folder})")
     if why:
         say(why if why.startswith("parallel:") else f"parallel: {recipe.parallel}: {why}")
     source = open_inputs(recipe, tokenizer, replica=role.replica, num_replicas=role.num_replicas, announce=say)

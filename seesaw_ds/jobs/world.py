@@ -153,8 +153,11 @@ def seesaw_or_static(plan, pair: StageLayouts) -> tuple[StageLayouts, str]:
     static = statics[0]
     label = stage_layouts(static).label()
     if mine is None:
-        return stage_layouts(static), (f"parallel: seesaw runs {label}: the planner finds no room for the pair "
-                                       f"{pair.label()} ({_shape(plan)})")
+        max_tp = plan.options.max_tp
+        why = (f"its TP group would span nodes (TP at most {max_tp} here; engine.allow_cross_node_tp lifts it)"
+               if max_tp and max(pair.prefill.tp, pair.decode.tp) > max_tp else "the planner finds no room for it")
+        return stage_layouts(static), f"parallel: seesaw runs {label}, not the pair {pair.label()}: {why} " \
+                                      f"({_shape(plan)})"
     ratio = mine.tokens_per_s / static.tokens_per_s
     if ratio >= PAIR_MARGIN:
         return pair, f"the planner predicts {pair.label()} at {ratio:.2f}x {label}, the fastest static layout"

@@ -88,7 +88,7 @@ class DeviceSpec:
 
 @dataclasses.dataclass(frozen=True)
 class ClusterSpec:
-    """`num_devices` identical devices on one node.
+    """`num_devices` identical devices on one node, or on several nodes of `node_size` devices each.
 
     All-reduce costs are tabulated per degree 2..len+1 (degree 1 costs nothing): an all-reduce of a buffer of
     `n` bytes at degree `k` takes `allreduce_latency[k-2] + n / allreduce_bandwidth[k-2]` (algorithm
@@ -99,6 +99,9 @@ class ClusterSpec:
     at the line figures above while the bucket holds tokens, else at the sustained bandwidths. The bucket
     holds `link_bucket_seconds` of sustained traffic and refills during the `gap` of compute between two
     transfers, so one transfer of n bytes takes max(n / line, n / sustained - min(bucket, gap)).
+
+    Several nodes (`node_size` set): all-reduces of degree <= node_size stay inside a node (their table
+    entries are the node's, never shaped); larger degrees and pipeline sends cross the link between nodes.
     """
     name: str
     device: DeviceSpec
@@ -113,6 +116,7 @@ class ClusterSpec:
     link_bucket_seconds: float | None = None          # shaped link only (None: the line figures always hold)
     allreduce_sustained_bandwidth: float | None = None  # shaped link: buffer bytes/s of back-to-back all-reduces
     p2p_sustained_bandwidth: float | None = None      # shaped link: bytes/s of back-to-back sends
+    node_size: int | None = None                      # devices per node (None: one node)
 
     def __post_init__(self):
         if self.num_devices < 1:
@@ -126,6 +130,8 @@ class ClusterSpec:
         for field in ("p2p_bandwidth", "host_link_bandwidth", "host_memory_per_device"):
             if not getattr(self, field) > 0:
                 raise ValueError(f"ClusterSpec.{field} must be positive, got {getattr(self, field)}")
+        if self.node_size is not None and self.node_size < 1:
+            raise ValueError(f"ClusterSpec.node_size must be >= 1 or None, got {self.node_size}")
         if self.p2p_latency < 0:
             raise ValueError(f"ClusterSpec.p2p_latency must be >= 0, got {self.p2p_latency}")
         shaped = (self.link_bucket_seconds, self.allreduce_sustained_bandwidth, self.p2p_sustained_bandwidth)
@@ -153,8 +159,9 @@ class ClusterSpec:
         if degree <= 1:
             return 0.0
         i = min(degree, len(self.allreduce_bandwidth) + 1) - 2
+        inside_node = self.node_size is not None and degree <= self.node_size
         per_call = self._transfer_seconds(nbytes / calls, self.allreduce_bandwidth[i],
-                                          self.allreduce_sustained_bandwidth, gap)
+                                          None if inside_node else self.allreduce_sustained_bandwidth, gap)
         return calls * (self.allreduce_latency[i] + per_call)
 
     def p2p_seconds(self, nbytes: float, messages: float = 1.0, transfers: float = 1.0,

@@ -135,18 +135,47 @@ def bytes_per_direction(allreduce: TransferFit, rate: float) -> float:
     return rate / bandwidth
 
 
+def fit_link(measured: dict, ratio: float = 1.5) -> tuple[TransferFit, TransferFit, bool]:
+    """(all-reduce fit, send fit, shaped) of a probe of a link not known to be rate-limited. The shaped fit
+    is kept where it finds a bucket with a line at least `ratio` times its sustained rate, and the two
+    operations' sustained rates agree within `ratio` (one limit on the host link caps both: a 2-rank
+    all-reduce sends its buffer each way); else the unshaped fit (on an unshaped link the shaped fit finds
+    no bucket, or sustained rates that differ as the operations' own costs do)."""
+    fits = fit_probe(measured, shaped=True)
+    bucket = any(f.bucket_seconds and f.line_bandwidth >= ratio * f.sustained_bandwidth for f in fits)
+    rates = sorted(f.sustained_bandwidth for f in fits)
+    if bucket and rates[1] <= ratio * rates[0]:
+        return fits[0], fits[1], True
+    return (*fit_probe(measured, shaped=False), False)
+
+
 def cluster_on_link(base: ClusterSpec, allreduce: TransferFit, p2p: TransferFit, name: str | None = None
                     ) -> ClusterSpec:
     """`base` (its devices: compute, memory, host tier) with the all-reduce and send costs of the fitted link,
     at every degree (the probe has two hosts). A shaped fit sets the bucket: the mean of the two fits' depths
     (one bucket per host link carries both)."""
+    return nodes_on_link(base, allreduce, p2p, node_size=None, name=name)
+
+
+def nodes_on_link(base: ClusterSpec, allreduce: TransferFit, p2p: TransferFit, node_size: int | None,
+                  name: str | None = None) -> ClusterSpec:
+    """`base.num_devices` devices in nodes of `node_size` (None: one device per host, every degree over the
+    link): all-reduces of degree <= node_size keep `base`'s figures (inside a node), larger ones and the
+    pipeline's sends take the link's. The probe has two hosts: its all-reduce stands for every degree that
+    crosses the link."""
     shaped = allreduce.sustained_bandwidth is not None and p2p.sustained_bandwidth is not None
-    degrees = max(1, len(base.allreduce_bandwidth))
+    degrees = max(1, len(base.allreduce_bandwidth), base.num_devices - 1)
+    inside = min(max((node_size or 1) - 1, 0), len(base.allreduce_bandwidth))   # table entries kept
+
+    def table(own: tuple[float, ...], link: float) -> tuple[float, ...]:
+        return tuple(own[:inside]) + (link,) * (degrees - inside)
     bucket = (allreduce.bucket_seconds + p2p.bucket_seconds) / 2 if shaped else None
     return dataclasses.replace(
         base, name=name or base.name,
-        allreduce_bandwidth=(allreduce.line_bandwidth,) * degrees, allreduce_latency=(allreduce.latency,) * degrees,
+        allreduce_bandwidth=table(base.allreduce_bandwidth, allreduce.line_bandwidth),
+        allreduce_latency=table(base.allreduce_latency, allreduce.latency),
         p2p_bandwidth=p2p.line_bandwidth, p2p_latency=p2p.latency, link_bucket_seconds=bucket,
         allreduce_sustained_bandwidth=allreduce.sustained_bandwidth if shaped else None,
         p2p_sustained_bandwidth=p2p.sustained_bandwidth if shaped else None,
+        node_size=node_size if node_size and node_size > 1 else None,
         source=f"{base.source}; link fitted by link_probe")

@@ -3,7 +3,8 @@
     deepspeed ... seesaw_ds/planner/link_probe.py --out probe.json      # one rank on each of 2 hosts
 
 Run by DeepSpeed's launcher on each host (e.g. through `launch/local_cluster.py`); ranks 0 and 1 meet over the
-default process group (gloo), as the engine's ranks do. Two things cross a link between hosts:
+default process group (gloo), as the engine's ranks do. A job over several nodes runs `probe` itself, between
+its first two nodes over a group of their own (jobs/job_cluster.py). Two things cross a link between hosts:
 - the AutoTP all-reduce of a TP layout (decode: b x H activations and b x V logits; prefill: tokens x H),
   which across hosts is the process group's all-reduce (DeepSpeed's shared-memory op spans one host only);
 - the pipeline's sends of a PP layout (a micro-batch's activations, one way: stage 0 -> stage 1).
@@ -28,32 +29,32 @@ SUSTAINED_SECONDS = 0.3     # per size, back to back
 IDLE_REPEATS = 3
 
 
-def agreed_count(probe_seconds: float, budget: float, low: int = 2, high: int = 50) -> int:
+def agreed_count(probe_seconds: float, budget: float, low: int = 2, high: int = 50, group=None) -> int:
     """Iterations for a loop of about `budget` seconds, the same on both ranks (the larger wish wins)."""
     want = torch.tensor([max(low, min(high, int(budget / max(probe_seconds, 1e-6))))])
-    dist.all_reduce(want, op=dist.ReduceOp.MAX)
+    dist.all_reduce(want, op=dist.ReduceOp.MAX, group=group)
     return int(want)
 
 
-def sustained(fn) -> float:
+def sustained(fn, group=None) -> float:
     """Seconds per call of `fn` back to back."""
     fn()
     start = time.perf_counter()
     fn()
-    iters = agreed_count(time.perf_counter() - start, SUSTAINED_SECONDS)
-    dist.barrier()
+    iters = agreed_count(time.perf_counter() - start, SUSTAINED_SECONDS, group=group)
+    dist.barrier(group=group)
     start = time.perf_counter()
     for _ in range(iters):
         fn()
     return (time.perf_counter() - start) / iters
 
 
-def idle(fn, pause: float, repeats: int = IDLE_REPEATS) -> float:
+def idle(fn, pause: float, repeats: int = IDLE_REPEATS, group=None) -> float:
     """Seconds of one call of `fn` after `pause` seconds without traffic: the fastest of `repeats` (a busy
     machine only adds time)."""
     times = []
     for _ in range(repeats):
-        dist.barrier()
+        dist.barrier(group=group)
         time.sleep(pause)
         start = time.perf_counter()
         fn()
@@ -61,15 +62,26 @@ def idle(fn, pause: float, repeats: int = IDLE_REPEATS) -> float:
     return min(times)
 
 
-def probe(rank: int, sizes: list[int], pause: float) -> dict:
-    peer = 1 - rank
+def probe_sizes(min_bytes: int, max_bytes: int) -> list[int]:
+    """Buffer sizes from `min_bytes` to `max_bytes`, x4 apart."""
+    sizes, size = [], min_bytes
+    while size <= max_bytes:
+        sizes.append(size)
+        size *= 4
+    return sizes
+
+
+def probe(rank: int, sizes: list[int], pause: float, group=None, peer: int | None = None) -> dict:
+    """The probe's times between this rank and `peer` (global ranks; `rank` is 0 or 1 within the pair, whose
+    process group is `group`: None for a world of two)."""
+    peer = 1 - rank if peer is None else peer
     ack = torch.zeros(1)
     out = {"allreduce": {"sizes": sizes, "sustained": [], "idle": []},
            "p2p": {"sizes": sizes, "sustained": [], "idle": []}}
     for nbytes in sizes:
         buf = torch.ones(max(1, nbytes // 4))          # float32, as the engine's activations
-        out["allreduce"]["sustained"].append(sustained(lambda: dist.all_reduce(buf)))
-        out["allreduce"]["idle"].append(idle(lambda: dist.all_reduce(buf), pause))
+        out["allreduce"]["sustained"].append(sustained(lambda: dist.all_reduce(buf, group=group), group))
+        out["allreduce"]["idle"].append(idle(lambda: dist.all_reduce(buf, group=group), pause, group=group))
 
     def ping_pong(buf):
         if rank == 0:
@@ -78,7 +90,7 @@ def probe(rank: int, sizes: list[int], pause: float) -> dict:
         else:
             dist.recv(buf, peer)
             dist.send(ack, peer)
-    small_round_trip = idle(lambda: ping_pong(torch.zeros(1)), pause, repeats=2 * IDLE_REPEATS)
+    small_round_trip = idle(lambda: ping_pong(torch.zeros(1)), pause, repeats=2 * IDLE_REPEATS, group=group)
     for nbytes in sizes:
         buf = torch.ones(max(1, nbytes // 4))
         count = [1]
@@ -87,10 +99,12 @@ def probe(rank: int, sizes: list[int], pause: float) -> dict:
             for _ in range(count[0]):
                 (dist.send if rank == 0 else dist.recv)(buf, peer)
             (dist.recv if rank == 0 else dist.send)(ack, peer)
-        count[0] = agreed_count(idle(stream, 0.0, repeats=1), SUSTAINED_SECONDS / 3, low=1, high=20)
-        per_send = sustained(stream) / count[0]
+        count[0] = agreed_count(idle(stream, 0.0, repeats=1, group=group), SUSTAINED_SECONDS / 3, low=1, high=20,
+                                group=group)
+        per_send = sustained(stream, group) / count[0]
         out["p2p"]["sustained"].append(per_send)
-        out["p2p"]["idle"].append(max(idle(lambda: ping_pong(buf), pause) - small_round_trip / 2, 1e-7))
+        out["p2p"]["idle"].append(max(idle(lambda: ping_pong(buf), pause, group=group) - small_round_trip / 2,
+                                      1e-7))
     return out
 
 
@@ -107,12 +121,8 @@ def main(argv=None) -> int:
     rank = dist.get_rank()
     if dist.get_world_size() != 2:
         raise SystemExit(f"error: link_probe needs exactly 2 ranks, got {dist.get_world_size()}")
-    sizes, size = [], args.min_bytes
-    while size <= args.max_bytes:
-        sizes.append(size)
-        size *= 4
     started = time.perf_counter()
-    result = probe(rank, sizes, args.idle)
+    result = probe(rank, probe_sizes(args.min_bytes, args.max_bytes), args.idle)
     result["meta"] = {"seconds": time.perf_counter() - started, "idle_pause": args.idle,
                       "created": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average": os.getloadavg()[0]}
     if rank == 0:

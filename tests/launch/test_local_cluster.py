@@ -56,14 +56,15 @@ needs_namespaces = pytest.mark.skipif(namespaces_unavailable() is not None,
                                       reason=f"no namespaced hosts: {namespaces_unavailable()}")
 
 
-def cluster_command(prefix, port, recipe, hosts=2, private_shm=False):
+def cluster_command(prefix, port, recipe, hosts=2, private_shm=False, link=None):
     """`private_shm`: every rank mounts a /dev/shm of its own (as on separate machines), through DeepSpeed's
-    --no_python; else the hosts share this machine's."""
+    --no_python; else the hosts share this machine's. `link`: the hosts' link rate (e.g. "200mbit")."""
     job = [GENERATE, "--config", recipe]
     if private_shm:
         job = ["--no_python", "--no_local_rank", *with_private_shm([sys.executable, "-u", *job])]
+    rate = ["--link", link] if link else []
     return [sys.executable, LOCAL_CLUSTER, "--hosts", str(hosts), "--ranks", "1", "--prefix", prefix,
-            "--master_port", str(port), "--", *job]
+            "--master_port", str(port), *rate, "--", *job]
 
 
 def with_private_shm(argv):
@@ -231,6 +232,32 @@ def test_data_parallel_replicas_on_two_hosts_write_one_folder(tiny_model, articl
     assert_rows_match(rows, reference_rows)
     assert all(row["layouts"] == "tp1pp1 dp=2" for row in rows)
     assert "[h0] layouts: tp=1 pp=1 dp=2" in log and "[h1] " in log and f"master 10.77.0.1:{port}" in log
+    assert not leftovers(prefix, port)
+
+
+@pytest.mark.slow
+@needs_namespaces
+def test_seesaw_over_two_hosts_plans_on_the_link_it_probed(tiny_model, articles, reference_rows, tmp_path):
+    """`parallel: seesaw` over hosts of one rank on a 200 Mbit/s link: the job probes the link (its sustained
+    rate within 30% of tc's 25 MB/s, the bucket found), plans on it with TP kept inside nodes, says so on
+    one line, and the layout it runs gives the reference tokens."""
+    prefix, port = new_prefix(), free_port()
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tiny_model[0], articles, str(tmp_path / "out")))
+    log = run_cluster(cluster_command(prefix, port, recipe, link="200mbit"), job_env(tmp_path))
+    assert "[h0] probing the link between nodes 0 and 1 (ranks 0 and 1) for the layout planner" in log, log
+    fitted = [line for line in log.splitlines() if line.startswith("[h0] link between nodes (")]
+    assert len(fitted) == 1 and "rate-limited (bucket " in fitted[0], log
+    rate = float(fitted[0].split("all-reduce ")[1].split(" MB/s")[0])
+    assert 25 * 0.7 <= rate <= 25 * 1.3, fitted[0]
+    seesaw = [line for line in log.splitlines() if "] parallel: seesaw runs " in line]
+    assert len(seesaw) == 1 and "not the pair PP2->TP2: its TP group would span nodes" in seesaw[0], log
+    assert "on 2xlocal (2 nodes of 1, link " in seesaw[0]
+    # both hosts run on this machine: its cores are split between their ranks, not taken by each
+    threads = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert f" rank, {threads} thread{'s' if threads > 1 else ''} per rank;" in log, log
+    chosen = seesaw[0].split("parallel: seesaw runs ")[1].split(",")[0]
+    assert_rows_match(output_rows(tmp_path / "out"), reference_rows)
+    assert chosen in ("DP2", "PP2") and not error_lines(log), log
     assert not leftovers(prefix, port)
 
 

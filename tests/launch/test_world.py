@@ -70,6 +70,22 @@ def test_seesaw_runs_the_pair_only_where_the_planner_predicts_a_gain():
     assert layouts == stage_layouts(small.best) and why.startswith("the planner's fastest for 32 requests")
 
 
+def test_seesaw_on_hosts_of_one_rank_keeps_tp_inside_nodes_and_says_so():
+    """A job over nodes of one rank plans with TP at most 1 (unless engine.allow_cross_node_tp): the pair's TP
+    group would cross the link, and the start-up line names that, not a lack of room."""
+    from seesaw_ds.planner import PlannerOptions, plan
+    from seesaw_ds.planner.link_fit import TransferFit, nodes_on_link
+    from seesaw_ds.planner.clusters import parse_cluster
+    link = TransferFit(1e-4, 1e9, 25e6, 0.010)
+    spec = nodes_on_link(parse_cluster("2xA10"), link, link, 1, name="A10 (2 nodes of 1, link 25 MB/s)")
+    limited = plan(cfg(), spec, "arxiv-small", PlannerOptions(max_tp=1))
+    layouts, why = choose_layouts("seesaw", 2, cfg(), lambda world, _: limited)
+    assert layouts.is_static and max(layouts.prefill.tp, layouts.decode.tp) == 1
+    assert why == (f"parallel: seesaw runs {layouts.label()}, not the pair PP2->TP2: its TP group would span nodes "
+                   f"(TP at most 1 here; engine.allow_cross_node_tp lifts it) (32 requests of ~1536 prompt + 64 "
+                   f"output tokens on 2xA10 (2 nodes of 1, link 25 MB/s))")
+
+
 @pytest.mark.parametrize("parallel, world, message", [
     ({"tp": 2}, 1, "world size is 1"),
     ({"dp": 2}, 3, "covers 2 ranks; world size is 3"),

@@ -7,7 +7,7 @@ from seesaw_ds.models.config import ModelConfig
 from seesaw_ds.planner import roofline as rl
 from seesaw_ds.planner.clusters import ClusterSpec, DeviceSpec
 from seesaw_ds.planner.link_fit import (TransferFit, bytes_per_direction, cluster_on_link, fit_line, fit_probe,
-                                        fit_transfer)
+                                        fit_link, fit_transfer, nodes_on_link)
 from seesaw_ds.planner.link_search import Shape, evaluate, find_best, format_cases, scaled_link, shape_grid
 from seesaw_ds.planner.search import PlannerOptions
 from seesaw_ds.planner.workload import WorkloadSpec
@@ -113,6 +113,64 @@ def test_roofline_uses_compute_as_refill_time():
                                micro_batches=4)
     assert pipe0.p2p == pytest.approx(4 * 8 * 1e-4 + 4 * 512 * 256 * 4 / 25e6, rel=1e-9)
     assert pipe.p2p < pipe0.p2p
+
+
+def _node_of(n: int) -> ClusterSpec:
+    """n devices of one node: degree k all-reduces at 1e9 * k bytes/s and k microseconds (told apart below)."""
+    return dataclasses.replace(_base(), num_devices=n, allreduce_bandwidth=tuple(1e9 * k for k in range(2, n + 1)),
+                               allreduce_latency=tuple(1e-6 * k for k in range(2, n + 1)))
+
+
+def test_nodes_on_link_keep_the_node_inside_and_the_link_across():
+    link = TransferFit(1e-4, 1e9, 25e6, 0.010)
+    spec = nodes_on_link(_node_of(4).with_devices(8), link, TransferFit(2e-4, 2e9, 20e6, 0.020), node_size=4)
+    assert spec.num_devices == 8 and spec.node_size == 4 and spec.shaped
+    n = 1e6
+    for degree in (2, 3, 4):                        # inside a node: the node's own figures, never the bucket
+        assert spec.allreduce_seconds(n, degree) == pytest.approx(1e-6 * degree + n / (1e9 * degree))
+    for degree in (5, 8, 16):                       # across nodes: the link, back to back at its sustained rate
+        assert spec.allreduce_seconds(n, degree) == pytest.approx(1e-4 + n / 25e6)
+    assert spec.p2p_seconds(n, gap=1.0) == pytest.approx(2e-4 + n / 20e6 - 0.015)      # the mean bucket
+    one_per_host = nodes_on_link(_node_of(2), link, link, node_size=1)
+    assert one_per_host == cluster_on_link(_node_of(2), link, link) and one_per_host.node_size is None
+    assert one_per_host.allreduce_seconds(n, 2) == pytest.approx(1e-4 + n / 25e6)
+
+
+def test_a_probe_of_an_unknown_link_is_fitted_shaped_only_where_it_finds_a_bucket():
+    flat = {"sizes": SIZES, "sustained": [1e-4 + n / 1e9 for n in SIZES],
+            "idle": [(1e-4 + n / 1e9) * (1.2 if i % 2 else 1.0) for i, n in enumerate(SIZES)]}
+    truth = TransferFit(100e-6, 1.5e9, 25e6, 0.010)
+    bucket = {"sizes": SIZES, "sustained": [truth.seconds(n, gap=0.0) for n in SIZES],
+              "idle": [truth.seconds(n) for n in SIZES]}
+    allreduce, p2p, shaped = fit_link({"allreduce": flat, "p2p": flat})
+    assert not shaped and (allreduce, p2p) == fit_probe({"allreduce": flat, "p2p": flat}, shaped=False)
+    allreduce, p2p, shaped = fit_link({"allreduce": bucket, "p2p": bucket})
+    assert shaped and p2p.sustained_bandwidth == pytest.approx(25e6, rel=0.02)
+    assert p2p.bucket_seconds == pytest.approx(0.010, rel=0.05)
+    # idle calls faster than back-to-back ones on one operation only, at rates far apart: machine noise on an
+    # unshaped link (seen on a veth pair: all-reduce ~0.8 GB/s "sustained", sends ~7 GB/s), not a rate limit
+    fast = TransferFit(100e-6, 50e9, 7e9, 0.006)
+    noisy = {"sizes": SIZES, "sustained": [fast.seconds(n, gap=0.0) * 9 for n in SIZES],
+             "idle": [fast.seconds(n) for n in SIZES]}
+    sends = {"sizes": SIZES, "sustained": [1e-4 + n / 7e9 for n in SIZES], "idle": [1e-4 + n / 7e9 for n in SIZES]}
+    assert fit_probe({"allreduce": noisy, "p2p": sends}, shaped=True)[0].bucket_seconds > 0
+    assert not fit_link({"allreduce": noisy, "p2p": sends})[2]
+
+
+def test_a_slow_link_between_hosts_ranks_tp_across_them_below_replicas():
+    """Two hosts of one rank: on a fast link the planner may take TP2 (its all-reduces are cheap); at 25 MB/s
+    TP2's per-layer all-reduces cost more than replicas' nothing, and the ranking follows."""
+    from seesaw_ds.planner.search import plan_layouts
+    from seesaw_ds.planner.workload import parse_workload
+    cfg = ModelConfig.from_hf(TINY)
+    slow = nodes_on_link(_node_of(2), TransferFit(1e-4, 1e9, 25e6, 0.010), TransferFit(1e-4, 1e9, 25e6, 0.010), 1)
+    fast = nodes_on_link(_node_of(2), TransferFit(5e-6, 5e9), TransferFit(5e-6, 5e9), 1)
+    tps = {}
+    for name, spec in (("slow", slow), ("fast", fast)):
+        ranked = plan_layouts(cfg, spec, parse_workload("512/256/64"), PlannerOptions(dtype="float32")).ranked
+        static = {c.prefill.degrees: c.tokens_per_s for c in ranked if c.is_static}
+        tps[name] = static[(2, 1, 1)] / static[(1, 1, 2)]
+    assert tps["slow"] < 0.5 * tps["fast"] and tps["slow"] < 1
 
 
 def test_scaled_link_keeps_line_and_bucket():
