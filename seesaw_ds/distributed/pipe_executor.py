@@ -30,6 +30,7 @@ from torch import nn
 from seesaw_ds.engine.inputs import ModelInputs
 from seesaw_ds.kv.attention import AttentionMetadata
 from seesaw_ds.models.runner import ModelRunner
+from seesaw_ds.models.vocab_head import ShardedLogits
 
 PREFILL_MICRO_TOKENS = 2048   # a prefill micro-batch's size in a full window (tokens)
 PREFILL_WINDOW = 16           # prefill micro-batches per pipeline pass (the bubble's share: (pp - 1) / 16)
@@ -115,22 +116,26 @@ def as_pipe_tuple(inputs: ModelInputs) -> tuple[torch.Tensor, ...]:
 class PipelineExecutor:
     """Runs micro-batched passes through a DeepSpeed `PipelineEngine` built over this rank's stage."""
 
-    def __init__(self, runner: ModelRunner, num_layers: int, num_kv_heads: int, pp: int,
-                 sliding_window: int | None, prefill_micro_batches: int = PREFILL_WINDOW,
+    def __init__(self, runner: ModelRunner, num_layers: int, kv_heads: range, pp: int,
+                 sliding_window: int | None, tp: int = 1, prefill_micro_batches: int = PREFILL_WINDOW,
                  decode_micro_batches: int = DECODE_MICRO_BATCHES):
+        """`runner`: this rank's model pieces (an AutoTP module's under tp > 1: each stage a TP group, whose
+        ranks send and receive the whole activations, as DeepSpeed's topology pairs them)."""
         import deepspeed
         from deepspeed.pipe import LayerSpec, PipelineModule
+        from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
         self.runner = runner
         self.state = StageState(runner, sliding_window)
         specs = [LayerSpec(EmbedPipe, self.state)]
         specs += [LayerSpec(DecoderPipe, self.state, i) for i in range(num_layers)]
         specs += [LayerSpec(HeadPipe, self.state)]
-        module = PipelineModule(layers=specs, num_stages=pp, partition_method="type:DecoderPipe",
-                                dynamic_shape=True)
-        config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
-                  "train_batch_size": 1 * (torch.distributed.get_world_size() // pp),
-                  "steps_per_print": 1 << 30}
+        dp = torch.distributed.get_world_size() // (pp * tp)
+        module = PipelineModule(layers=specs, topology=PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp),
+                                partition_method="type:DecoderPipe", dynamic_shape=True)
+        config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "train_batch_size": dp,
+                  "steps_per_print": 1 << 30,
+                  "pipeline": {"pipe_partitioned": False, "grad_partitioned": False}}   # whole activations
         self.engine, *_ = deepspeed.initialize(model=module, config=config)
         self.stage_id = self.engine.stage_id
         self.is_last = self.engine.is_last_stage()
@@ -138,7 +143,7 @@ class PipelineExecutor:
         lo, hi = parts[self.stage_id], parts[self.stage_id + 1]
         self.layers = range(max(lo - 1, 0), min(hi - 1, num_layers))   # this stage's decoder layers
         self.state.last_layer = self.layers[-1] if len(self.layers) else -1
-        self.kv_heads = range(num_kv_heads)
+        self.kv_heads = kv_heads
         self.prefill_micro_batches, self.decode_micro_batches = prefill_micro_batches, decode_micro_batches
 
     def report_progress(self, stats) -> None:
@@ -150,6 +155,8 @@ class PipelineExecutor:
 
     def run(self, micro_inputs: list[ModelInputs], kv) -> torch.Tensor | None:
         """Every rank passes the same micro-batches; returns [B, V] logits on the last stage only."""
+        from deepspeed.runtime.pipe import p2p
+        p2p._grid = self.engine.grid     # NOTE: DeepSpeed's sends follow the grid of the last engine built
         self.state.kv, self.state.logits = kv, []
         batches = [(as_pipe_tuple(mb), torch.zeros(1)) for mb in micro_inputs]
         with torch.inference_mode(False), torch.no_grad():
@@ -159,4 +166,6 @@ class PipelineExecutor:
         if not self.is_last:
             return None
         logits, self.state.logits = self.state.logits, []
+        if isinstance(logits[0], ShardedLogits):
+            return ShardedLogits.cat(logits)
         return torch.cat([o.float() for o in logits], dim=0)

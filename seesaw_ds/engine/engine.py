@@ -109,7 +109,7 @@ class Engine:
         forks = first_token_forks(batch.seqs) if batch.is_prefill else []
         rows = list(range(len(batch.seqs))) + [row for row, _ in forks]
         tokens, logprobs = self._sample_and_share(logits, batch.seqs + [f for _, f in forks], rows,
-                                                  runtime.sampling_rank)
+                                                  runtime.sampling_rank, every_rank=runtime.layout.pp == 1)
         finished = self._first_tokens(batch.seqs, forks, tokens, logprobs)
         finished += self.scheduler.postprocess(batch, tokens[:len(batch.seqs)],
                                                logprobs[:len(batch.seqs)] if logprobs else None)
@@ -164,24 +164,29 @@ class Engine:
                      previous.name, runtime.name, dt, previous.name, kv_bytes / 1e6, 100 * occupancy)
         return dt
 
-    def _sample_and_share(self, logits, seqs: list[Sequence], rows: list[int], src: int):
+    def _sample_and_share(self, logits, seqs: list[Sequence], rows: list[int], src: int, every_rank: bool = True):
         """One token per sequence, sequence i drawing from logits row rows[i] (n samples of one prompt share
         its row at prefill), sampled on the rank holding the logits and broadcast to the others. Logits
-        held as vocabulary slices (a vocabulary-parallel head): every rank of the group takes part; greedy
-        rows exchange only their slices' maxima, anything else gathers the whole rows first."""
+        held as vocabulary slices (a vocabulary-parallel head): every rank of the TP group takes part; greedy
+        rows exchange only their slices' maxima, anything else gathers the whole rows first. `every_rank`:
+        each rank holds logits or a slice of them (no pipeline), so greedy slices need no broadcast."""
         if logits is not None and rows != list(range(len(rows))):      # None: a rank without logits (PP)
             if isinstance(logits, ShardedLogits):
                 logits = logits.rows(torch.tensor(rows, dtype=torch.long, device=logits.local.device))
             else:
                 logits = logits[torch.tensor(rows, dtype=torch.long, device=logits.device)]
+        picked = None
         if isinstance(logits, ShardedLogits):
             if all(s.params.greedy and s.params.logprobs is None for s in seqs):
-                return logits.argmax().tolist(), None                # the same tokens on every rank
-            logits = logits.full()
+                picked = logits.argmax()                             # the same tokens on every rank of the group
+                if every_rank:
+                    return picked.tolist(), None
+            else:
+                logits = logits.full()
         tokens = torch.zeros(len(seqs), dtype=torch.long)
         logprobs = None
         if self.comm.rank == src:
-            ids, logprobs = sample(logits, seqs)
+            ids, logprobs = (picked.tolist(), None) if picked is not None else sample(logits, seqs)
             tokens = torch.tensor(ids, dtype=torch.long)
         tokens = self.comm.broadcast(tokens, src=src)
         if any(s.params.logprobs is not None for s in seqs):

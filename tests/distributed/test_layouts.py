@@ -58,6 +58,11 @@ CASES = {   # name: (world, parallel spec, model overrides, budget, its share of
     "pp2-tp2": (2, {"prefill": {"pp": 2}, "decode": {"tp": 2}}, {}, (224, 176), 2),
     "pp3-tp3-odd-layers": (3, {"prefill": {"pp": 3}, "decode": {"tp": 3}},
                            dict(num_hidden_layers=5, num_attention_heads=6, num_key_value_heads=3), BUDGET, 1),
+    # TP and PP in one stage: each pipeline stage a TP group (a decode rank holds 2 of 4 layers x 1 of 2 heads)
+    "pp2xtp2": (4, {"tp": 2, "pp": 2}, dict(num_hidden_layers=4), BUDGET, 4),
+    "pp4-pp2xtp2": (4, {"prefill": {"pp": 4}, "decode": {"tp": 2, "pp": 2}}, dict(num_hidden_layers=4), BUDGET, 4),
+    "pp2xtp2-tp4": (4, {"prefill": {"tp": 2, "pp": 2}, "decode": {"tp": 4}},
+                    dict(num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4), BUDGET, 4),
 }
 
 
@@ -72,7 +77,8 @@ def test_layout_matches_hf_generate(case, tmp_path):
                     out_dir=str(tmp_path))
     for prompt, tokens in zip(out["prompts"], out["tokens"]):
         assert tokens == hf_greedy(model, prompt, MAX_TOKENS), f"{case}: prompt of {len(prompt)} diverged"
-    if world > 1 and case != "pp2":     # TP decode: rank 0's logits are its slice of the vocabulary rows
+    if " pp=1 " in out["layouts"][1] and "tp=1 " not in out["layouts"][1]:
+        # TP decode: rank 0's logits are its slice of the vocabulary rows (under TP x PP, the last stage's)
         rows = out["decode_vocab_rows"]
         assert rows is not None and 0 == rows[0] < rows[1] < model.config.vocab_size
     summary = out["summary"]

@@ -1,4 +1,4 @@
-"""n samples sharing one prefill on real ranks: under TP2 (the device pool) and PP2 -> TP2 (the prompt stashed
+"""n samples sharing one prefill on real ranks: under TP2 and PP2xTP2 (the device pool) and PP2 -> TP2 (the prompt stashed
 once in the host store, the samples forked in the decode stage), each sample equals an independent request
 seeded with its derived seed, token for token, and its per-token logprobs equal a Hugging Face fp32 forward
 of the whole sequence within 1e-5."""
@@ -47,19 +47,21 @@ def _generate(rank, folder, parallel, prompts, kv_device_gb):
 
 PAIR = {"prefill": {"pp": 2}, "decode": {"tp": 2}}
 SMALL_POOL = 14 * 3072 / (1 << 30)      # 14 blocks of 8 tokens per TP2 rank (1 KV head of 16 dims, 3 layers)
-CASES = {"tp2": ({"tp": 2}, 0.002), "pp2-tp2": (PAIR, 0.002),
+CASES = {"tp2": ({"tp": 2}, 0.002, 2), "pp2-tp2": (PAIR, 0.002, 2),
          # samples outgrow the pool: swapped out to the host store (their shared blocks stay for siblings)
-         "pp2-tp2-small-pool": (PAIR, SMALL_POOL)}
+         "pp2-tp2-small-pool": (PAIR, SMALL_POOL, 2),
+         # TP x PP: the last stage's TP ranks gather their vocabulary slices, rank 2 samples, all get the tokens
+         "pp2xtp2": ({"tp": 2, "pp": 2}, 0.002, 4)}
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_n_samples_equal_independent_requests_and_logprobs_equal_a_full_forward(case, tmp_path):
-    parallel, kv_device_gb = CASES[case]
+    parallel, kv_device_gb, world = CASES[case]
     model = tiny_hf_model("llama")
     model.save_pretrained(tmp_path / "model")
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(2, 320, (n,), generator=g).tolist() for n in LENGTHS]
-    out = run_ranks(2, _generate, str(tmp_path / "model"), parallel, prompts, kv_device_gb,
+    out = run_ranks(world, _generate, str(tmp_path / "model"), parallel, prompts, kv_device_gb,
                     out_dir=str(tmp_path))
     assert out["host_tier"] == ("prefill" in parallel)
     worst = 0.0

@@ -56,14 +56,14 @@ needs_namespaces = pytest.mark.skipif(namespaces_unavailable() is not None,
                                       reason=f"no namespaced hosts: {namespaces_unavailable()}")
 
 
-def cluster_command(prefix, port, recipe, hosts=2, private_shm=False, link=None):
+def cluster_command(prefix, port, recipe, hosts=2, private_shm=False, link=None, ranks=1):
     """`private_shm`: every rank mounts a /dev/shm of its own (as on separate machines), through DeepSpeed's
     --no_python; else the hosts share this machine's. `link`: the hosts' link rate (e.g. "200mbit")."""
     job = [GENERATE, "--config", recipe]
     if private_shm:
         job = ["--no_python", "--no_local_rank", *with_private_shm([sys.executable, "-u", *job])]
     rate = ["--link", link] if link else []
-    return [sys.executable, LOCAL_CLUSTER, "--hosts", str(hosts), "--ranks", "1", "--prefix", prefix,
+    return [sys.executable, LOCAL_CLUSTER, "--hosts", str(hosts), "--ranks", str(ranks), "--prefix", prefix,
             "--master_port", str(port), *rate, "--", *job]
 
 
@@ -259,6 +259,20 @@ def test_seesaw_over_two_hosts_plans_on_the_link_it_probed(tiny_model, articles,
     assert_rows_match(output_rows(tmp_path / "out"), reference_rows)
     assert chosen in ("DP2", "PP2") and not error_lines(log), log
     assert not leftovers(prefix, port)
+
+
+@pytest.mark.slow
+@needs_namespaces
+def test_pipeline_across_hosts_with_tp_inside_each(tiny_model, articles, reference_rows, tmp_path):
+    """PP2xTP2 on 2 hosts x 2 ranks: each pipeline stage a TP group inside one host, activations crossing the
+    link between stages; tokens as HF greedy."""
+    prefix, port = new_prefix(), free_port()
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tiny_model[0], articles, str(tmp_path / "out"),
+                                                           parallel={"tp": 2, "pp": 2}))
+    log = run_cluster(cluster_command(prefix, port, recipe, ranks=2), job_env(tmp_path))
+    assert_rows_match(output_rows(tmp_path / "out"), reference_rows)
+    assert "[h0] layouts: tp=2 pp=2 dp=1 (4 ranks, 1 replica of 4 ranks, 1 thread per rank;" in log, log
+    assert not error_lines(log) and not leftovers(prefix, port)
 
 
 @pytest.mark.slow
