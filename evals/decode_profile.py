@@ -136,6 +136,29 @@ def floors(cfg, ctx, tp: int, gflops: float, gbs: float) -> dict:
             "head_gflop": head_flops / 1e9, "head_mb": head_bytes / 1e6}
 
 
+def split_floors(cfg, ctx, tp: int, gflops: float, gbs: float) -> dict:
+    """The step's floor under the split TP really makes (weight_plan: AutoTP's head groups, MLP grain,
+    vocabulary rows): each layer's attention and MLP are phases ended by an all-reduce, so a layer costs the
+    busiest rank's attention plus the busiest rank's MLP. With KV heads that do not divide by tp (SmolLM2's
+    3 on 2 ranks) this is above the even split's floor."""
+    from seesaw_ds.parallel.weight_plan import grain_split_sizes, tp_head_ranges, vocab_rows
+    b, d, h = len(ctx), cfg.head_dim, cfg.hidden_size
+    kv_tokens = int(ctx.sum())
+    ms = lambda f, n: 1e3 * (f / (gflops * 1e9) + n / (gbs * 1e9))   # noqa: E731
+    attn, mlp, head = [], [], []
+    inter = grain_split_sizes(cfg.intermediate_size, tp)
+    for r, (q, kv) in enumerate(tp_head_ranges(cfg, tp)):
+        params = h * d * (len(q) + 2 * len(kv)) + len(q) * d * h + h        # q, k, v, o and the input norm
+        attn.append(ms(2 * b * params + 4 * kv_tokens * len(q) * d, 2 * params + 4 * kv_tokens * len(kv) * d))
+        params = 3 * h * inter[r] + h                                        # gate, up, down and the norm
+        mlp.append(ms(2 * b * params, 2 * params))
+        rows = len(vocab_rows(cfg, tp)[r])
+        head.append(ms(2 * b * h * rows, 2 * h * rows))
+    layer = max(attn) + max(mlp)
+    return {"layer_ms": layer, "head_ms": max(head), "step_ms": cfg.num_layers * layer + max(head),
+            "attention_ms_per_rank": attn, "mlp_ms_per_rank": mlp, "head_ms_per_rank": head}
+
+
 def measure_rates(torch, barrier, windows: int = 8, seconds: float = 0.25) -> tuple[float, float]:
     """(bf16 matmul GFLOP/s, copy GB/s) of this rank with its own threads while every rank measures too:
     the planner's calibration measures (1024^3 matmuls; a copy counted as read + write bytes, over a buffer
@@ -233,6 +256,7 @@ def main(argv=None) -> int:
     top = profile_one_step(runner, pool, meta, ids, positions, torch) if args.profile else []
     layer_ms = body_ms / cfg.num_layers
     floor_step = cfg.num_layers * fl["layer_ms"] + fl["head_ms"]
+    split = split_floors(cfg, ctx, tp, gflops, gbs)
     path = "lean" if lean_decode_enabled() else "hf"
     result = {
         "layout": args.layout, "path": path, "rank": rank, "threads": torch.get_num_threads(),
@@ -241,7 +265,8 @@ def main(argv=None) -> int:
         "layer_call_ms": layer_ms, "layer_floor_ms": fl["layer_ms"], "layer_overhead_ms": layer_ms - fl["layer_ms"],
         "head_ms": head_ms, "head_floor_ms": fl["head_ms"],
         "step_ms": step_ms, "step_cpu_ms": cpu_ms, "step_floor_ms": floor_step, "step_over_floor": step_ms / floor_step,
-        "floor_detail": fl, "layer_ops_cpu_ms": ops, "profile_top_ops": top,
+        "floor_detail": fl, "split_floor": split, "step_over_split_floor": step_ms / split["step_ms"],
+        "layer_ops_cpu_ms": ops, "profile_top_ops": top,
     }
     if rank == 0:
         print(f"decode step, {args.layout} ({path} path), batch {args.batch}, mean context "
@@ -252,6 +277,9 @@ def main(argv=None) -> int:
         print(f"{'head + greedy pick':22}{head_ms:12.2f}{fl['head_ms']:10.2f}{head_ms - fl['head_ms']:13.2f}")
         print(f"{'per step':22}{step_ms:12.2f}{floor_step:10.2f}{step_ms - floor_step:13.2f}"
               f"   ({step_ms / floor_step:.2f}x floor)")
+        if tp > 1:
+            print(f"{'per step, split floor':22}{'':12}{split['step_ms']:10.2f}{step_ms - split['step_ms']:13.2f}"
+                  f"   ({step_ms / split['step_ms']:.2f}x the floor of the busiest rank per phase, as TP splits)")
         print(f"{'per step, CPU time':22}{cpu_ms:12.2f}{'':23}   ({cpu_ms / floor_step:.2f}x floor; "
               f"1 thread/rank: the work without waiting for other jobs)")
         if ops:
