@@ -28,18 +28,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from evals.cli import OneLineParser  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 COPY_RATE_BYTES = 256 * 2 ** 20
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):   # one line, exit 2
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def arguments(argv=None) -> argparse.Namespace:
-    p = _Parser(description=__doc__.splitlines()[0])
+    p = OneLineParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="embedded:smollm2")
     p.add_argument("--layout", default="1proc", choices=("1proc", "TP2"))
     p.add_argument("--batch", type=int, default=47)

@@ -22,14 +22,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evals.decode_profile import _Parser  # noqa: E402  (argparse errors as one line, exit 2)
+from evals.cli import OneLineParser  # noqa: E402
 from seesaw_ds.kv.native import linear_ops  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def arguments(argv=None):
-    p = _Parser(description=__doc__.splitlines()[0])
+    p = OneLineParser(description=__doc__.splitlines()[0])
     p.add_argument("--hidden", type=int, default=576)
     p.add_argument("--intermediate", type=int, default=1536)
     p.add_argument("--heads", type=int, default=9, help="query heads (head dim = hidden / heads)")

@@ -14,7 +14,6 @@ Writes `--out` (JSON: every run's job summary totals and engine stage times, and
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import statistics
@@ -27,13 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from evals.cli import OneLineParser  # noqa: E402
+
 RESULTS = ROOT / "evals" / "results"
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):   # one line, exit 2
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
 
 
 def parse_grid(text: str) -> list[tuple[str, list[str]]]:
@@ -125,7 +120,7 @@ def recipe_setting(config: str, extra: list[str], keys: list[str]) -> dict[str, 
 
 
 def main(argv=None) -> int:
-    p = _Parser(description=__doc__.splitlines()[0])
+    p = OneLineParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", required=True, help="the recipe (YAML)")
     p.add_argument("--grid", default="", help="'key=v1,v2;key2=w1,w2' (recipe keys, as on the command line)")
     p.add_argument("--set", nargs="*", default=[], help="overrides for every point (key=value)")
