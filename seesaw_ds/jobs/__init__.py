@@ -7,9 +7,10 @@ import importlib
 
 _EXPORTS = {
     "seesaw_ds.jobs.inputs": ("InputError", "PromptItem", "PromptSource", "open_inputs"),
+    "seesaw_ds.jobs.fingerprint": ("job_fingerprint",),
     "seesaw_ds.jobs.job": ("run_recipe",),
-    "seesaw_ds.jobs.outputs": ("DiscardWriter", "OutputError", "ShardWriter", "job_fingerprint", "load_output",
-                               "output_schema", "prepare_output_dir", "read_completed_ids"),
+    "seesaw_ds.jobs.outputs": ("DiscardWriter", "OutputError", "ShardWriter", "load_output", "output_schema",
+                               "prepare_output_dir", "read_completed_ids"),
     "seesaw_ds.jobs.parallel_spec": ("data_parallel_size", "describe_layouts"),
     "seesaw_ds.jobs.recipe": ("Recipe", "load_recipe", "parse_recipe", "recipe_help"),
     "seesaw_ds.jobs.runner": ("JobSummary", "row_seed", "run_job"),

@@ -119,7 +119,7 @@ def _job_planner(recipe: Recipe, tokenizer, nodes, comm, say: Callable[[str], No
 
     def plan_job(world_size: int, cfg):
         from seesaw_ds.jobs.inputs import open_inputs
-        from seesaw_ds.jobs.outputs import resolved_dtype
+        from seesaw_ds.jobs.fingerprint import resolved_dtype
         from seesaw_ds.planner import PlannerOptions, plan
         from seesaw_ds.planner.calibrate import calibration_path, is_calibrated
         if not is_calibrated(nodes.machine_ranks):

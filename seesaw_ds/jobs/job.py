@@ -16,8 +16,8 @@ from typing import Any, Callable
 from seesaw_ds.jobs.inputs import PromptSource, open_inputs
 from seesaw_ds.jobs.identity import data_content_key, model_content_key
 from seesaw_ds.jobs.output_lock import hold_output_lock
-from seesaw_ds.jobs.outputs import (DiscardWriter, ShardWriter, check_resumable, job_fingerprint, output_schema,
-                                    prepare_output_dir)
+from seesaw_ds.jobs.fingerprint import job_fingerprint
+from seesaw_ds.jobs.outputs import DiscardWriter, ShardWriter, check_resumable, output_schema, prepare_output_dir
 from seesaw_ds.jobs.parallel_spec import data_parallel_size, describe_layouts
 from seesaw_ds.jobs.recipe import Recipe
 from seesaw_ds.jobs.runner import JobSummary, run_job

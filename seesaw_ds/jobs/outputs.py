@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import datetime
 import glob
-import hashlib
 import json
 import os
 import re
@@ -29,10 +28,11 @@ from typing import Any, Mapping
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from seesaw_ds.jobs.fingerprint import fingerprint_changes, fingerprint_hash, job_fingerprint  # noqa: F401
 from seesaw_ds.jobs.recipe import OutputSection, Recipe
 from seesaw_ds.jobs.shard_schema import (CORE_FIELDS, LOGPROBS_FIELD, RESERVED_COLUMNS,  # noqa: F401
                                          TOKEN_ID_FIELDS, is_unknown, output_schema, resolve_schema)
-from seesaw_ds.jobs.schema import RecipeError, flatten, to_plain
+from seesaw_ds.jobs.schema import RecipeError
 
 MANIFEST_NAME = "manifest.json"
 SHARD_GLOB = "part-*.parquet"
@@ -46,69 +46,6 @@ class OutputError(RuntimeError):
 
 def shard_name(replica: int, seq: int) -> str:
     return f"part-r{replica:03d}-{seq:05d}.parquet"
-
-
-# ---- fingerprint -------------------------------------------------------------------------------------------
-def resolved_dtype(name: str) -> str:
-    """`auto` as the dtype it picks on this machine (rows made in bf16 and in fp32 differ)."""
-    if name != "auto":
-        return name
-    from seesaw_ds.models.config import parse_dtype
-    return str(parse_dtype(name)).replace("torch.", "")
-
-
-def job_fingerprint(recipe: Recipe, source_used: str, model_content: str | None = None,
-                    data_content: str | None = None) -> dict[str, Any]:
-    """Flat {dotted key: value} of every recipe part that decides what the rows contain; `model_content` and
-    `data_content` (jobs/identity.py) name the bytes behind model.name and data.source."""
-    data = to_plain(recipe.data)
-    for key in ("streaming", "fallback"):  # how rows are read, not which rows
-        data.pop(key)
-    data["source"] = source_used
-    if data_content is not None:
-        data["content"] = data_content
-    model = {"name": recipe.model.name, "dtype": resolved_dtype(recipe.model.dtype)}
-    if model_content is not None:
-        model["content"] = model_content
-    tree = {"model": model,
-            "sampling": to_plain(recipe.sampling), "data": data,
-            "engine": {"max_model_len": recipe.engine.max_model_len},
-            "output": {"token_ids": recipe.output.token_ids}}
-    return json.loads(json.dumps(flatten(tree), sort_keys=True))  # NOTE: JSON-normalised, as in the manifest
-
-
-# Policies whose values give the same rows: `error` stops the job at a row that `skip` would leave out, so
-# the rows written before the error are exactly the ones `skip` writes (a folder is resumable under either).
-SAME_ROWS_VALUES = {"data.bad_rows": frozenset({"skip", "error"}), "data.over_limit": frozenset({"skip", "error"})}
-
-
-# Keys a manifest written before they existed lacks; such a manifest made its rows with this value.
-UNSET_MEANS = {"sampling.n": 1}
-
-
-CONTENT_KEYS = {"model.content": lambda fp: f"the model's weights at {fp.get('model.name')}",
-                "data.content": lambda fp: f"the data at {fp.get('data.source')}"}
-
-
-def fingerprint_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    changes = []
-    for key in sorted(set(old) | set(new)):
-        if key in SAME_ROWS_VALUES and {old.get(key), new.get(key)} <= SAME_ROWS_VALUES[key]:
-            continue
-        unset = UNSET_MEANS.get(key, "(unset)")
-        if old.get(key, unset) != new.get(key, unset):
-            before, after = (json.dumps(d.get(key, unset)) if key in d or key in UNSET_MEANS else "(unset)"
-                             for d in (old, new))
-            what = CONTENT_KEYS.get(key)
-            if what is not None and key in old and key in new:
-                changes.append(f"{what(new)} changed since these rows were made ({key} was {before}, now {after})")
-            else:
-                changes.append(f"{key} changed from {before} to {after}")
-    return changes
-
-
-def _hash(fingerprint: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ---- atomic files --------------------------------------------------------------------------------------------
@@ -198,7 +135,7 @@ def prepare_output_dir(output: OutputSection, fingerprint: Mapping[str, Any], re
     if check_resumable(directory, output.resume, fingerprint):
         return directory
     manifest = {
-        "format": FORMAT_VERSION, "fingerprint": dict(fingerprint), "fingerprint_hash": _hash(fingerprint),
+        "format": FORMAT_VERSION, "fingerprint": dict(fingerprint), "fingerprint_hash": fingerprint_hash(fingerprint),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "load": f'datasets.load_dataset("parquet", data_files="{directory}/{SHARD_GLOB}", split="train")',
         "shard_pattern": "part-r{replica:03d}-{seq:05d}.parquet", "recipe": recipe.to_dict(),
