@@ -58,11 +58,14 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
+PRIVATE_SHM_SIZE = "2g"
+
+
 class LocalCluster:
     """N namespaced hosts joined by a switch; `up()` builds them, `down()` removes all it made (idempotent)."""
 
-    def __init__(self, hosts: int, link: str | None = None, prefix: str | None = None):
-        self.hosts, self.link = hosts, link
+    def __init__(self, hosts: int, link: str | None = None, prefix: str | None = None, private_shm: bool = False):
+        self.hosts, self.link, self.private_shm = hosts, link, private_shm
         self.prefix = prefix or f"ssw{secrets.token_hex(3)}"
         self.switch = f"{self.prefix}-sw"
         self._made: list[str] = []              # namespaces made, in order
@@ -77,6 +80,12 @@ class LocalCluster:
         return self.namespace(i)
 
     def exec_argv(self, i: int, argv: list[str]) -> list[str]:
+        """`argv` on host i; with `private_shm`, in a mount namespace whose /dev/shm is a tmpfs of its own,
+        shared by the host's ranks and gone with them (hosts then share no /dev/shm, as separate machines)."""
+        if self.private_shm:
+            argv = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+                    f'mount -t tmpfs -o size={PRIVATE_SHM_SIZE} {self.namespace(i)}-shm /dev/shm && exec "$@"',
+                    "sh", *argv]
         return ["ip", "netns", "exec", self.namespace(i), *argv]
 
     def up(self) -> None:
@@ -243,6 +252,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--master_port", type=int, default=None, help="rendezvous port (default: a free one)")
     parser.add_argument("--prefix", default=None, help="name prefix of the namespaces (3-9 lowercase letters "
                                                        "and digits; default: random 'ssw' + hex)")
+    parser.add_argument("--private-shm", action="store_true",
+                        help="give each host a /dev/shm of its own (as separate machines; default: they share "
+                             "this machine's)")
     parser.add_argument("--grace", type=float, default=60.0,
                         help="seconds the other hosts get to exit once one host failed (default 60)")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- script.py [args]")
@@ -267,7 +279,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    cluster = LocalCluster(args.hosts, args.link, args.prefix)
+    cluster = LocalCluster(args.hosts, args.link, args.prefix, args.private_shm)
     port = args.master_port or free_port()
 
     def stop(signum, _frame):

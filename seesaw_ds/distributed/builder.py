@@ -8,8 +8,8 @@ tiers, the scheduler. One process and every layout go through the same steps:
 
 Whether the host tier is used is decided here, once: a static layout (both stages equal) keeps its KV in the
 device pool and never switches; a pair that switches (e.g. PP prefill -> TP decode) stages every prompt's KV
-in the node's host store, written in the prefill layout and read in the decode layout (so the replica's ranks
-must share one /dev/shm: checked by placement.py at start-up).
+in the node's host store, written in the prefill layout and read in the decode layout (one store per /dev/shm,
+so every KV move must stay inside one: checked by placement.py at start-up).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import os
 import torch
 
 from seesaw_ds.distributed.executors import build_executor
-from seesaw_ds.distributed.host_kv import HostKVStore
+from seesaw_ds.distributed.host_kv import open_host_store
 from seesaw_ds.distributed.kv_moves import TierCopies
 from seesaw_ds.distributed.master import MasterWeights, build_hf_model, prepare_master
 from seesaw_ds.distributed.pipe_executor import PipelineExecutor, prefill_window_tokens
@@ -106,20 +106,6 @@ def release_freed_host_memory() -> None:
         pass
 
 
-def _open_host_store(comm, cfg, blocks, block_size, dtype, budget: str) -> HostKVStore:
-    """Rank 0 creates the store (a full /dev/shm: one error naming `budget` and the free space, on every
-    rank), the others map it, then its name goes. On any failure no file is left."""
-    path = comm.broadcast_object(HostKVStore.new_path() if comm.rank == 0 else None, src=0)
-    store = comm.on_rank0_then_all(lambda: HostKVStore(cfg, blocks, block_size, dtype, path,
-                                                       create=comm.rank == 0, budget=budget))
-    try:
-        comm.barrier()
-    finally:
-        if comm.rank == 0:
-            store.unlink()    # every rank has it mapped (or failed): the name goes, the memory stays until close
-    return store
-
-
 def gather_places(comm) -> list[RankPlace]:
     """Every rank's node key and /dev/shm domain, in rank order (one all-gather at start-up)."""
     mine = RankPlace(node_key(), shm_domain(shm_dir()))
@@ -195,7 +181,8 @@ def _build_engine(config: EngineConfig, comm, tokenizer, hf_model, announce, on_
         raise NotImplementedError("data parallelism inside one engine is not supported yet; "
                                   "run one engine per replica")
     # before any weight loads: a TP group across nodes (unless allowed), a switching pair across /dev/shm's
-    check_placement(layouts, gather_places(comm), config.allow_cross_node_tp)
+    places = gather_places(comm)
+    check_placement(layouts, places, config.allow_cross_node_tp, cfg)
     max_model_len = min(config.max_model_len, cfg.max_position)
 
     def rect(layout: Layout):
@@ -241,7 +228,8 @@ def _build_engine(config: EngineConfig, comm, tokenizer, hf_model, announce, on_
         host_blocks = host_bytes = 0
     else:
         host_spec = KVPoolSpec.from_budget(cfg, int(config.kv_host_gb * (1 << 30)), bs, dtype)
-        store = _open_host_store(comm, cfg, host_spec.num_blocks, bs, dtype, f"kv.host_gb={config.kv_host_gb:g}")
+        store = open_host_store(comm, places, cfg, host_spec.num_blocks, bs, dtype,
+                                 f"kv.host_gb={config.kv_host_gb:g}")
         on_close.append(store.close)
         stash_async = config.stash_async
         if stash_async is None:       # a stash thread overlaps a device's compute; on CPUs it takes a core

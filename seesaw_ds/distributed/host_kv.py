@@ -12,6 +12,8 @@ The backing file lives in /dev/shm under a per-job name, private to its user (cr
 symlink followed), its pages reserved up front (a /dev/shm too small is one error at start-up, not SIGBUS),
 and is unlinked as soon as every rank has mapped it, so nothing is left behind, whether the job ends well
 or not (a rank stopped before that removes it; a killed one leaves it to the next start-up's sweep).
+`open_host_store` opens one store per /dev/shm domain across the ranks (each node's own, when nodes do not
+share one).
 """
 from __future__ import annotations
 
@@ -178,3 +180,45 @@ def block_runs(src_blocks: list[int], dst_blocks: list[int]) -> list[tuple[int, 
         runs.append((src_blocks[i], dst_blocks[i], k))
         i += k
     return runs
+
+
+def open_host_store(comm, places: list, cfg, blocks, block_size, dtype, budget: str) -> HostKVStore:
+    """One store per /dev/shm domain (placement.py has checked that every KV move stays inside one): the
+    domain's first rank creates it (a full /dev/shm: one error naming `budget` and the free space, on every
+    rank), the domain's other ranks map it, then its name goes. On any failure no file is left."""
+    if len({p.shm for p in places}) > 1:
+        return _open_store_per_domain(comm, places, cfg, blocks, block_size, dtype, budget)
+    path = comm.broadcast_object(HostKVStore.new_path() if comm.rank == 0 else None, src=0)
+    store = comm.on_rank0_then_all(lambda: HostKVStore(cfg, blocks, block_size, dtype, path,
+                                                       create=comm.rank == 0, budget=budget))
+    try:
+        comm.barrier()
+    finally:
+        if comm.rank == 0:
+            store.unlink()    # every rank has it mapped (or failed): the name goes, the memory stays until close
+    return store
+
+
+def _open_store_per_domain(comm, places, cfg, blocks, block_size, dtype, budget: str) -> HostKVStore:
+    mine = places[comm.rank].shm
+    leader = min(r for r, p in enumerate(places) if p.shm == mine)
+    path = comm.all_gather_object(HostKVStore.new_path() if comm.rank == leader else None)[leader]
+    store, failure = None, None
+    if comm.rank == leader:
+        try:
+            store = HostKVStore(cfg, blocks, block_size, dtype, path, create=True, budget=budget)
+        except Exception as err:  # noqa: BLE001 - raised on every rank below
+            failure = err
+    failures = [f for f in comm.all_gather_object(None if failure is None else f"{failure}") if f is not None]
+    if failures:
+        if failure is not None:
+            raise failure
+        raise RuntimeError(f"a node's host KV store could not be created: {failures[0]}")
+    try:
+        if store is None:
+            store = HostKVStore(cfg, blocks, block_size, dtype, path, create=False, budget=budget)
+        comm.barrier()
+    finally:
+        if comm.rank == leader:
+            store.unlink()     # the domain's ranks have it mapped (or failed): the name goes
+    return store

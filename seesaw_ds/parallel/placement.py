@@ -3,17 +3,21 @@
 Pure planning, checked at start-up before any weight loads (the builder gathers every rank's place first):
 
     places = [RankPlace(node="a", shm="a"), RankPlace("a", "a"), RankPlace("b", "b"), RankPlace("b", "b")]
-    placement_problems(StageLayouts.from_spec("PP4->PP2xTP2"), places)
-        -> [Problem("parallel", "prefill tp=1 pp=4 dp=1 -> decode ... replica 0 spans 2 host KV domains ...")]
+    placement_problems(StageLayouts.from_spec("PP2->TP4"), places)
+        -> [Problem("parallel.decode.tp", "decode tp=4 puts a TP group across nodes ..."), Problem("parallel", ...)]
+    placement_problems(StageLayouts.from_spec("PP4->PP2xTP2"), places, cfg=cfg) -> []   # KV stays in each node
 
 Two rules:
 - A TP group all-reduces inside every layer, so it must not span nodes (their link is the slow one), unless
   the caller allows it explicitly (`allow_cross_node_tp`). PP across nodes (one activation per stage
   boundary) and DP replicas on different nodes are fine.
 - A layout pair that switches (prefill layout != decode layout) hands every prompt's KV from the prefill
-  ranks to the decode ranks through one host KV store, a /dev/shm file that all the replica's ranks map.
-  So the whole replica must share one /dev/shm: one "shm domain". Namespaced hosts of one machine (the test
-  cluster) share it; separate machines never do. No opt-in: the engine cannot serve it.
+  ranks to the decode ranks through a host KV store, a /dev/shm file of each "shm domain" (the ranks that map
+  one /dev/shm). So every move of the KV re-shard plan must stay inside one domain: PP across nodes for
+  prefill with TP inside each node for decode keeps each node's layers at home (`PP4 -> PP2xTP2`), while
+  `PP2 -> TP2` over two machines would move half of every layer's heads between them. Without the model
+  (`cfg` None) the whole replica must share one domain. Namespaced hosts of one machine (the test cluster)
+  share it; separate machines never do. No opt-in: the engine cannot serve it.
 
 A rank's `node` is its node key (`seesaw_ds.distributed.node.node_key`); `shm` names the /dev/shm it maps
 (`node.shm_domain`). Ranks are in global-rank order, as the layouts number them.
@@ -24,6 +28,8 @@ import dataclasses
 from typing import NamedTuple, Sequence
 
 from seesaw_ds.jobs.schema import RecipeError
+from seesaw_ds.models.config import ModelConfig
+from seesaw_ds.parallel.kv_plan import kv_reshard_plan
 from seesaw_ds.parallel.layout import Layout, StageLayouts
 
 CROSS_NODE_TP_KEY = "engine.allow_cross_node_tp"   # the recipe key (EngineConfig.allow_cross_node_tp)
@@ -50,8 +56,8 @@ class PlacementError(RecipeError):
         super().__init__(first.key, "; ".join(p.message for p in self.problems))
 
 
-def placement_problems(layouts: StageLayouts, places: Sequence[RankPlace],
-                       allow_cross_node_tp: bool = False) -> list[Problem]:
+def placement_problems(layouts: StageLayouts, places: Sequence[RankPlace], allow_cross_node_tp: bool = False,
+                       cfg: ModelConfig | None = None) -> list[Problem]:
     """What stops `layouts` from running on ranks placed at `places` (one per global rank); [] when fine."""
     if len(places) != layouts.world_size:
         raise ValueError(f"{len(places)} rank places for layouts over {layouts.world_size} ranks")
@@ -64,13 +70,14 @@ def placement_problems(layouts: StageLayouts, places: Sequence[RankPlace],
             if problem is not None:
                 problems.append(problem)
     if not layouts.is_static:
-        problems.extend(_split_host_store(layouts, places))
+        problems.extend(_split_host_store(layouts, places, cfg))
     return problems
 
 
-def check_placement(layouts: StageLayouts, places: Sequence[RankPlace], allow_cross_node_tp: bool = False) -> None:
+def check_placement(layouts: StageLayouts, places: Sequence[RankPlace], allow_cross_node_tp: bool = False,
+                    cfg: ModelConfig | None = None) -> None:
     """Raise PlacementError (every problem in one line) unless `layouts` fit `places`."""
-    problems = placement_problems(layouts, places, allow_cross_node_tp)
+    problems = placement_problems(layouts, places, allow_cross_node_tp, cfg)
     if problems:
         raise PlacementError(problems)
 
@@ -89,19 +96,26 @@ def _cross_node_tp(stage: str, layout: Layout, places: Sequence[RankPlace]) -> P
                         f"true (then it runs over the link between them)")
 
 
-def _split_host_store(layouts: StageLayouts, places: Sequence[RankPlace]) -> list[Problem]:
-    """Replicas of a switching pair whose ranks do not all map one /dev/shm (one problem: the first)."""
+def _split_host_store(layouts: StageLayouts, places: Sequence[RankPlace], cfg: ModelConfig | None) -> list[Problem]:
+    """Replicas of a switching pair whose KV moves cross /dev/shm domains (one problem: the first)."""
     layout = layouts.prefill
-    split = [dp for dp in range(layout.dp) if len({places[r].shm for r in layout.replica_ranks(dp)}) > 1]
+
+    def crosses(dp: int) -> bool:
+        ranks = layout.replica_ranks(dp)
+        if cfg is None:
+            return len({places[r].shm for r in ranks}) > 1
+        return any(places[ranks[m.src_rank]].shm != places[ranks[m.dst_rank]].shm
+                   for m in kv_reshard_plan(cfg, layouts.prefill, layouts.decode))
+    split = [dp for dp in range(layout.dp) if crosses(dp)]
     if not split:
         return []
     ranks = layout.replica_ranks(split[0])
     more = f" (and {len(split) - 1} more replica{'s' if len(split) > 2 else ''})" if len(split) > 1 else ""
     return [Problem("parallel", f"{layouts.describe()} switches stages through the host KV store, one /dev/shm "
                                 f"that every rank of the replica maps, but replica {split[0]} spans nodes that do "
-                                f"not share one: {_where(ranks, places, by='shm')}{more}; run a switching pair "
-                                "inside one node, or a static layout across nodes (PP across nodes, TP inside "
-                                "each)")]
+                                f"not share one: {_where(ranks, places, by='shm')}{more}, and its KV moves between "
+                                "them; run a switching pair inside one node, one whose KV stays in each node (PP "
+                                "across nodes -> PP x TP with TP inside each), or a static layout across nodes")]
 
 
 def _nodes_of(ranks: Sequence[int], places: Sequence[RankPlace]) -> set[str]:

@@ -57,20 +57,11 @@ needs_namespaces = pytest.mark.skipif(namespaces_unavailable() is not None,
 
 
 def cluster_command(prefix, port, recipe, hosts=2, private_shm=False, link=None, ranks=1):
-    """`private_shm`: every rank mounts a /dev/shm of its own (as on separate machines), through DeepSpeed's
-    --no_python; else the hosts share this machine's. `link`: the hosts' link rate (e.g. "200mbit")."""
-    job = [GENERATE, "--config", recipe]
-    if private_shm:
-        job = ["--no_python", "--no_local_rank", *with_private_shm([sys.executable, "-u", *job])]
-    rate = ["--link", link] if link else []
+    """`private_shm`: every host mounts a /dev/shm of its own (as separate machines), shared by its ranks;
+    else the hosts share this machine's. `link`: the hosts' link rate (e.g. "200mbit")."""
+    options = (["--link", link] if link else []) + (["--private-shm"] if private_shm else [])
     return [sys.executable, LOCAL_CLUSTER, "--hosts", str(hosts), "--ranks", str(ranks), "--prefix", prefix,
-            "--master_port", str(port), *rate, "--", *job]
-
-
-def with_private_shm(argv):
-    """argv in a mount namespace of its own, with a fresh tmpfs on /dev/shm (gone with the namespace)."""
-    return ["unshare", "-m", "--propagation", "private", "sh", "-c",
-            'mount -t tmpfs -o size=1g seesaw-test-shm /dev/shm && exec "$@"', "sh", *argv]
+            "--master_port", str(port), *options, "--", GENERATE, "--config", recipe]
 
 
 def error_lines(log):
@@ -160,13 +151,14 @@ def test_hosts_have_their_own_node_keys_and_share_the_machines_shm_unless_they_m
     if shutil.which("unshare") is None:
         pytest.skip("`unshare` (util-linux) is not installed: no private /dev/shm per host")
     tool = load_tool()
-    cluster = tool.LocalCluster(2, prefix=new_prefix())
+    cluster, own = tool.LocalCluster(2, prefix=new_prefix()), tool.LocalCluster(2, private_shm=True)
     probe = [sys.executable, "-c", "from seesaw_ds.distributed.node import node_key, shm_domain; "
                                    "print(node_key(), shm_domain('/dev/shm'))"]
     try:
         cluster.up()
+        own.prefix = cluster.prefix            # the same hosts, run with a /dev/shm of their own
         shared = subprocess.run(cluster.exec_argv(0, probe), capture_output=True, text=True, check=True)
-        private = subprocess.run(cluster.exec_argv(1, with_private_shm(probe)), capture_output=True, text=True)
+        private = subprocess.run(own.exec_argv(1, probe), capture_output=True, text=True)
         assert private.returncode == 0, private.stderr
     finally:
         cluster.down()
@@ -272,6 +264,42 @@ def test_pipeline_across_hosts_with_tp_inside_each(tiny_model, articles, referen
     log = run_cluster(cluster_command(prefix, port, recipe, ranks=2), job_env(tmp_path))
     assert_rows_match(output_rows(tmp_path / "out"), reference_rows)
     assert "[h0] layouts: tp=2 pp=2 dp=1 (4 ranks, 1 replica of 4 ranks, 1 thread per rank;" in log, log
+    assert not error_lines(log) and not leftovers(prefix, port)
+
+
+@pytest.mark.slow
+@needs_namespaces
+def test_pp_across_machines_then_tp_inside_each_switches_through_each_machines_store(articles, tmp_path):
+    """PP4 -> PP2xTP2 on 2 hosts x 2 ranks, each host with its own /dev/shm (as separate machines): every KV
+    move stays inside a host, so each host's own store serves the switch; tokens as HF greedy (a 4-layer model)."""
+    if shutil.which("unshare") is None:
+        pytest.skip("`unshare` (util-linux) is not installed: no private /dev/shm per host")
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from tests.conftest import hf_greedy
+    from tests.jobs.tiny_tokenizer import char_tokenizer
+    from tests.launch.conftest import MAX_TOKENS, TEMPLATE, article_rows
+    folder, tokenizer = str(tmp_path / "model"), char_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.08,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=None, tie_word_embeddings=False)).eval()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    reference = {}
+    for row in article_rows():
+        ids = tokenizer(TEMPLATE.format(article=row["article"]))["input_ids"]
+        reference[row["id"]] = {"prompt_token_ids": ids, "completion_token_ids": hf_greedy(model, ids, MAX_TOKENS),
+                                "abstract": row["abstract"]}
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(folder, articles, str(tmp_path / "out"),
+                                                           parallel="PP4->PP2xTP2"))
+    prefix, port = new_prefix(), free_port()
+    log = run_cluster(cluster_command(prefix, port, recipe, private_shm=True, ranks=2), job_env(tmp_path))
+    assert_rows_match(output_rows(tmp_path / "out"), reference)
+    assert "[h0] layouts: prefill tp=1 pp=4 dp=1 -> decode tp=2 pp=2 dp=1 (4 ranks" in log, log
+    switches = [line for line in log.splitlines() if "engine, replica 0" in line]
+    assert switches and "switches 0," not in switches[0], log
     assert not error_lines(log) and not leftovers(prefix, port)
 
 

@@ -85,14 +85,23 @@ def test_switching_pair_across_machines_is_refused_even_with_the_opt_in():
     assert "replica 0 spans nodes that do not share one: node h0 (rank 0), node h1 (rank 1)" in problem.message
 
 
-def test_pp_across_nodes_for_prefill_with_tp_inside_each_node_for_decode_is_refused():
-    """The issue's layout: 2 nodes x 2 ranks, prefill PP4 across both, decode PP2xTP2 with each TP group inside
-    one node. No TP problem; the host store (one /dev/shm per node) cannot hold the replica's hand-over."""
+def test_pp_across_nodes_for_prefill_with_tp_inside_each_node_for_decode_keeps_its_kv_at_home():
+    """2 nodes x 2 ranks, prefill PP4 across both, decode PP2xTP2 with each TP group inside one node: every KV
+    move of the re-shard plan stays inside a node, so each node's own host store serves it. Without the model
+    the plan is unknown and the replica must share one /dev/shm."""
+    from seesaw_ds.models.config import ModelConfig
+    cfg = ModelConfig.from_hf({"model_type": "llama", "num_hidden_layers": 4, "hidden_size": 64,
+                               "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+                               "vocab_size": 100})
     layouts = StageLayouts.from_spec("PP4->PP2xTP2")
+    assert placement_problems(layouts, machines("a", "a", "b", "b"), cfg=cfg) == []
     [problem] = placement_problems(layouts, machines("a", "a", "b", "b"))
     assert problem.key == "parallel"
     assert "node a (ranks 0, 1), node b (ranks 2, 3)" in problem.message
     assert placement_problems(layouts, hosts_of_one_machine("a", "a", "b", "b")) == []   # one /dev/shm: fine
+    # the KV of PP2 -> TP2 over two machines crosses them (half of every layer's heads): refused with the model too
+    [problem] = placement_problems(StageLayouts.from_spec("PP2->TP2"), machines("h0", "h1"), True, cfg)
+    assert "and its KV moves between them" in problem.message
 
 
 def test_switching_replicas_split_across_machines_are_counted():
