@@ -10,6 +10,7 @@ A bad input ends every rank with one `error:` line (printed by rank 0) and exit 
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import sys
@@ -116,6 +117,9 @@ def _job_planner(recipe: Recipe, tokenizer, nodes, comm, say: Callable[[str], No
     from seesaw_ds.jobs.job_cluster import job_cluster, probe_link
     planned = recipe.parallel in ("auto", "seesaw") and nodes.world_size > 1
     link = probe_link(nodes, comm, say) if planned else None
+    if planned:
+        from seesaw_ds.distributed.builder import gather_places
+        places = gather_places(comm)        # every rank's node and /dev/shm, for what the planner may pick
 
     def plan_job(world_size: int, cfg):
         from seesaw_ds.jobs.inputs import open_inputs
@@ -137,8 +141,19 @@ def _job_planner(recipe: Recipe, tokenizer, nodes, comm, say: Callable[[str], No
         options = PlannerOptions(dtype=resolved_dtype(recipe.model.dtype),
                                  max_batched_tokens=recipe.engine.max_num_batched_tokens,
                                  max_tp=min(nodes.ranks_per_node, cfg.num_kv_heads) if tp_inside_nodes else None)
-        return plan(cfg, job_cluster(nodes, link), workload, options, num_devices=world_size)
+        ranking = plan(cfg, job_cluster(nodes, link), workload, options, num_devices=world_size)
+        return _placeable(ranking, places, recipe.engine.allow_cross_node_tp, cfg)
     return plan_job
+
+
+def _placeable(ranking, places, allow_cross_node_tp: bool, cfg):
+    """The planner's ranking without the layouts the ranks' nodes cannot serve (placement.py: a TP group
+    across nodes, a pair whose KV would cross /dev/shm domains), which the engine would refuse."""
+    from seesaw_ds.parallel.placement import placement_problems
+    from seesaw_ds.planner import stage_layouts
+    ranked = tuple(c for c in ranking.ranked
+                   if not placement_problems(stage_layouts(c), places, allow_cross_node_tp, cfg))
+    return dataclasses.replace(ranking, ranked=ranked)
 
 
 def _engine_report(engine: Any) -> dict[str, Any]:

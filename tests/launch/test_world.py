@@ -86,6 +86,24 @@ def test_seesaw_on_hosts_of_one_rank_keeps_tp_inside_nodes_and_says_so():
                    f"output tokens on 2xA10 (2 nodes of 1, link 25 MB/s))")
 
 
+def test_a_job_plans_only_layouts_its_ranks_nodes_can_serve():
+    """Two machines of two ranks (no shared /dev/shm): the ranking a job acts on keeps no TP group across
+    machines (without the opt-in) and no pair whose KV would cross them; PP4 -> PP2xTP2 stays."""
+    from seesaw_ds.jobs.generate import _placeable
+    from seesaw_ds.parallel.placement import RankPlace, placement_problems
+    from seesaw_ds.planner import PlannerOptions, plan, stage_layouts
+    from transformers import LlamaConfig
+    model = ModelConfig.from_hf(LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128,
+                                            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4))
+    places = [RankPlace(n, n) for n in ("a", "a", "b", "b")]
+    ranking = plan(model, "4xA10", "arxiv-small", PlannerOptions())
+    kept = _placeable(ranking, places, False, model)
+    labels = {stage_layouts(c).label() for c in kept.ranked}
+    assert {"PP4->PP2xTP2", "PP2xTP2", "DP4"} <= labels and not labels & {"TP4", "PP4->TP4", "PP2xTP2->TP4"}
+    dropped = [c for c in ranking.ranked if c not in kept.ranked]
+    assert dropped and all(placement_problems(stage_layouts(c), places, False, model) for c in dropped)
+
+
 @pytest.mark.parametrize("parallel, world, message", [
     ({"tp": 2}, 1, "world size is 1"),
     ({"dp": 2}, 3, "covers 2 ranks; world size is 3"),
