@@ -193,7 +193,7 @@ def run(recipe: Recipe, world, announce: Callable[[str], None] = print) -> dict[
         f"{_count(len(role.ranks), 'rank')}, {_count(torch.get_num_threads(), 'thread')} per rank; model "
         f"{recipe.model.name} -> {folder})")
     if why:
-        say(why if why.startswith("parallel:") else f"parallel: {recipe.parallel}: {why}")
+        say(why)
     source = open_inputs(recipe, tokenizer, replica=role.replica, num_replicas=role.num_replicas, announce=say)
     fingerprint = _from_rank0(comm, lambda: claim_output_dir(recipe, source, say))   # before weights load
     try:

@@ -81,7 +81,7 @@ def recipe_layouts(parallel: str | Mapping[str, Any], world_size: int, cfg: Mode
 def choose_layouts(parallel: str | Mapping[str, Any], world_size: int, cfg: ModelConfig,
                    plan_job: Callable[[int, ModelConfig], Any] | None = None) -> tuple[StageLayouts, str]:
     """The recipe's `parallel` (validated by the recipe) as StageLayouts checked against the world and model,
-    and why they were chosen ("" when the recipe named them).
+    and why they were chosen: the start-up line ("" when the recipe named them).
 
     `plan_job(world_size, cfg)` is the planner's ranking (a `planner.Plan`) for this job's workload.
     `auto`: one rank -> tp=pp=dp=1; several -> the planner's fastest layouts one launch can run. `seesaw`:
@@ -131,7 +131,7 @@ def fastest_runnable(plan) -> tuple[StageLayouts, str]:
         raise RecipeError("parallel", f"auto found no layouts for {plan.cluster.num_devices} ranks that one "
                                       f"launch can run")
     best = ranked[0]
-    return stage_layouts(best), (f"the planner's fastest for {_shape(plan)} "
+    return stage_layouts(best), (f"parallel: auto: the planner's fastest for {_shape(plan)} "
                                  f"({best.tokens_per_s:,.0f} tokens/s predicted)")
 
 
@@ -160,7 +160,8 @@ def seesaw_or_static(plan, pair: StageLayouts) -> tuple[StageLayouts, str]:
                                       f"({_shape(plan)})"
     ratio = mine.tokens_per_s / static.tokens_per_s
     if ratio >= PAIR_MARGIN:
-        return pair, f"the planner predicts {pair.label()} at {ratio:.2f}x {label}, the fastest static layout"
+        return pair, (f"parallel: seesaw: the planner predicts {pair.label()} at {ratio:.2f}x {label}, the fastest "
+                      f"static layout")
     return stage_layouts(static), (
         f"parallel: seesaw runs {label}, not the pair {pair.label()}: the planner predicts the pair at "
         f"{ratio:.2f}x of it for {_shape(plan)}, under the {PAIR_MARGIN:.2f}x a re-shard must promise (a pair "

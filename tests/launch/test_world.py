@@ -59,7 +59,7 @@ def test_seesaw_runs_the_pair_only_where_the_planner_predicts_a_gain():
     best_pair = stage_layouts(big.best_pair)
     assert big.speedup(big.best_pair) >= PAIR_MARGIN
     layouts, why = seesaw_or_static(big, best_pair)
-    assert layouts == best_pair and why.startswith(f"the planner predicts {best_pair.label()} at ")
+    assert layouts == best_pair and why.startswith(f"parallel: seesaw: the planner predicts {best_pair.label()} at ")
     # a predicted lead under the margin is a tie: the fastest static layout one launch can run is run
     tie = plan("codellama-34b", "4xA10", "sharegpt-small")
     layouts, why = seesaw_or_static(tie, auto_layouts(4, tie.model))
@@ -67,7 +67,7 @@ def test_seesaw_runs_the_pair_only_where_the_planner_predicts_a_gain():
     assert layouts.is_static and 1.0 <= predicted < PAIR_MARGIN and "under the 1.10x" in why, why
     # auto: the fastest layouts one launch can run, with the prediction
     layouts, why = choose_layouts("auto", 2, cfg(), lambda world, _: small)
-    assert layouts == stage_layouts(small.best) and why.startswith("the planner's fastest for 32 requests")
+    assert layouts == stage_layouts(small.best) and why.startswith("parallel: auto: the planner's fastest for 32 requests")
 
 
 def test_seesaw_on_hosts_of_one_rank_keeps_tp_inside_nodes_and_says_so():
