@@ -46,7 +46,7 @@ class TensorParallelExecutor(LocalStageExecutor):
                  rank: int):
         runner, self.bound_bytes = autotp_runner(folder, weights, dtype, cfg, layout, rank)
         super().__init__(runner, cfg)
-        self.kv_heads = tp_head_ranges(cfg, layout.tp)[layout.coords(rank).tp_rank][1]
+        self.kv_heads = tp_kv_heads(cfg, layout, rank)
 
 
 class StageTPGroup:
@@ -107,6 +107,11 @@ def autotp_runner(folder: str, weights: WeightViews, dtype: torch.dtype, cfg: Mo
     return runner, bound
 
 
+def tp_kv_heads(cfg: ModelConfig, layout: Layout, rank: int) -> range:
+    """The global KV heads `rank` holds under `layout`'s TP split (AutoTP's head groups)."""
+    return tp_head_ranges(cfg, layout.tp)[layout.coords(rank).tp_rank][1]
+
+
 def vocab_shard(cfg: ModelConfig, tp: int, tp_rank: int, autotp_head) -> VocabShard:
     """TP rank `tp_rank`'s rows of the vocabulary (the weight plan's cut), exchanged over AutoTP's group."""
     rows = vocab_rows(cfg, tp)[tp_rank]
@@ -121,7 +126,7 @@ def build_executor(layout: Layout, rank: int, folder: str | None, weights: Weigh
         runner, kv_heads = shared_runner, range(cfg.num_kv_heads)
         if layout.tp > 1:
             runner = autotp_runner(folder, weights, dtype, cfg, layout, rank)[0]
-            kv_heads = tp_head_ranges(cfg, layout.tp)[layout.coords(rank).tp_rank][1]
+            kv_heads = tp_kv_heads(cfg, layout, rank)
         return PipelineExecutor(runner, cfg.num_layers, kv_heads, layout.pp, cfg.sliding_window, tp=layout.tp)
     if layout.tp > 1:
         return TensorParallelExecutor(folder, weights, dtype, cfg, layout, rank)

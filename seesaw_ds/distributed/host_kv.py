@@ -200,6 +200,10 @@ def open_host_store(comm, places: list, cfg, blocks, block_size, dtype, budget: 
 
 
 def _open_store_per_domain(comm, places, cfg, blocks, block_size, dtype, budget: str) -> HostKVStore:
+    """As `open_host_store` on one domain, with every domain's first rank creating at once; a failure in any
+    domain is raised on every rank as the same exception where it survives pickling (as
+    `comm.on_rank0_then_all` does), so a full /dev/shm on any node is one clear error."""
+    from seesaw_ds.engine.comm import sendable
     mine = places[comm.rank].shm
     leader = min(r for r, p in enumerate(places) if p.shm == mine)
     path = comm.all_gather_object(HostKVStore.new_path() if comm.rank == leader else None)[leader]
@@ -209,11 +213,13 @@ def _open_store_per_domain(comm, places, cfg, blocks, block_size, dtype, budget:
             store = HostKVStore(cfg, blocks, block_size, dtype, path, create=True, budget=budget)
         except Exception as err:  # noqa: BLE001 - raised on every rank below
             failure = err
-    failures = [f for f in comm.all_gather_object(None if failure is None else f"{failure}") if f is not None]
+    failures = [f for f in comm.all_gather_object(None if failure is None else sendable(failure)) if f is not None]
     if failures:
         if failure is not None:
             raise failure
-        raise RuntimeError(f"a node's host KV store could not be created: {failures[0]}")
+        first = failures[0]
+        raise first if isinstance(first, BaseException) else RuntimeError(
+            f"a node's host KV store could not be created: {first}")
     try:
         if store is None:
             store = HostKVStore(cfg, blocks, block_size, dtype, path, create=False, budget=budget)

@@ -118,11 +118,11 @@ def rank0_heart_beaten(comm, fn: Callable[[], Any], send_result: bool = False) -
             comm.broadcast_object("busy", src=0)
             continue
         ok, result = box
-        comm.broadcast_object((True, result if send_result else None) if ok else (False, _sendable(result)), src=0)
+        comm.broadcast_object((True, result if send_result else None) if ok else (False, sendable(result)), src=0)
         return ok, result
 
 
-def _sendable(err: BaseException) -> Any:
+def sendable(err: BaseException) -> Any:
     """The exception itself when it survives pickling, else its text."""
     import pickle
     try:

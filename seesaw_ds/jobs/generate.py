@@ -117,9 +117,10 @@ def _job_planner(recipe: Recipe, tokenizer, nodes, comm, say: Callable[[str], No
     from seesaw_ds.jobs.job_cluster import job_cluster, probe_link
     planned = recipe.parallel in ("auto", "seesaw") and nodes.world_size > 1
     link = probe_link(nodes, comm, say) if planned else None
+    places = None                           # every rank's node and /dev/shm, for what the planner may pick
     if planned:
         from seesaw_ds.distributed.builder import gather_places
-        places = gather_places(comm)        # every rank's node and /dev/shm, for what the planner may pick
+        places = gather_places(comm)
 
     def plan_job(world_size: int, cfg):
         from seesaw_ds.jobs.inputs import open_inputs
