@@ -25,9 +25,10 @@ from seesaw_ds.distributed.executors import build_executor
 from seesaw_ds.distributed.host_kv import open_host_store
 from seesaw_ds.distributed.kv_moves import TierCopies
 from seesaw_ds.distributed.master import MasterWeights, build_hf_model, prepare_master
-from seesaw_ds.distributed.pipe_executor import PipelineExecutor, prefill_window_tokens
 from seesaw_ds.distributed.liveness import collective_timeout, stop_watching, watch_peers
 from seesaw_ds.distributed.node import node_key, shm_domain
+from seesaw_ds.distributed.pipe_decode import StagePipe
+from seesaw_ds.distributed.pipe_executor import PipelineExecutor, prefill_window_tokens
 from seesaw_ds.distributed.private_dirs import check_trusted_folders
 from seesaw_ds.distributed.shm_buffers import cleanup_deepspeed_shm, cleanup_on_stop, shm_dir, sweep_stale_shm
 from seesaw_ds.distributed.stash import KVStasher
@@ -35,6 +36,7 @@ from seesaw_ds.distributed.weight_views import WeightViews
 from seesaw_ds.engine.comm import NullComm, TorchComm
 from seesaw_ds.engine.config import EngineConfig
 from seesaw_ds.engine.engine import Engine
+from seesaw_ds.engine.in_flight import InFlightDecode
 from seesaw_ds.engine.runtime import StageRuntime
 from seesaw_ds.engine.scheduler import Scheduler, SchedulerConfig
 from seesaw_ds.engine.seesaw_scheduler import SeesawScheduler, TierConfig
@@ -257,7 +259,16 @@ def _build_engine(config: EngineConfig, comm, tokenizer, hf_model, announce, on_
     eos = cfg.eos_token_ids or _tokenizer_eos(tokenizer)
     return Engine(scheduler, prefill, decode, comm, weights=weights, layouts=layouts, model_config=cfg,
                   model_folder=folder, stats=stats, eos_token_ids=eos, tokenizer=tokenizer,
-                  sliding_window=cfg.sliding_window, on_close=on_close)
+                  sliding_window=cfg.sliding_window, on_close=on_close, in_flight=_in_flight(config, decode))
+
+
+def _in_flight(config: EngineConfig, decode: StageRuntime) -> InFlightDecode | None:
+    """Decode with micro-batches in flight across steps: a static pipeline of single-rank stages."""
+    executor = decode.executor
+    if not (config.decode_in_flight and decode.name == "static" and isinstance(executor, PipelineExecutor)
+            and decode.layout.tp == 1 and not config.micro_batches):
+        return None
+    return InFlightDecode(StagePipe(executor), decode)
 
 
 def _tokenizer_eos(tokenizer) -> tuple[int, ...]:

@@ -26,6 +26,8 @@ class EngineConfig:
     micro_batches: int = 0            # 0: the stage executor's own choice
     stash_async: bool | None = None   # None: on accelerators only (a stash thread takes a CPU core)
     allow_cross_node_tp: bool = False  # True: a TP group may span nodes (its all-reduces cross their link)
+    decode_in_flight: bool = True     # static PP decode keeps pp micro-batches in flight across steps
+    #                                   (False: one DeepSpeed pipeline pass per step, which fills and drains)
 
     def __post_init__(self):
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -38,7 +40,8 @@ class EngineConfig:
                 raise ValueError(f"kv.{name[3:]} must be a positive number of GB, got {value!r}")
         if not 0.0 <= self.kv_threshold < 1.0:
             raise ValueError(f"kv.threshold must be in [0, 1), got {self.kv_threshold!r}")
-        if not isinstance(self.allow_cross_node_tp, bool):
-            raise ValueError(f"allow_cross_node_tp must be true or false, got {self.allow_cross_node_tp!r}")
+        for name in ("allow_cross_node_tp", "decode_in_flight"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.micro_batches < 0:
             raise ValueError(f"micro_batches must be >= 0, got {self.micro_batches!r}")

@@ -5,7 +5,8 @@
           on the rank that holds the logits -> broadcast -> postprocess
 
 Every rank of a replica runs the same (pure) scheduler in lockstep; one process is the same engine with a
-`NullComm`. Built by `build_engine` (builder.py), which decides the runtimes and whether the host tier is used.
+`NullComm`. Decode under a pipeline of single-rank stages keeps micro-batches in flight across steps
+instead (`in_flight`, engine/in_flight.py): each step then schedules one of pp micro-batches. Built by `build_engine` (builder.py), which decides the runtimes and whether the host tier is used.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from seesaw_ds.engine.runtime import StageRuntime
 from seesaw_ds.engine.sample_groups import copy_blocks, first_token_forks, make_samples, release_orphans
 from seesaw_ds.engine.sampler import sample
 from seesaw_ds.engine.sampling_params import SamplingParams
-from seesaw_ds.engine.scheduler import Scheduler
+from seesaw_ds.engine.scheduler import ScheduledBatch, Scheduler
 from seesaw_ds.engine.sequence import RequestOutput, SampleOutput, Sequence, SequenceStatus
 from seesaw_ds.engine.stats import EngineStats
 from seesaw_ds.models.vocab_head import ShardedLogits
@@ -31,7 +32,7 @@ class Engine:
     def __init__(self, scheduler: Scheduler, prefill: StageRuntime, decode: StageRuntime, comm, *,
                  weights, layouts, model_config, model_folder: str | None = None, stats: EngineStats | None = None,
                  eos_token_ids=(), tokenizer=None, sliding_window: int | None = None,
-                 on_close: Iterable[Callable[[], None]] = ()):
+                 on_close: Iterable[Callable[[], None]] = (), in_flight=None):
         self.scheduler = scheduler
         self.layouts = layouts               # StageLayouts: prefill and decode layouts (equal when static)
         self.model_config = model_config     # ModelConfig
@@ -48,6 +49,8 @@ class Engine:
         self._stage_mark = (0, 0.0)          # (kv bytes, copy seconds) at the start of the current runtime
         self._requests: dict[str, list[Sequence]] = {}     # unfinished request -> its n samples
         self._on_close = list(on_close)
+        self.in_flight = in_flight           # InFlightDecode: decode under a pipeline kept full across steps
+        self._ready: list[RequestOutput] = []   # finished by a drain outside step(), returned by the next step
         self.closed = False
 
     # ---- requests ------------------------------------------------------------------------------------
@@ -65,6 +68,8 @@ class Engine:
         """Drop an unfinished request (every rank calls it between steps); its KV blocks are freed at once,
         or as soon as a load in flight lands. Returns its partial output (finish_reason "abort" for each
         unfinished sample), or None for an unknown or finished request."""
+        if self.in_flight is not None:          # no sequence may be in flight while the scheduler drops one
+            self._ready += self.in_flight.drain(self)
         samples = self._requests.pop(str(request_id), None)
         if samples is None:
             return None
@@ -75,8 +80,14 @@ class Engine:
                 seq.finish_reason = "abort"
         return self._output(samples)
 
+    def abort_all(self) -> list[RequestOutput]:
+        """Drop every unfinished request, and any output a drain finished that no step returned yet."""
+        outputs = [out for rid in self.unfinished_request_ids() if (out := self.abort(rid)) is not None]
+        self._ready = []
+        return outputs
+
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self._ready)
 
     def unfinished_request_ids(self) -> list[str]:
         return list(self._requests)
@@ -89,33 +100,53 @@ class Engine:
     # ---- the loop ------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         self._check_open()
+        ready, self._ready = self._ready, []
+        if self.in_flight is not None:
+            return ready + self.in_flight.step(self)
         batch = self.scheduler.schedule()
-        if batch is None:
-            return []
+        return ready + (self.run_batch(batch) if batch is not None else [])
+
+    def run_batch(self, batch: ScheduledBatch) -> list[RequestOutput]:
+        """One scheduled step through its stage's runtime: forward, sample, postprocess."""
         t0 = time.perf_counter()
         if batch.wait_prefetch:              # before a switch: those copies belong to the decode runtime
             self.runtimes["decode"].land()
         runtime = self.runtimes["prefill" if batch.is_prefill else "decode"]
-        switch_s = self._enter(runtime) if runtime is not self._current else 0.0
-        self.stats.device_blocks_peak = max(self.stats.device_blocks_peak, self.scheduler.allocator.num_used)
+        switch_s = self.enter(runtime)
         runtime.prepare(batch)
-        copies, self.scheduler.fork_copies = self.scheduler.fork_copies, []
-        if copies:                           # forked samples' own copy of the prompt's last, partial block
-            if batch.is_prefill:
-                raise RuntimeError("internal: sample forks scheduled in a prefill step")
-            copy_blocks(runtime.kv, copies)
+        self.copy_forks(runtime, batch)
         logits = runtime.forward(batch, self.scheduler.config.block_size, self.sliding_window)
         runtime.finish(self.stats)
         forks = first_token_forks(batch.seqs) if batch.is_prefill else []
         rows = list(range(len(batch.seqs))) + [row for row, _ in forks]
         tokens, logprobs = self._sample_and_share(logits, batch.seqs + [f for _, f in forks], rows,
                                                   runtime.sampling_rank, every_rank=runtime.layout.pp == 1)
-        finished = self._first_tokens(batch.seqs, forks, tokens, logprobs)
+        outputs = self.apply(batch, tokens, logprobs, forks)
+        self.stats.account(batch.is_prefill, len(batch.seqs), batch.num_tokens,
+                           time.perf_counter() - t0 - switch_s)
+        return outputs
+
+    def enter(self, runtime: StageRuntime) -> float:
+        """Before a step's forward: make `runtime` current (seconds a switch took) and note the pool's use."""
+        switch_s = self._enter(runtime) if runtime is not self._current else 0.0
+        self.stats.device_blocks_peak = max(self.stats.device_blocks_peak, self.scheduler.allocator.num_used)
+        return switch_s
+
+    def copy_forks(self, runtime: StageRuntime, batch: ScheduledBatch) -> None:
+        """Forked samples' own copy of the prompt's last, partial block, before the forward."""
+        copies, self.scheduler.fork_copies = self.scheduler.fork_copies, []
+        if copies:
+            if batch.is_prefill:
+                raise RuntimeError("internal: sample forks scheduled in a prefill step")
+            copy_blocks(runtime.kv, copies)
+
+    def apply(self, batch: ScheduledBatch, tokens: list[int], logprobs, forks=()) -> list[RequestOutput]:
+        """A step's sampled tokens (one per sequence, then one per fork of a prefilled sequence) into the
+        scheduler; returns the requests this finished."""
+        finished = self._first_tokens(batch.seqs, list(forks), tokens, logprobs)
         finished += self.scheduler.postprocess(batch, tokens[:len(batch.seqs)],
                                                logprobs[:len(batch.seqs)] if logprobs else None)
         release_orphans(self.scheduler, [s for s in finished if s.forks])
-        self.stats.account(batch.is_prefill, len(batch.seqs), batch.num_tokens,
-                           time.perf_counter() - t0 - switch_s)
         if self.scheduler.has_host_tier:
             self.stats.host_occupancy.append(self.scheduler.host_occupancy)
         outputs = []

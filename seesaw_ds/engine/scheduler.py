@@ -114,11 +114,13 @@ class Scheduler:
         return True
 
     # ---- scheduling ----------------------------------------------------------------------------------
-    def schedule(self) -> ScheduledBatch | None:
+    def schedule(self, busy: set = frozenset(), limit: int | None = None) -> ScheduledBatch | None:
+        """`busy`, `limit`: decode only running sequences not in `busy` (in flight in a pipeline), at most
+        `limit` of them (engine/in_flight.py)."""
         batch = self._schedule_prefill()
         if batch is not None:
             return batch
-        return self._schedule_decode()
+        return self._schedule_decode(busy, limit)
 
     def _schedule_prefill(self) -> ScheduledBatch | None:
         cfg, picked, tokens = self.config, [], 0
@@ -139,15 +141,17 @@ class Scheduler:
         self.running.extend(picked)
         return ScheduledBatch(True, picked)
 
-    def _schedule_decode(self) -> ScheduledBatch | None:
-        scheduled = self._grow_running()
+    def _schedule_decode(self, busy: set = frozenset(), limit: int | None = None) -> ScheduledBatch | None:
+        scheduled = self._grow_running(busy, limit)
         return ScheduledBatch(False, scheduled) if scheduled else None
 
-    def _grow_running(self) -> list[Sequence]:
-        """Give every running sequence the block its next token needs; when the pool is full, preempt the
-        youngest not yet scheduled (or the sequence itself). Returns the sequences to decode."""
+    def _grow_running(self, busy: set = frozenset(), limit: int | None = None) -> list[Sequence]:
+        """Give every running sequence (not in `busy`; the first `limit`) the block its next token needs; when
+        the pool is full, preempt the youngest of them not yet scheduled (or the sequence itself). Returns the
+        sequences to decode."""
         self.fork_copies += fork_samples(self)          # samples of one request share its prompt's blocks
-        bs, scheduled, queue = self.config.block_size, [], list(self.running)
+        bs, scheduled = self.config.block_size, []
+        queue = [s for s in self.running if s not in busy][:limit]
         while queue:
             seq = queue.pop(0)
             while len(seq.block_table) < seq.blocks_needed(bs) and not self.allocator.can_allocate(1):

@@ -56,7 +56,7 @@ class EngineStats:
     weight_update_s: float = 0.0
     device_blocks: int = 0          # the decode pool's capacity, and the most of it ever in use
     device_blocks_peak: int = 0
-    decode_batch_sizes: list[int] = field(default_factory=list)
+    decode_batch_sizes: list[int] = field(default_factory=list)   # per step (in-flight decode: per micro-batch)
     switches: list[dict] = field(default_factory=list)
     host_occupancy: list[float] = field(default_factory=list)
 

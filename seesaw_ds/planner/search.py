@@ -6,8 +6,9 @@ Workload model (means only):
   step costed at the batch it runs, short requests leaving a tail of small-batch steps.
 - A stage runs at the batch the memory allows (`batch_limit` at the mean decode context P + O/2), capped
   by the number of requests; a prefill step also by the engine's token budget per step. Decode steps see
-  that mean context. Pipeline passes use the engine's micro-batch counts (`PlannerOptions`): a decode step
-  is one pass that fills and drains the pipeline; a pipelined prefill stage streams windows of
+  that mean context. Pipeline passes use the engine's micro-batch counts (`PlannerOptions`): a static
+  layout's decode over single-rank stages keeps pp micro-batches in flight across steps (no bubble), any
+  other decode step is one pass that fills and drains the pipeline; a pipelined prefill stage streams windows of
   `prefill_window_tokens` through one pass each, so its bubble is paid once per window of
   `prefill_micro_batches` micro-batches (close to the steady-state pipeline), not once per step budget.
 - Static layout: KV stays on the device, no switches.
@@ -45,6 +46,9 @@ class PlannerOptions:
     max_batched_tokens: int | None = 8192
     prefill_window_tokens: int | None = 16 * 2048
     pipeline_drains: bool = True        # False: the paper's steady-state pipeline (no bubble per step)
+    # a static layout's decode under a pipeline of single-rank stages keeps pp micro-batches in flight
+    # across steps (engine/in_flight.py): pp micro-batches per step, no bubble; pairs pass once per step
+    decode_in_flight: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
@@ -142,8 +146,9 @@ def format_degrees(degrees: rl.Degrees) -> str:
 
 
 def estimate_stage(cfg: ModelConfig, cluster: ClusterSpec, degrees: rl.Degrees, stage: str,
-                   workload: WorkloadSpec, options: PlannerOptions) -> StageEstimate | None:
-    """The stage at the memory-bound batch; None when the layout does not fit (weights or one sequence)."""
+                   workload: WorkloadSpec, options: PlannerOptions, in_flight: bool = False) -> StageEstimate | None:
+    """The stage at the memory-bound batch; None when the layout does not fit (weights or one sequence).
+    `in_flight`: decode keeps the pipeline full across steps (where `in_flight_decode` says it can)."""
     limit = rl.batch_limit(cfg, cluster, degrees, workload.decode_context_len, options.dtype,
                            options.memory_utilization)
     if limit < 1:
@@ -158,16 +163,23 @@ def estimate_stage(cfg: ModelConfig, cluster: ClusterSpec, degrees: rl.Degrees, 
             batch = max(1, min(batch, int(budget * degrees[2] // seq_len)))
     else:
         seq_len, micro_batches = workload.decode_context_len, options.decode_micro_batches
-    step = rl.stage_step_time(cfg, cluster, degrees, stage, batch, seq_len, options.dtype, micro_batches,
-                              options.pipeline_drains)
+    drains = options.pipeline_drains
+    if stage == rl.DECODE and in_flight and in_flight_decode(degrees, options):
+        micro_batches, drains = degrees[1], False
+    step = rl.stage_step_time(cfg, cluster, degrees, stage, batch, seq_len, options.dtype, micro_batches, drains)
     total = None
     if stage == rl.DECODE and workload.output_lens:
         total = rl.TimeBreakdown()
         for size, steps in decode_schedule(workload.output_lens, limit).items():
             at_size = rl.stage_step_time(cfg, cluster, degrees, stage, size, seq_len, options.dtype,
-                                         micro_batches, options.pipeline_drains)
+                                         micro_batches, drains)
             total = total + at_size.scaled(steps)
     return StageEstimate(stage, degrees, batch, limit, seq_len, step, total)
+
+
+def in_flight_decode(degrees: rl.Degrees, options: PlannerOptions) -> bool:
+    """Whether the engine's static decode under `degrees` keeps micro-batches in flight across steps."""
+    return options.decode_in_flight and degrees[0] == 1 and degrees[1] > 1
 
 
 def stage_totals(prefill: StageEstimate, decode: StageEstimate, workload: WorkloadSpec):
@@ -220,12 +232,14 @@ def plan_layouts(cfg: ModelConfig, cluster: ClusterSpec, workload: WorkloadSpec,
     """Rank every static layout and every re-sharded pair on `cluster.num_devices` devices."""
     options = options or PlannerOptions()
     all_degrees = rl.enumerate_degrees(cfg, cluster.num_devices, options.max_tp)
-    stages = {}
+    stages, in_flight = {}, {}      # in_flight: a static layout's own decode, where it differs from a pair's
     for degrees in all_degrees:
         prefill = estimate_stage(cfg, cluster, degrees, rl.PREFILL, workload, options)
         decode = estimate_stage(cfg, cluster, degrees, rl.DECODE, workload, options)
         if prefill and decode:
             stages[degrees] = (prefill, decode)
+            if in_flight_decode(degrees, options):
+                in_flight[degrees] = estimate_stage(cfg, cluster, degrees, rl.DECODE, workload, options, True)
     if not stages:
         need = min(rl.weight_bytes_per_device(cfg, d, options.dtype) for d in all_degrees) if all_degrees else 0
         raise ValueError(
@@ -233,7 +247,7 @@ def plan_layouts(cfg: ModelConfig, cluster: ClusterSpec, workload: WorkloadSpec,
             f"shard is {need / 2**30:.1f} GiB per device (plus one sequence of KV) against "
             f"{cluster.device.memory_bytes * options.memory_utilization / 2**30:.1f} GiB usable")
 
-    statics = [evaluate_static(p, d, workload) for p, d in stages.values()]
+    statics = [evaluate_static(p, in_flight.get(k, d), workload) for k, (p, d) in stages.items()]
     pairs = []
     for src, (prefill, _) in stages.items():
         for dst, (_, decode) in stages.items():

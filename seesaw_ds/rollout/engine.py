@@ -142,8 +142,7 @@ class RolloutEngine:
             self.memory["after"] = rss_bytes()
 
     def _drain(self) -> None:
-        for rid in self.engine.unfinished_request_ids():
-            self.engine.abort(rid)
+        self.engine.abort_all()
 
     # ---- generation ------------------------------------------------------------------------------------
     def _encode(self, prompt) -> tuple[list[int], str | None]:

@@ -19,9 +19,9 @@ def _build(folder, **settings):
     return build_engine(EngineConfig(model=folder, dtype="float32", **settings))
 
 
-def _generate(rank, folder, parallel, kv_host_gb, kv_device_gb):
+def _generate(rank, folder, parallel, kv_host_gb, kv_device_gb, settings):
     engine = _build(folder, parallel=parallel, kv_host_gb=kv_host_gb, kv_device_gb=kv_device_gb, block_size=8,
-                    max_num_batched_tokens=256, max_model_len=160)
+                    max_num_batched_tokens=256, max_model_len=160, **settings)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(2, 320, (n,), generator=g).tolist() for n in LENGTHS]
     for i, p in enumerate(prompts):
@@ -39,7 +39,8 @@ def _generate(rank, folder, parallel, kv_host_gb, kv_device_gb):
             "recomputes": kv["num_preemptions"], "host_blocks": engine.scheduler.host.num_blocks
             if engine.scheduler.has_host_tier else 0, "static": engine.layouts.is_static,
             "layouts": [engine.layouts.prefill.describe(), engine.layouts.decode.describe()],
-            "decode_vocab_rows": None if shard is None else [shard.start, shard.stop]}
+            "decode_vocab_rows": None if shard is None else [shard.start, shard.stop],
+            "in_flight": engine.in_flight is not None}
 
 
 def _bytes_for_tokens(model, tokens: int) -> float:
@@ -52,7 +53,9 @@ BUDGET = (160, 200)
 CASES = {   # name: (world, parallel spec, model overrides, budget, its share of the KV per decode rank)
     "one-rank": (1, None, {}, BUDGET, 1),
     "tp2": (2, {"tp": 2}, {}, BUDGET, 1),
-    "pp2": (2, {"pp": 2}, {}, BUDGET, 1),
+    "pp2": (2, {"pp": 2}, {}, BUDGET, 1),            # decode: two micro-batches in flight across steps
+    "pp3": (3, {"pp": 3}, dict(num_hidden_layers=5), BUDGET, 1),
+    "pp2-pass-per-step": (2, {"pp": 2}, {}, BUDGET, 1),   # decode: one DeepSpeed pipeline pass per step
     # a pool of 22 blocks per rank, barely wider than the longest request (20): it fills up, runners are
     # swapped out (and once, with the store full, recomputed); 28 host blocks still give three cycles
     "pp2-tp2": (2, {"prefill": {"pp": 2}, "decode": {"tp": 2}}, {}, (224, 176), 2),
@@ -64,6 +67,7 @@ CASES = {   # name: (world, parallel spec, model overrides, budget, its share of
     "pp2xtp2-tp4": (4, {"prefill": {"tp": 2, "pp": 2}, "decode": {"tp": 4}},
                     dict(num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4), BUDGET, 4),
 }
+SETTINGS = {"pp2-pass-per-step": dict(decode_in_flight=False)}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -74,7 +78,7 @@ def test_layout_matches_hf_generate(case, tmp_path):
     host_gb = _bytes_for_tokens(model, host_tokens)          # well under the workload's prompt KV
     device_gb = _bytes_for_tokens(model, device_tokens) / kv_share
     out = run_ranks(world, _generate, str(tmp_path / "model"), parallel, host_gb, device_gb,
-                    out_dir=str(tmp_path))
+                    SETTINGS.get(case, {}), out_dir=str(tmp_path))
     for prompt, tokens in zip(out["prompts"], out["tokens"]):
         assert tokens == hf_greedy(model, prompt, MAX_TOKENS), f"{case}: prompt of {len(prompt)} diverged"
     if " pp=1 " in out["layouts"][1] and "tp=1 " not in out["layouts"][1]:
@@ -82,6 +86,7 @@ def test_layout_matches_hf_generate(case, tmp_path):
         rows = out["decode_vocab_rows"]
         assert rows is not None and 0 == rows[0] < rows[1] < model.config.vocab_size
     summary = out["summary"]
+    assert out["in_flight"] == (case in ("pp2", "pp3")), out["layouts"]
     assert out["static"] == (parallel is None or "prefill" not in parallel)
     if out["static"]:               # one runtime, the device pool only: never a switch, the pool filled up
         assert out["switches"] == [] and summary["kv_bytes_moved"] == 0 and out["host_blocks"] == 0
@@ -158,3 +163,43 @@ def test_pipeline_micro_batches_of_unequal_sizes(tmp_path):
     out = run_ranks(2, _generate_prompts, str(tmp_path / "model"), {"pp": 2}, prompts, out_dir=str(tmp_path))
     for prompt, tokens in zip(prompts, out):
         assert tokens == hf_greedy(model, prompt, 4)
+
+
+def _abort_in_flight(rank, folder, prompts):
+    engine = _build(folder, parallel={"pp": 2}, kv_device_gb=0.01, block_size=8, max_model_len=160)
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))
+    out, seen_in_flight = {}, 0
+    while engine.stats.decode_steps < 5:
+        out.update({o.request_id: o.token_ids for o in engine.step()})
+        seen_in_flight = max(seen_in_flight, len(engine.in_flight.pending))
+    partial = engine.abort("2")                         # drains the pipeline first, on every rank
+    while engine.has_unfinished():
+        out.update({o.request_id: o.token_ids for o in engine.step()})
+    for i, p in enumerate(prompts):                     # a second round, all dropped mid-flight
+        engine.add_request(f"b{i}", p, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True))
+    while engine.stats.decode_steps < 12:
+        engine.step()
+    dropped = engine.abort_all()
+    after = (engine.has_unfinished(), engine.step(), engine.scheduler.allocator.num_used)
+    engine.close()
+    return {"out": out, "partial": partial.token_ids, "seen_in_flight": seen_in_flight,
+            "dropped": sorted(o.request_id for o in dropped), "after": after}
+
+
+def test_abort_while_micro_batches_are_in_flight(tmp_path):
+    model = tiny_hf_model("llama")
+    model.save_pretrained(tmp_path / "model")
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(2, 320, (n,), generator=g).tolist() for n in (12, 30, 7, 21)]
+    res = run_ranks(2, _abort_in_flight, str(tmp_path / "model"), prompts, out_dir=str(tmp_path))
+    assert res["seen_in_flight"] == 1                   # pp - 1 micro-batches between steps
+    for i, prompt in enumerate(prompts):
+        want = hf_greedy(model, prompt, MAX_TOKENS)
+        if i == 2:
+            assert 0 < len(res["partial"]) < MAX_TOKENS and res["partial"] == want[:len(res["partial"])]
+            assert "2" not in res["out"]
+        else:
+            assert res["out"][str(i)] == want, i
+    assert res["dropped"] == [f"b{i}" for i in range(len(prompts))]
+    assert res["after"] == [False, [], 0]

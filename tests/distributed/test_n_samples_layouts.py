@@ -1,4 +1,4 @@
-"""n samples sharing one prefill on real ranks: under TP2 and PP2xTP2 (the device pool) and PP2 -> TP2 (the prompt stashed
+"""n samples sharing one prefill on real ranks: under TP2, PP2 and PP2xTP2 (the device pool) and PP2 -> TP2 (the prompt stashed
 once in the host store, the samples forked in the decode stage), each sample equals an independent request
 seeded with its derived seed, token for token, and its per-token logprobs equal a Hugging Face fp32 forward
 of the whole sequence within 1e-5."""
@@ -51,7 +51,10 @@ CASES = {"tp2": ({"tp": 2}, 0.002, 2), "pp2-tp2": (PAIR, 0.002, 2),
          # samples outgrow the pool: swapped out to the host store (their shared blocks stay for siblings)
          "pp2-tp2-small-pool": (PAIR, SMALL_POOL, 2),
          # TP x PP: the last stage's TP ranks gather their vocabulary slices, rank 2 samples, all get the tokens
-         "pp2xtp2": ({"tp": 2, "pp": 2}, 0.002, 4)}
+         "pp2xtp2": ({"tp": 2, "pp": 2}, 0.002, 4),
+         # decode in flight across steps: rank 0 (stage 0) takes each micro-batch's tokens and logprobs from
+         # the last stage's sends
+         "pp2": ({"pp": 2}, 0.002, 2)}
 
 
 @pytest.mark.parametrize("case", list(CASES))
