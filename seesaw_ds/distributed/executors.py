@@ -8,6 +8,8 @@ model: `layers` x `kv_heads` (global indices), which the runtime checks against 
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from seesaw_ds.distributed.master import build_hf_model
@@ -85,11 +87,9 @@ def autotp_runner(folder: str, weights: WeightViews, dtype: torch.dtype, cfg: Mo
     if layout.pp > 1:
         mpu = stage_tp_groups(layout, rank)
         tensor_parallel.update(mpu=mpu, tp_group=mpu.group)
-        # NOTE: DeepSpeed's shared-memory all-reduce sums over every rank of the node, whatever the group
-        from deepspeed.comm import comm as ds_comm
-        ds_comm.cdb.shm_vector_kernel_level = 0
-    engine = deepspeed.init_inference(model, tensor_parallel=tensor_parallel, dtype=dtype,
-                                      replace_with_kernel_inject=False)
+    with group_all_reduce() if layout.pp > 1 else contextlib.nullcontext():
+        engine = deepspeed.init_inference(model, tensor_parallel=tensor_parallel, dtype=dtype,
+                                          replace_with_kernel_inject=False)
     runner = ModelRunner(engine.module)
     runner.follow_weights(lambda: weights.content_key)
     bound = weights.bind(engine.module, shard_entries(cfg, layout, coords.pp_stage, coords.tp_rank))
@@ -105,6 +105,24 @@ def autotp_runner(folder: str, weights: WeightViews, dtype: torch.dtype, cfg: Mo
         weights.bind(rows, (vocab_head_entry(cfg, layout.tp, coords.tp_rank),))   # the master copy's rows
         runner.shard_vocab(rows, shard)
     return runner, bound
+
+
+@contextlib.contextmanager
+def group_all_reduce():
+    """While a TP group smaller than the node computes (a TP x PP stage), DeepSpeed's inference all-reduce
+    takes the group's own backend: its shared-memory op sums over every rank of the node, whatever the group.
+    The op is back on afterwards, for an engine whose TP group is the whole node."""
+    from deepspeed.comm import comm as ds_comm
+    cdb = ds_comm.cdb
+    saved = getattr(cdb, "shm_vector_kernel_level", None)
+    if saved is None:
+        yield
+        return
+    cdb.shm_vector_kernel_level = 0
+    try:
+        yield
+    finally:
+        cdb.shm_vector_kernel_level = saved
 
 
 def tp_kv_heads(cfg: ModelConfig, layout: Layout, rank: int) -> range:

@@ -115,12 +115,13 @@ class Engine:
         switch_s = self.enter(runtime)
         runtime.prepare(batch)
         self.copy_forks(runtime, batch)
-        logits = runtime.forward(batch, self.scheduler.config.block_size, self.sliding_window)
-        runtime.finish(self.stats)
         forks = first_token_forks(batch.seqs) if batch.is_prefill else []
         rows = list(range(len(batch.seqs))) + [row for row, _ in forks]
-        tokens, logprobs = self._sample_and_share(logits, batch.seqs + [f for _, f in forks], rows,
-                                                  runtime.sampling_rank, every_rank=runtime.layout.pp == 1)
+        with runtime.collectives():
+            logits = runtime.forward(batch, self.scheduler.config.block_size, self.sliding_window)
+            runtime.finish(self.stats)
+            tokens, logprobs = self._sample_and_share(logits, batch.seqs + [f for _, f in forks], rows,
+                                                      runtime.sampling_rank, every_rank=runtime.layout.pp == 1)
         outputs = self.apply(batch, tokens, logprobs, forks)
         self.stats.account(batch.is_prefill, len(batch.seqs), batch.num_tokens,
                            time.perf_counter() - t0 - switch_s)

@@ -16,8 +16,9 @@ runtime per stage, and the engine records a switch whenever the runtime changes.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Any, Protocol
+from typing import Any, Callable, ContextManager, Protocol
 
 import torch
 
@@ -48,6 +49,7 @@ class StageRuntime:
     copies: Any = None             # TierCopies: decode of a pair that switches
     stasher: Any = None            # KVStasher: prefill of a pair that switches
     micro_batches: int = 0         # 0: the executor's own choice
+    collectives: Callable[[], ContextManager] = contextlib.nullcontext   # around forward and sampling
 
     def __post_init__(self):
         got = (self.executor.layers, self.executor.kv_heads)

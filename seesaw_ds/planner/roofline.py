@@ -57,6 +57,7 @@ STAGES = (PREFILL, DECODE)
 
 Degrees = tuple[int, int, int]  # (tp, pp, dp)
 PIPE_MESSAGES = 8               # DeepSpeed sends per micro-batch and boundary: 7 tensors + their shapes
+IN_FLIGHT_MESSAGES = 2          # decode in flight (engine/in_flight.py): the hidden states on, the tokens back
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +163,7 @@ def batch_limit(cfg: ModelConfig, cluster: ClusterSpec, degrees: Degrees, seq_le
 
 def stage_step_time(cfg: ModelConfig, cluster: ClusterSpec, degrees: Degrees, stage: str, batch: float,
                     seq_len: float, dtype="bfloat16", micro_batches: int | None = None,
-                    drains: bool = True) -> TimeBreakdown:
+                    drains: bool = True, pipe_messages: int = PIPE_MESSAGES) -> TimeBreakdown:
     """Seconds for one step on the busiest device: prefill of `batch` prompts of `seq_len` tokens, or one
     decode token for each of `batch` sequences holding `seq_len` tokens of context. `micro_batches`: m of
     the pipeline pass (None: pp), at most the sequences per replica. `drains=False` is the paper's steady
@@ -203,7 +204,7 @@ def stage_step_time(cfg: ModelConfig, cluster: ClusterSpec, degrees: Degrees, st
     head_compute = 2 * seqs * vocab * hidden / (tp * flops) + m * e * vocab * hidden / (tp * mem_bw)
     allreduce = layers * cluster.allreduce_seconds(2 * e * new_tokens * hidden, tp, calls=2 * m,
                                                    gap=compute / (layers * 2 * m))
-    p2p = (cluster.p2p_seconds(e * new_tokens * hidden, messages=PIPE_MESSAGES * m, transfers=m,
+    p2p = (cluster.p2p_seconds(e * new_tokens * hidden, messages=pipe_messages * m, transfers=m,
                                gap=compute / m) if pp > 1 else 0.0)
     # vocabulary-parallel head: greedy rows exchange (max, id) per rank, fp32 (models/vocab_head.py)
     lm_head = head_compute + cluster.allreduce_seconds(4 * 2 * tp * seqs, tp, calls=m, gap=head_compute / m)

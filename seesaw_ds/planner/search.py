@@ -163,16 +163,16 @@ def estimate_stage(cfg: ModelConfig, cluster: ClusterSpec, degrees: rl.Degrees, 
             batch = max(1, min(batch, int(budget * degrees[2] // seq_len)))
     else:
         seq_len, micro_batches = workload.decode_context_len, options.decode_micro_batches
-    drains = options.pipeline_drains
+    pipe = dict(drains=options.pipeline_drains)
     if stage == rl.DECODE and in_flight and in_flight_decode(degrees, options):
-        micro_batches, drains = degrees[1], False
-    step = rl.stage_step_time(cfg, cluster, degrees, stage, batch, seq_len, options.dtype, micro_batches, drains)
+        micro_batches, pipe = degrees[1], dict(drains=False, pipe_messages=rl.IN_FLIGHT_MESSAGES)
+    step = rl.stage_step_time(cfg, cluster, degrees, stage, batch, seq_len, options.dtype, micro_batches, **pipe)
     total = None
     if stage == rl.DECODE and workload.output_lens:
         total = rl.TimeBreakdown()
         for size, steps in decode_schedule(workload.output_lens, limit).items():
             at_size = rl.stage_step_time(cfg, cluster, degrees, stage, size, seq_len, options.dtype,
-                                         micro_batches, drains)
+                                         micro_batches, **pipe)
             total = total + at_size.scaled(steps)
     return StageEstimate(stage, degrees, batch, limit, seq_len, step, total)
 

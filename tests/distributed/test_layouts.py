@@ -31,6 +31,9 @@ def _generate(rank, folder, parallel, kv_host_gb, kv_device_gb, settings):
         for o in engine.step():
             out[o.request_id] = o.token_ids
     stats, kv = engine.stats, engine.kv_metrics
+    from deepspeed.comm import comm as ds_comm
+    shm_op = [getattr(ds_comm.cdb, "shm_comm_op", None) is not None,
+              getattr(ds_comm.cdb, "shm_vector_kernel_level", 0)]     # after TP x PP engines: still on
     shard = engine.runtimes["decode"].executor.runner.vocab_shard if engine.layouts.decode.tp > 1 else None
     engine.close()
     return {"tokens": [out[str(i)] for i in range(len(prompts))], "prompts": prompts,
@@ -40,7 +43,7 @@ def _generate(rank, folder, parallel, kv_host_gb, kv_device_gb, settings):
             if engine.scheduler.has_host_tier else 0, "static": engine.layouts.is_static,
             "layouts": [engine.layouts.prefill.describe(), engine.layouts.decode.describe()],
             "decode_vocab_rows": None if shard is None else [shard.start, shard.stop],
-            "in_flight": engine.in_flight is not None}
+            "in_flight": engine.in_flight is not None, "shm_op": shm_op}
 
 
 def _bytes_for_tokens(model, tokens: int) -> float:
@@ -85,6 +88,9 @@ def test_layout_matches_hf_generate(case, tmp_path):
         # TP decode: rank 0's logits are its slice of the vocabulary rows (under TP x PP, the last stage's)
         rows = out["decode_vocab_rows"]
         assert rows is not None and 0 == rows[0] < rows[1] < model.config.vocab_size
+    if world > 1:       # DeepSpeed's node-wide all-reduce is off only while a TP x PP stage computes
+        loaded, level = out["shm_op"]
+        assert level > 0 if loaded else level == 0, out["shm_op"]
     summary = out["summary"]
     assert out["in_flight"] == (case in ("pp2", "pp3")), out["layouts"]
     assert out["static"] == (parallel is None or "prefill" not in parallel)
