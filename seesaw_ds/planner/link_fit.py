@@ -117,15 +117,26 @@ def fit_transfer(sizes: list[float], sustained: list[float], idle: list[float], 
 
 
 def fit_probe(measured: dict, shaped: bool) -> tuple[TransferFit, TransferFit]:
-    """(all-reduce fit, send fit) of a `link_probe.py` result."""
+    """(all-reduce fit, send fit) of a `link_probe.py` result. Where small all-reduces were timed between
+    compute, the latency is at least what they took there beyond their transfer (the engine's regime)."""
     fits = []
     for op in ("allreduce", "p2p"):
         try:
             part = measured[op]
-            fits.append(fit_transfer(part["sizes"], part["sustained"], part["idle"], shaped))
+            fit = fit_transfer(part["sizes"], part["sustained"], part["idle"], shaped)
         except (KeyError, TypeError) as err:
             raise ValueError(f"link probe result has no usable {op!r} section: {err!r}") from None
+        fits.append(with_busy_latency(fit, part.get("between_compute")))
     return fits[0], fits[1]
+
+
+def with_busy_latency(fit: TransferFit, between: dict | None) -> TransferFit:
+    """`fit` with its latency raised to the fastest small call's time between compute, less its transfer
+    (the fastest: these times spread by up to 2x between calls of one probe, and a busy machine only adds)."""
+    if not between or not between.get("seconds"):
+        return fit
+    beyond = min(t - n / fit.line_bandwidth for n, t in zip(between["sizes"], between["seconds"]))
+    return dataclasses.replace(fit, latency=max(fit.latency, beyond))
 
 
 def bytes_per_direction(allreduce: TransferFit, rate: float) -> float:

@@ -11,6 +11,9 @@ its first two nodes over a group of their own (jobs/job_cluster.py). Two things 
 Each is timed at buffer sizes from `--min-bytes` to `--max-bytes` (x4 apart) in two regimes:
 - `sustained`: calls back to back, so a token-bucket shaped link runs at its sustained rate;
 - `idle`: each call after `--idle` seconds without traffic (a refilled bucket), as a call that follows compute.
+Small all-reduces (decode's activations, up to `BETWEEN_COMPUTE_MAX_BYTES`) are also timed `between_compute`:
+each after a millisecond of matmuls on both ranks, as a decode layer's all-reduces follow its compute, minus
+that compute alone (where ranks share cores, the call then waits for the transport's threads to be run).
 A send is timed one way: back to back, the receiver acknowledges a run of sends; idle, a ping-pong whose
 small reply is subtracted (half a small-message round trip). Rank 0 writes {"allreduce"|"p2p": {"sizes": [..],
 "sustained": [s..], "idle": [s..]}}; `link_fit.fit_probe` turns it into latency and bandwidth figures.
@@ -27,6 +30,8 @@ import torch.distributed as dist
 
 SUSTAINED_SECONDS = 0.3     # per size, back to back
 IDLE_REPEATS = 3
+BETWEEN_COMPUTE_MAX_BYTES = 16384
+BETWEEN_COMPUTE_WORK_S = 1e-3    # compute before each call: about a decode layer's share between its all-reduces
 
 
 def agreed_count(probe_seconds: float, budget: float, low: int = 2, high: int = 50, group=None) -> int:
@@ -62,6 +67,30 @@ def idle(fn, pause: float, repeats: int = IDLE_REPEATS, group=None) -> float:
     return min(times)
 
 
+def between_compute(fn, work_s: float = BETWEEN_COMPUTE_WORK_S, group=None) -> float:
+    """Seconds one call of `fn` adds to a loop where each call follows `work_s` of matmuls on both ranks."""
+    a = torch.randn(384, 384)
+    start = time.perf_counter()
+    for _ in range(20):
+        torch.mm(a, a)
+    reps = agreed_count((time.perf_counter() - start) / 20, work_s, low=1, high=10_000, group=group)
+
+    def work():
+        for _ in range(reps):
+            torch.mm(a, a)
+
+    def loop(with_call: bool, iters: int) -> float:
+        dist.barrier(group=group)
+        start = time.perf_counter()
+        for _ in range(iters):
+            work()
+            if with_call:
+                fn()
+        return time.perf_counter() - start
+    iters = agreed_count(loop(True, 2) / 2, SUSTAINED_SECONDS, high=500, group=group)
+    return max((loop(True, iters) - loop(False, iters)) / iters, 1e-7)
+
+
 def probe_sizes(min_bytes: int, max_bytes: int) -> list[int]:
     """Buffer sizes from `min_bytes` to `max_bytes`, x4 apart."""
     sizes, size = [], min_bytes
@@ -76,12 +105,17 @@ def probe(rank: int, sizes: list[int], pause: float, group=None, peer: int | Non
     process group is `group`: None for a world of two)."""
     peer = 1 - rank if peer is None else peer
     ack = torch.zeros(1)
-    out = {"allreduce": {"sizes": sizes, "sustained": [], "idle": []},
+    small = [n for n in sizes if n <= BETWEEN_COMPUTE_MAX_BYTES]
+    out = {"allreduce": {"sizes": sizes, "sustained": [], "idle": [],
+                         "between_compute": {"sizes": small, "seconds": []}},
            "p2p": {"sizes": sizes, "sustained": [], "idle": []}}
     for nbytes in sizes:
         buf = torch.ones(max(1, nbytes // 4))          # float32, as the engine's activations
         out["allreduce"]["sustained"].append(sustained(lambda: dist.all_reduce(buf, group=group), group))
         out["allreduce"]["idle"].append(idle(lambda: dist.all_reduce(buf, group=group), pause, group=group))
+        if nbytes in small:
+            out["allreduce"]["between_compute"]["seconds"].append(
+                between_compute(lambda: dist.all_reduce(buf, group=group), group=group))
 
     def ping_pong(buf):
         if rank == 0:

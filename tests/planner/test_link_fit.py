@@ -73,6 +73,19 @@ def test_fit_probe_needs_both_sections():
         fit_probe({"allreduce": part}, shaped=False)
 
 
+def test_small_all_reduces_between_compute_set_the_latency_floor():
+    # idle and back-to-back calls say 100 us; between compute (as a decode layer's calls come) they took
+    # 1.2-1.5 ms: the engine's all-reduces are costed at the fastest of those, the transfer term unchanged
+    part = {"sizes": SIZES, "sustained": [1e-4 + n / 1e9 for n in SIZES], "idle": [1e-4 + n / 1e9 for n in SIZES]}
+    busy = dict(part, between_compute={"sizes": [256, 1024, 4096], "seconds": [1.2e-3, 1.3e-3, 1.5e-3]})
+    plain, _ = fit_probe({"allreduce": part, "p2p": part}, shaped=False)
+    allreduce, p2p = fit_probe({"allreduce": busy, "p2p": part}, shaped=False)
+    assert allreduce.latency == pytest.approx(1.2e-3 - 256 / 1e9, rel=1e-6)
+    assert allreduce.line_bandwidth == plain.line_bandwidth and p2p == plain
+    quick = dict(part, between_compute={"sizes": [256], "seconds": [5e-5]})      # never below the line's
+    assert fit_probe({"allreduce": quick, "p2p": part}, shaped=False)[0] == plain
+
+
 def test_unshaped_cluster_costs_are_latency_plus_bandwidth():
     spec = cluster_on_link(_base(), TransferFit(1e-4, 1e9), TransferFit(2e-4, 2e9))
     assert not spec.shaped
