@@ -6,7 +6,8 @@
 
 Every rank of a replica runs the same (pure) scheduler in lockstep; one process is the same engine with a
 `NullComm`. Decode under a pipeline of single-rank stages keeps micro-batches in flight across steps
-instead (`in_flight`, engine/in_flight.py): each step then schedules one of pp micro-batches. Built by `build_engine` (builder.py), which decides the runtimes and whether the host tier is used.
+instead (`in_flight`, engine/in_flight.py): each step then schedules one of pp micro-batches. Built by
+`build_engine` (builder.py), which decides the runtimes and whether the host tier is used.
 """
 from __future__ import annotations
 
