@@ -303,14 +303,21 @@ def test_pp_across_machines_then_tp_inside_each_switches_through_each_machines_s
     assert not error_lines(log) and not leftovers(prefix, port)
 
 
+LOST_HOST_LAYOUTS = {   # the pair (a TP group across the hosts), and static PP2 (decode in flight: p2p waits)
+    "pp2-tp2": ({"prefill": {"pp": 2}, "decode": {"tp": 2}}, "prefill tp=1 pp=2 dp=1 -> decode tp=2 pp=1 dp=1"),
+    "pp2": ({"pp": 2}, "tp=1 pp=2 dp=1")}
+
+
 @pytest.mark.slow
 @needs_namespaces
-def test_pp2_tp2_across_hosts_survives_a_lost_host_and_resumes(tiny_model, articles, reference_rows, tmp_path):
+@pytest.mark.parametrize("layout", list(LOST_HOST_LAYOUTS))
+def test_layouts_across_hosts_survive_a_lost_host_and_resume(layout, tiny_model, articles, reference_rows,
+                                                             tmp_path):
     """Kill -9 every process of host 1 once the first shard is written: host 0's rank must end within 60 s
     with an error; then the same command on a fresh cluster resumes, every row once, tokens as HF greedy."""
+    parallel, described = LOST_HOST_LAYOUTS[layout]
     out = tmp_path / "out"
-    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tiny_model[0], articles, str(out),
-                                                           parallel={"prefill": {"pp": 2}, "decode": {"tp": 2}},
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tiny_model[0], articles, str(out), parallel=parallel,
                                                            engine={"allow_cross_node_tp": True}))
     env, prefix, port = job_env(tmp_path), new_prefix(), free_port()
     job = subprocess.Popen(cluster_command(prefix, port, recipe), cwd=REPO, env=env, stdout=subprocess.PIPE,
@@ -349,5 +356,5 @@ def test_pp2_tp2_across_hosts_survives_a_lost_host_and_resumes(tiny_model, artic
     rows = output_rows(out)
     assert_rows_match(rows, reference_rows)
     assert {r["id"] for r in interrupted} <= {r["id"] for r in rows}
-    assert "[h0] layouts: prefill tp=1 pp=2 dp=1 -> decode tp=2 pp=1 dp=1" in log
+    assert f"[h0] layouts: {described}" in log, log[-3000:]
     assert not leftovers(prefix, port)
