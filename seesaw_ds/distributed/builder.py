@@ -14,7 +14,6 @@ so every KV move must stay inside one: checked by placement.py at start-up).
 from __future__ import annotations
 
 import atexit
-import contextlib
 import ctypes
 import datetime
 import logging
@@ -22,7 +21,7 @@ import os
 
 import torch
 
-from seesaw_ds.distributed.executors import build_executor, group_all_reduce
+from seesaw_ds.distributed.executors import build_executor, stage_collectives
 from seesaw_ds.distributed.host_kv import open_host_store
 from seesaw_ds.distributed.kv_moves import TierCopies
 from seesaw_ds.distributed.master import MasterWeights, build_hf_model, prepare_master
@@ -113,12 +112,6 @@ def gather_places(comm) -> list[RankPlace]:
     """Every rank's node key and /dev/shm domain, in rank order (one all-gather at start-up)."""
     mine = RankPlace(node_key(), shm_domain(shm_dir()))
     return [RankPlace(*place) for place in comm.all_gather_object(tuple(mine))]
-
-
-def _collectives(layout: Layout):
-    """What a stage's forward and sampling run under: TP groups smaller than the node (TP x PP) all-reduce
-    over their own backend, not DeepSpeed's node-wide shared-memory op."""
-    return group_all_reduce if layout.tp > 1 and layout.pp > 1 else contextlib.nullcontext
 
 
 def _sampling_rank(layout: Layout) -> int:
@@ -232,7 +225,7 @@ def _build_engine(config: EngineConfig, comm, tokenizer, hf_model, announce, on_
     if layouts.is_static:
         runtime = StageRuntime("static", layouts.decode, decode_rect, executors[layouts.decode], pool,
                                _sampling_rank(layouts.decode), micro_batches=config.micro_batches,
-                               collectives=_collectives(layouts.decode))
+                               collectives=stage_collectives(layouts.decode))
         prefill = decode = runtime
         scheduler = Scheduler(sched_cfg, blocks)
         host_blocks = host_bytes = 0
@@ -249,10 +242,10 @@ def _build_engine(config: EngineConfig, comm, tokenizer, hf_model, announce, on_
         stasher = KVStasher(store, prefill_rect.heads, asynchronous=stash_async)
         prefill = StageRuntime("prefill", layouts.prefill, prefill_rect, executors[layouts.prefill], stasher,
                                _sampling_rank(layouts.prefill), stasher=stasher, micro_batches=config.micro_batches,
-                               collectives=_collectives(layouts.prefill))
+                               collectives=stage_collectives(layouts.prefill))
         decode = StageRuntime("decode", layouts.decode, decode_rect, executors[layouts.decode], pool,
                               _sampling_rank(layouts.decode), micro_batches=config.micro_batches,
-                              collectives=_collectives(layouts.decode))
+                              collectives=stage_collectives(layouts.decode))
         scheduler = SeesawScheduler(sched_cfg, TierConfig(host_spec.num_blocks, blocks, config.kv_threshold,
                                                           prefetch=True))
         # decode's tier copies: the KV re-shard plan's moves into its rectangle (from the prefill layout's

@@ -87,7 +87,7 @@ def autotp_runner(folder: str, weights: WeightViews, dtype: torch.dtype, cfg: Mo
     if layout.pp > 1:
         mpu = stage_tp_groups(layout, rank)
         tensor_parallel.update(mpu=mpu, tp_group=mpu.group)
-    with group_all_reduce() if layout.pp > 1 else contextlib.nullcontext():
+    with stage_collectives(layout)():
         engine = deepspeed.init_inference(model, tensor_parallel=tensor_parallel, dtype=dtype,
                                           replace_with_kernel_inject=False)
     runner = ModelRunner(engine.module)
@@ -105,6 +105,12 @@ def autotp_runner(folder: str, weights: WeightViews, dtype: torch.dtype, cfg: Mo
         weights.bind(rows, (vocab_head_entry(cfg, layout.tp, coords.tp_rank),))   # the master copy's rows
         runner.shard_vocab(rows, shard)
     return runner, bound
+
+
+def stage_collectives(layout: Layout):
+    """What a stage's TP collectives run under (build, forward, sampling): TP groups smaller than the node
+    (TP x PP) all-reduce over their own backend, not DeepSpeed's node-wide shared-memory op."""
+    return group_all_reduce if layout.tp > 1 and layout.pp > 1 else contextlib.nullcontext
 
 
 @contextlib.contextmanager
