@@ -4,6 +4,9 @@ Each of N ranks is a process with one thread (as a seesaw_ds rank runs). All ran
 shared resources (memory bus, caches) are measured under the load a real run puts on them:
 - matmul FLOP/s per dtype (float32, bfloat16), 1024^2 x 1024^2; the slowest rank counts;
 - memory copy bandwidth, bytes read + written per second, 64 MiB buffers; the slowest rank counts;
+- FLOP/s of decode's few-row linears over 256 MiB of weights, with every rank running them, then on rank 0
+  alone while the others wait: a rank whose neighbours idle runs faster (it has the memory bus and the
+  shared caches to itself), as the last stage of a pipeline does while it computes the LM head;
 - all-reduce latency (1 KiB) and bandwidth (4 MiB) at each degree 2..N over ranks 0..k-1, both the process
   group's (gloo) and DeepSpeed's inference all-reduce (a shared-memory op on CPU ranks, what AutoTP calls);
 - the fixed cost of one decoder-layer call (a tiny transformers Llama layer: dispatch, no real work);
@@ -19,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import tempfile
 import time
 import warnings
@@ -29,7 +33,7 @@ from seesaw_ds.distributed.node import free_port
 from seesaw_ds.planner import calibration_rank
 from seesaw_ds.planner.clusters import ClusterSpec, DeviceSpec
 
-CACHE_VERSION = 4
+CACHE_VERSION = 5
 DEVICE_MEMORY_SHARE = 0.5
 _MEASURE_SECONDS = 0.25      # per measurement loop
 _RANK_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "calibration_rank.py")
@@ -85,6 +89,7 @@ def measure(num_ranks: int, seconds: float = _MEASURE_SECONDS) -> dict:
         "decode_linear_flops": {dtype: {rows: min(r["decode_linear_flops"][dtype][rows] for r in ranks)
                                         for rows in by_rows}
                                 for dtype, by_rows in ranks[0]["decode_linear_flops"].items()},
+        "decode_linear_flops_solo": ranks[0].get("decode_linear_flops_solo"),
         "allreduce": ranks[0]["allreduce"],
         "tp_allreduce": ranks[0].get("tp_allreduce"),
         "layer_overhead": max(r["layer_overhead"] for r in ranks),
@@ -105,7 +110,8 @@ def cluster_from_measurements(measured: dict, num_ranks: int, total_memory: floa
                         layer_overhead=measured.get("layer_overhead", 0.0),
                         decode_flops=tuple((dtype, int(rows), rate)
                                            for dtype, by_rows in measured.get("decode_linear_flops", {}).items()
-                                           for rows, rate in by_rows.items()))
+                                           for rows, rate in by_rows.items()),
+                        solo_speedup=solo_speedup(measured))
     return ClusterSpec(
         name="local", device=device, num_devices=num_ranks,
         allreduce_bandwidth=tuple(allreduce[str(k)]["bandwidth"] for k in degrees),
@@ -113,6 +119,17 @@ def cluster_from_measurements(measured: dict, num_ranks: int, total_memory: floa
         p2p_bandwidth=p2p["bandwidth"], p2p_latency=p2p["latency"], host_link_bandwidth=copy_bw,
         host_memory_per_device=total_memory * (1 - DEVICE_MEMORY_SHARE) / num_ranks,
         source=f"calibrated {measured.get('created', '')}".strip())
+
+
+def solo_speedup(measured: dict) -> float:
+    """Median over the decode linears' (dtype, rows) of their rate on one rank alone over their rate with
+    every rank busy; 1.0 when not measured (one rank), never below 1."""
+    solo = measured.get("decode_linear_flops_solo")
+    if not solo:
+        return 1.0
+    ratios = sorted(solo[dtype][rows] / busy for dtype, by_rows in measured["decode_linear_flops"].items()
+                    for rows, busy in by_rows.items() if rows in solo.get(dtype, {}))
+    return max(1.0, statistics.median(ratios)) if ratios else 1.0
 
 
 def _machine_key(num_ranks: int) -> dict:

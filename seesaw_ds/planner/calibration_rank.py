@@ -20,7 +20,7 @@ MATMUL_N = 1024
 COPY_BYTES = 64 * 2 ** 20
 SMALL_BYTES = 1024
 LARGE_BYTES = 4 * 2 ** 20
-DECODE_ROWS = (1, 4, 16, 64)              # sequences of a decode step
+DECODE_ROWS = (1, 2, 4, 8, 16, 64)           # sequences of a decode step
 DECODE_WEIGHT_BYTES = 256 * 2 ** 20       # streamed from memory, as a model's weights are
 DECODE_SHAPE = (4096, 1024)               # [N, K] of each weight
 
@@ -162,6 +162,10 @@ def rank_main(rank: int, world: int, init_file: str, out_dir: str, spawned_at: f
     dist.barrier()
     result["decode_linear_flops"] = {"float32": decode_linear_flops(seconds),
                                      "bfloat16": decode_linear_flops(seconds, torch.bfloat16)}
+    if world > 1 and rank == 0:     # the same linears with every other rank idle (waiting in the barrier)
+        result["decode_linear_flops_solo"] = {"float32": decode_linear_flops(seconds),
+                                              "bfloat16": decode_linear_flops(seconds, torch.bfloat16)}
+    dist.barrier()
     phase_done("decode_linear")
 
     dist.barrier()

@@ -44,6 +44,9 @@ class DeviceSpec:
     # (dtype, rows, FLOP/s) of a linear with that many input rows over weights read from memory (measured for
     # `local`: decode's few-row linears run far below the large-matmul rate); empty: the roofline's terms
     decode_flops: tuple[tuple[str, int, float], ...] = ()
+    # how much faster a device runs while the others of its node idle than while all of them run (they share
+    # a memory bus and caches, as CPU ranks do; 1.0: independent devices, as GPUs are)
+    solo_speedup: float = 1.0
 
     def __post_init__(self):
         if not self.name:
@@ -53,6 +56,8 @@ class DeviceSpec:
                 raise ValueError(f"DeviceSpec.{field} must be positive, got {getattr(self, field)}")
         if not (self.layer_overhead >= 0 and math.isfinite(self.layer_overhead)):
             raise ValueError(f"DeviceSpec.layer_overhead must be finite and >= 0, got {self.layer_overhead}")
+        if not (self.solo_speedup >= 1 and math.isfinite(self.solo_speedup)):
+            raise ValueError(f"DeviceSpec.solo_speedup must be finite and >= 1, got {self.solo_speedup}")
         if not self.flops or any(v <= 0 for _, v in self.flops):
             raise ValueError(f"DeviceSpec.flops must list positive FLOP/s per dtype, got {self.flops}")
         object.__setattr__(self, "flops", tuple((canonical_dtype(k), float(v)) for k, v in self.flops))

@@ -21,11 +21,13 @@ allowed, as DeepSpeed AutoTP makes them), pp <= num_layers. Assumptions:
   next step needs this step's sampled tokens. With u the busiest stage's time for one micro-batch, the step
   takes m u of work plus a `bubble` of (pp - 1) micro-batch times of the other stages, which hold layers
   but no LM head (the last stage's head is on the critical path once per micro-batch, not in the fill and
-  drain): (pp - 1) (u - u_head). (`drains=False`: the paper's steady state, no bubble.)
+  drain): (pp - 1) (u - u_head). (`drains=False`: the paper's steady state, micro-batches of consecutive
+  steps in flight. Decode's next token of a micro-batch still waits for its trip through every stage, so a
+  step lasts at least (pp - 1) (u - u_head) + u: with fewer micro-batches than stages the rest is a bubble.)
 - Terms add (no overlap of memory traffic, compute and communication), as in the paper.
 - Where the device lists measured few-row linear rates (`DeviceSpec.decode_flops`, calibrated for `local`),
   a decode step's linears take at least their FLOPs at that rate for the micro-batch's rows (the `linear`
-  term is what that time adds to the weight read).
+  term is what that time adds to the weight read); so does its LM head.
 - The slowest device sets the pace: ceil(L/pp) layers on a stage, ceil(h_kv/tp) KV heads (and their query
   groups) on a TP rank; the MLP splits evenly. With even splits and m = pp the work part is exactly
       t ~ L * (T_w/TP + (T_lin + T_kv + T_attn)/(DP*TP*PP) + T_ar(TP)/(PP*DP)).
@@ -41,6 +43,10 @@ allowed, as DeepSpeed AutoTP makes them), pp <= num_layers. Assumptions:
 - A shaped link (`ClusterSpec.shaped`: a token bucket) refills during compute: each all-reduce of a layer
   follows 1/(2m) of the layer's compute, each pipeline send one micro-batch's compute, the head's exchange
   the LM head's compute.
+- Devices that share a memory bus (CPU ranks of a node) run faster alone than together by
+  `DeviceSpec.solo_speedup`; the rates above are those of all devices running at once. In a pipeline
+  without bubbles (`drains=False`) every stage runs its layers at once, and the last stage's LM head, work
+  the other stages do not have, runs while they wait for it: at the solo rate.
 - Rates are datasheet peaks (or measured, for `local`): absolute tokens/s are rough; the model is meant
   for ranking layouts against each other.
 """
@@ -201,7 +207,12 @@ def stage_step_time(cfg: ModelConfig, cluster: ClusterSpec, degrees: Degrees, st
         attention = layers * 2 * seqs * q_heads * seq_len * d / flops
     overhead = layers * m * cluster.device.layer_overhead
     compute = weights + linear + kv + attention + overhead     # between the step's transfers
-    head_compute = 2 * seqs * vocab * hidden / (tp * flops) + m * e * vocab * hidden / (tp * mem_bw)
+    head_flops = 2 * seqs * vocab * hidden / tp
+    head_compute = head_flops / flops + m * e * vocab * hidden / (tp * mem_bw)
+    if decode_rate is not None:             # a few-row linear too, over V x H / tp weights
+        head_compute = max(head_compute, head_flops / decode_rate)
+    if pp > 1 and not drains:       # stages at once: the last one's head runs while the others wait for it
+        head_compute /= cluster.device.solo_speedup
     allreduce = layers * cluster.allreduce_seconds(2 * e * new_tokens * hidden, tp, calls=2 * m,
                                                    gap=compute / (layers * 2 * m))
     p2p = (cluster.p2p_seconds(e * new_tokens * hidden, messages=pipe_messages * m, transfers=m,
@@ -210,8 +221,14 @@ def stage_step_time(cfg: ModelConfig, cluster: ClusterSpec, degrees: Degrees, st
     lm_head = head_compute + cluster.allreduce_seconds(4 * 2 * tp * seqs, tp, calls=m, gap=head_compute / m)
     work = TimeBreakdown(weights=weights, linear=linear, kv=kv, attention=attention, allreduce=allreduce,
                          p2p=p2p, overhead=overhead, lm_head=lm_head)
-    fill_and_drain = (pp - 1) * (work.total - work.lm_head) / m      # the stages without the head
-    return dataclasses.replace(work, bubble=fill_and_drain if drains else 0.0)
+    others = (pp - 1) * (work.total - work.lm_head) / m     # one micro-batch through the stages without the head
+    if drains:
+        bubble = others
+    elif stage == DECODE:   # a micro-batch's next token waits for its trip through every stage
+        bubble = max(0.0, others - (m - 1) * work.total / m)
+    else:
+        bubble = 0.0
+    return dataclasses.replace(work, bubble=bubble)
 
 
 def enumerate_degrees(cfg: ModelConfig, num_devices: int, max_tp: int | None = None) -> list[Degrees]:

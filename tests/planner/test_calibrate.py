@@ -30,8 +30,11 @@ def test_local_calibration_smoke(tmp_path, monkeypatch):
     # decode's few-row linears, fp32 and bf16 (the packed kernel where it is here): a rate per row count,
     # more rows doing more FLOPs per byte read
     decode, decode_bf16 = measured["decode_linear_flops"]["float32"], measured["decode_linear_flops"]["bfloat16"]
-    assert set(decode) == set(decode_bf16) == {"1", "4", "16", "64"}
+    assert set(decode) == set(decode_bf16) == {"1", "2", "4", "8", "16", "64"}
     assert decode["64"] > decode["1"] > 1e8 and decode_bf16["64"] > decode_bf16["1"] > 1e8
+    # the same on rank 0 alone: the device's solo speedup is their median ratio, never below 1
+    solo = measured["decode_linear_flops_solo"]
+    assert set(solo["float32"]) == set(solo["bfloat16"]) == set(decode) and min(solo["float32"].values()) > 1e8
 
     # the cache is written once and re-used: the second call spawns nothing and returns the same figures
     with open(calibrate.calibration_path(2)) as f:
@@ -45,6 +48,8 @@ def test_local_calibration_smoke(tmp_path, monkeypatch):
     assert cluster.device.layer_overhead == measured["layer_overhead"]
     assert cluster.device.decode_flops_for("float32", 16) == decode["16"]
     assert cluster.device.decode_flops_for("bf16", 16) == decode_bf16["16"]
+    ratios = sorted(solo[d][r] / measured["decode_linear_flops"][d][r] for d in solo for r in solo[d])
+    assert cluster.device.solo_speedup == max(1.0, (ratios[5] + ratios[6]) / 2)
 
     result = plan_layouts(ModelConfig.from_hf(SMOLLM2), cluster, parse_workload("sharegpt-small"))
     assert result.best.tokens_per_s > 0 and {c.prefill.degrees for c in result.ranked} == {(1, 2, 1), (2, 1, 1),

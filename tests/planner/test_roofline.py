@@ -153,3 +153,38 @@ def test_measured_few_row_linear_rate_sets_decode_linears(llama70b, a10):
     assert rl.stage_step_time(llama70b, fast, (8, 1, 1), "decode", 4, 1000, "float16").linear == plain.linear
     with pytest.raises(ValueError, match="decode_flops"):
         dataclasses.replace(a10.device, decode_flops=(("float16", 0, 1e12),))
+
+
+def test_pipeline_head_runs_at_the_solo_rate_while_the_other_stages_wait(llama70b, a10):
+    # Devices that share a memory bus run faster alone: without bubbles every stage runs its layers at once,
+    # and the last stage's LM head (the others have no such work, they wait for it) runs at the solo rate.
+    shared = dataclasses.replace(a10, device=dataclasses.replace(a10.device, solo_speedup=1.5))
+    args = dict(batch=32, seq_len=1000, dtype="float16", micro_batches=8)
+    busy = rl.stage_step_time(llama70b, a10, (1, 8, 1), "decode", drains=False, **args)
+    solo = rl.stage_step_time(llama70b, shared, (1, 8, 1), "decode", drains=False, **args)
+    head = 2 * 32 * 32000 * 8192 / 125e12 + 8 * 2 * 32000 * 8192 / 600e9
+    assert busy.bubble == solo.bubble == 0 and busy.lm_head == pytest.approx(head) and solo.lm_head == pytest.approx(head / 1.5)
+    assert dataclasses.replace(solo, lm_head=busy.lm_head) == busy          # the layers' terms run together
+    # a pass that fills and drains, and TP (every rank holds a share of the head), keep the rates of all
+    for degrees, drains in (((1, 8, 1), True), ((8, 1, 1), False)):
+        assert rl.stage_step_time(llama70b, shared, degrees, "decode", drains=drains, **args) == \
+            rl.stage_step_time(llama70b, a10, degrees, "decode", drains=drains, **args)
+    with pytest.raises(ValueError, match="solo_speedup"):
+        dataclasses.replace(a10.device, solo_speedup=0.9)
+
+
+def test_decode_in_flight_waits_for_each_trip_through_the_stages(llama70b, a10):
+    # Without per-step drains a micro-batch's next token still needs its trip through all pp stages: a step
+    # lasts at least (pp - 1) (u - u_head) + u, so fewer micro-batches than stages leave a bubble.
+    def step(m, stage="decode"):
+        return rl.stage_step_time(llama70b, a10, (1, 4, 1), stage, batch=m, seq_len=1000, dtype="float16",
+                                  micro_batches=m, drains=False)
+    for m in (1, 2, 3):
+        s = step(m)
+        work, head = s.total - s.bubble, s.lm_head
+        assert s.bubble == pytest.approx(3 * (work - head) / m - (m - 1) * work / m)
+        assert s.total == pytest.approx(max(work, 3 * (work - head) / m + work / m))
+    assert step(4).bubble == 0 and step(1, "prefill").bubble == 0     # full pipeline; prefill has no tokens to wait for
+    drained = rl.stage_step_time(llama70b, a10, (1, 4, 1), "decode", batch=1, seq_len=1000, dtype="float16",
+                                 micro_batches=1)
+    assert step(1).total == pytest.approx(drained.total)        # one micro-batch: the same as a pass that drains
