@@ -85,6 +85,12 @@ class StagePipe:
         self._reap()
         return ids.tolist(), logprobs
 
+    @property
+    def sends_pending(self) -> int:
+        """Sends of this rank not yet seen complete."""
+        self._reap()
+        return len(self._sends)
+
     def flush(self) -> None:
         """Wait until every send of this rank has completed (before another pipeline takes the links)."""
         while self._sends:

@@ -68,6 +68,8 @@ class InFlightDecode:
         batch, tokens, logprobs = self.pending.popleft()
         if tokens is None:
             tokens, logprobs = self.pipe.recv_tokens(len(batch.seqs), _wants_logprobs(batch))
+        if not self.pending:        # the pipeline is empty: our sends must land before the caller may stop
+            self.pipe.flush()       # (gloo never delivers a send whose handle is freed first)
         return engine.apply(batch, tokens, logprobs)
 
 

@@ -30,6 +30,8 @@ def _generate(rank, folder, parallel, kv_host_gb, kv_device_gb, settings):
     while engine.has_unfinished():
         for o in engine.step():
             out[o.request_id] = o.token_ids
+    if engine.in_flight is not None:    # every rank: all its sends delivered (gloo drops one whose handle is freed)
+        assert engine.in_flight.pipe.sends_pending == 0, f"rank {rank}"
     stats, kv = engine.stats, engine.kv_metrics
     from deepspeed.comm import comm as ds_comm
     shm_op = [getattr(ds_comm.cdb, "shm_comm_op", None) is not None,
@@ -156,6 +158,8 @@ def _generate_prompts(rank, folder, parallel, prompts):
     while engine.has_unfinished():
         for o in engine.step():
             out[o.request_id] = o.token_ids
+    if engine.in_flight is not None:    # every rank: all its sends delivered (gloo drops one whose handle is freed)
+        assert engine.in_flight.pipe.sends_pending == 0, f"rank {rank}"
     return [out[str(i)] for i in range(len(prompts))]
 
 
