@@ -59,8 +59,7 @@ class InFlightDecode:
         """Retire every micro-batch in flight (collective: every rank of the pipeline calls it)."""
         t0, outputs = time.perf_counter(), []
         while self.pending:
-            outputs += self._retire(engine)
-        self.pipe.flush()
+            outputs += self._retire(engine)     # the last one flushes this rank's sends
         engine.stats.decode_s += time.perf_counter() - t0
         return outputs
 
@@ -68,8 +67,8 @@ class InFlightDecode:
         batch, tokens, logprobs = self.pending.popleft()
         if tokens is None:
             tokens, logprobs = self.pipe.recv_tokens(len(batch.seqs), _wants_logprobs(batch))
-        if not self.pending:        # the pipeline is empty: our sends must land before the caller may stop
-            self.pipe.flush()       # (gloo never delivers a send whose handle is freed first)
+        if not self.pending:        # the pipeline is empty: our sends land before the caller may stop or another
+            self.pipe.flush()       # pipeline take the links (gloo never delivers a send whose handle is freed first)
         return engine.apply(batch, tokens, logprobs)
 
 

@@ -127,8 +127,8 @@ def solo_speedup(measured: dict) -> float:
     solo = measured.get("decode_linear_flops_solo")
     if not solo:
         return 1.0
-    ratios = sorted(solo[dtype][rows] / busy for dtype, by_rows in measured["decode_linear_flops"].items()
-                    for rows, busy in by_rows.items() if rows in solo.get(dtype, {}))
+    ratios = [solo[dtype][rows] / busy for dtype, by_rows in measured["decode_linear_flops"].items()
+              for rows, busy in by_rows.items() if rows in solo.get(dtype, {})]
     return max(1.0, statistics.median(ratios)) if ratios else 1.0
 
 

@@ -19,6 +19,12 @@ def _build(folder, **settings):
     return build_engine(EngineConfig(model=folder, dtype="float32", **settings))
 
 
+def _assert_sends_landed(engine, rank):
+    """After the loop, every rank's in-flight sends were delivered (gloo drops one whose handle is freed)."""
+    if engine.in_flight is not None:
+        assert engine.in_flight.pipe.sends_pending == 0, f"rank {rank}"
+
+
 def _generate(rank, folder, parallel, kv_host_gb, kv_device_gb, settings):
     engine = _build(folder, parallel=parallel, kv_host_gb=kv_host_gb, kv_device_gb=kv_device_gb, block_size=8,
                     max_num_batched_tokens=256, max_model_len=160, **settings)
@@ -30,8 +36,7 @@ def _generate(rank, folder, parallel, kv_host_gb, kv_device_gb, settings):
     while engine.has_unfinished():
         for o in engine.step():
             out[o.request_id] = o.token_ids
-    if engine.in_flight is not None:    # every rank: all its sends delivered (gloo drops one whose handle is freed)
-        assert engine.in_flight.pipe.sends_pending == 0, f"rank {rank}"
+    _assert_sends_landed(engine, rank)
     stats, kv = engine.stats, engine.kv_metrics
     from deepspeed.comm import comm as ds_comm
     shm_op = [getattr(ds_comm.cdb, "shm_comm_op", None) is not None,
@@ -158,8 +163,7 @@ def _generate_prompts(rank, folder, parallel, prompts):
     while engine.has_unfinished():
         for o in engine.step():
             out[o.request_id] = o.token_ids
-    if engine.in_flight is not None:    # every rank: all its sends delivered (gloo drops one whose handle is freed)
-        assert engine.in_flight.pipe.sends_pending == 0, f"rank {rank}"
+    _assert_sends_landed(engine, rank)
     return [out[str(i)] for i in range(len(prompts))]
 
 
