@@ -44,6 +44,15 @@ def test_silu_mul_bit_identical(ops, shape):
     assert torch.equal(ops[1](gate, up), F.silu(gate) * up)
 
 
+def test_silu_mul_reads_the_halves_of_one_matmul_output_in_place(ops):
+    both = (torch.randn(1, 47, 2 * 1536) * 4).bfloat16()            # gate/up's one packed matmul
+    gate, up = both.split(1536, dim=-1)                              # row stride 3072, not contiguous
+    got = ops[1](gate, up)
+    assert got.is_contiguous() and torch.equal(got, F.silu(gate) * up)
+    strided = (torch.randn(6, 4, 1536) * 4).bfloat16()[:, ::2]       # no one row stride: copied first
+    assert torch.equal(ops[1](strided, strided), F.silu(strided) * strided)
+
+
 def test_silu_mul_extremes(ops):
     gate = torch.tensor([-100., -88., -20., -1e-3, 0., 1e-3, 20., 88., 100.] * 2).bfloat16()
     up = torch.full_like(gate, 1.5)

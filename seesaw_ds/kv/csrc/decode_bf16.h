@@ -18,6 +18,10 @@ inline void prefetch_row(const void* p, int64_t nbytes) {
   for (int64_t off = 0; off < nbytes; off += 64)
     _mm_prefetch(static_cast<const char*>(p) + off, _MM_HINT_T0);
 }
+// How far ahead (tokens) the passes prefetch their rows. A layer's cache comes from memory (the step's other
+// layers have evicted it), and one head's rows are strided (Hkv * D apart), so the hardware prefetcher alone
+// leaves each pass waiting on memory; the distance covers a DRAM latency at the passes' rate.
+constexpr int64_t kPrefetchKeys = 48, kPrefetchValues = 24;
 
 // scores[g * len + t] = scale * q_g . k_t; q: [G, D] bf16 rows; CK = D / 32 vectors per row
 template <int CK, typename KeyPtr>
@@ -29,7 +33,7 @@ void score_pass_bf16(const bf16* q, KeyPtr key, float* scores, int64_t G, int64_
   for (int64_t t0 = 0; t0 < len; t0 += 16) {
     const int n = static_cast<int>(std::min<int64_t>(16, len - t0));
     for (int j = 0; j < 16; ++j) rows[j] = key(t0 + (j < n ? j : 0));
-    for (int64_t t = t0 + 16; t < std::min(t0 + 32, len); ++t) prefetch_row(key(t), D * 2);   // next chunk
+    for (int64_t t = t0 + kPrefetchKeys; t < std::min(t0 + kPrefetchKeys + 16, len); ++t) prefetch_row(key(t), D * 2);
     for (int64_t g = 0; g < G; ++g) {
       __m512i qv[CK];
       for (int c = 0; c < CK; ++c) qv[c] = _mm512_loadu_si512(q + g * D + c * 32);
@@ -59,8 +63,8 @@ void value_pass_bf16(PairAt pair, ValuePtr value, float* out, int64_t len) {
   for (int64_t t = 0; t < len; t += 2) {
     const bf16* v0 = value(t);
     const bf16* v1 = t + 1 < len ? value(t + 1) : nullptr;
-    if (t + 8 < len) prefetch_row(value(t + 8), D * 2);
-    if (t + 9 < len) prefetch_row(value(t + 9), D * 2);
+    if (t + kPrefetchValues < len) prefetch_row(value(t + kPrefetchValues), D * 2);
+    if (t + kPrefetchValues + 1 < len) prefetch_row(value(t + kPrefetchValues + 1), D * 2);
     __m512i x[CV];
     for (int m = 0; m < CV / 2; ++m) {
       const __m512i r = _mm512_loadu_si512(v0 + 32 * m), s = v1 ? _mm512_loadu_si512(v1 + 32 * m) : zero;
@@ -102,6 +106,9 @@ template <typename KeyPtr, typename ValuePtr>
 bool attend_bf16(const bf16* q, KeyPtr key, ValuePtr value, bf16* out, int64_t G, int64_t D, int64_t len,
                  float scale, std::vector<float>& scores, std::vector<bf16>& probs, std::vector<float>& acc) {
   if (D != 64 && D != 128) return false;
+  // the rows the passes' own prefetches do not reach: the first keys, and the first values (read after the scores)
+  for (int64_t t = 0; t < std::min(kPrefetchKeys, len); ++t) prefetch_row(key(t), D * 2);
+  for (int64_t t = 0; t < std::min(kPrefetchValues, len); ++t) prefetch_row(value(t), D * 2);
   scores.resize(G * std::max<int64_t>(len, 1));
   if (D == 64) score_pass_bf16<2>(q, key, scores.data(), G, len, scale);
   else score_pass_bf16<4>(q, key, scores.data(), G, len, scale);

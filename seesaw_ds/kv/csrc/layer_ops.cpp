@@ -164,16 +164,27 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
   return out;
 }
 
+// The distance between rows of x viewed as [rows, N] (N = its last dim, contiguous), or -1 if no one stride
+// serves (the two halves of one matmul's output, split along the last dim, are such views).
+int64_t row_stride(const torch::Tensor& x) {
+  if (x.dim() < 2 || x.stride(-1) != 1) return x.dim() == 1 && x.stride(0) == 1 ? x.size(0) : -1;
+  const int64_t stride = x.stride(-2);
+  for (int64_t d = x.dim() - 2; d > 0; --d)
+    if (x.size(d - 1) > 1 && x.stride(d - 1) != x.stride(d) * x.size(d)) return -1;
+  return stride;
+}
+
 torch::Tensor silu_mul(torch::Tensor g, torch::Tensor u) {
   TORCH_CHECK(g.scalar_type() == at::kBFloat16 && u.scalar_type() == at::kBFloat16, "silu_mul takes bfloat16");
   TORCH_CHECK(g.sizes() == u.sizes(), "silu_mul: gate and up must have one shape");
-  auto gc = g.contiguous();
-  auto uc = u.contiguous();
-  auto out = torch::empty_like(gc);
-  const bf16 *gd = gc.data_ptr<bf16>(), *ud = uc.data_ptr<bf16>();
+  if (row_stride(g) < 0) g = g.contiguous();
+  if (row_stride(u) < 0) u = u.contiguous();
+  const int64_t N = g.dim() ? g.size(-1) : 1, rows = N ? g.numel() / N : 0, gs = row_stride(g), us = row_stride(u);
+  auto out = torch::empty(g.sizes(), g.options());             // contiguous [..., N]
+  const bf16 *gd = g.data_ptr<bf16>(), *ud = u.data_ptr<bf16>();
   bf16* od = out.data_ptr<bf16>();
-  at::parallel_for(0, gc.numel(), 16384, [&](int64_t begin, int64_t end) {
-    silu_mul_span(gd + begin, ud + begin, end - begin, od + begin);
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) silu_mul_span(gd + r * gs, ud + r * us, N, od + r * N);
   });
   return out;
 }
