@@ -39,7 +39,7 @@ bool set_prefill_amx(bool enable) {
 #if defined(__AVX512BF16__)
 namespace {
 
-constexpr int64_t R = 4;                  // query rows per tile
+constexpr int64_t R = 8;                  // query rows per tile: 2 R accumulators cover the dot products' latency
 
 struct Packed {                           // where sequence b's packed K/V of KV head h start
   std::vector<int64_t> key_off, pair_off; // [B]: offsets in tokens (multiples of 16 / 2) into Kp / Vp
