@@ -4,13 +4,14 @@
     for item in source.items(skip_ids=writer.done_ids): ...
     source.stats.skipped   # Counter of skip reasons
 
-Row r belongs to replica r % num_replicas (r counts rows of the source after data.limit), so every row is
-handled by exactly one replica whatever the batching.
+Each row (after data.limit) belongs to exactly one replica whatever the batching: replica_split.py deals
+every window of consecutive rows so the replicas' prompt sizes come out even.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 from typing import Any, Callable, Iterator
 
 import datasets
@@ -18,6 +19,7 @@ import datasets
 from seesaw_ds.jobs.outputs import RESERVED_COLUMNS
 from seesaw_ds.jobs.prompts import PromptRenderer, RowProblem, TooLong
 from seesaw_ds.jobs.recipe import Recipe
+from seesaw_ds.jobs.replica_split import Dealer, rows_dealt, window_rows
 from seesaw_ds.jobs.schema import RecipeError
 from seesaw_ds.jobs.sources import LoadedSource, load_source
 
@@ -115,7 +117,7 @@ class PromptSource:
     # ---- sizes and types -------------------------------------------------------------------------------------
     def rows_for_replica(self) -> int | None:
         n = self.loaded.num_rows
-        return None if n is None else max(0, (n - self.replica + self.num_replicas - 1) // self.num_replicas)
+        return None if n is None else rows_dealt(n, self.replica, self.num_replicas)
 
     def carry_types(self) -> dict[str, Any]:
         """Arrow type of each carried column from the source's features (None where unknown)."""
@@ -132,8 +134,7 @@ class PromptSource:
     def items(self, skip_ids: set[str] | frozenset = frozenset()) -> Iterator[PromptItem]:
         """This replica's rows in source order, minus `skip_ids` (rows already written) and skipped rows."""
         seen_ids: dict[str, int] = {}  # NOTE: only with data.columns.id; every replica's rows, so an id that
-        for index, row in enumerate(self.loaded.dataset):   # two replicas share is caught by both
-            mine = index % self.num_replicas == self.replica
+        for index, row, mine in self._dealt_rows():             # two replicas share is caught by both
             if not self._columns_checked:
                 self._check_columns(list(row))
                 self._columns_checked = True
@@ -156,6 +157,30 @@ class PromptSource:
             if item is not None:
                 self.stats.yielded += 1
                 yield item
+
+    def _dealt_rows(self) -> Iterator[tuple[int, dict, bool]]:
+        """(index, row, whether this replica owns it) for every source row, in source order (replica_split.py)."""
+        dealer, rows = Dealer(self.num_replicas), enumerate(self.loaded.dataset)
+        while window := list(itertools.islice(rows, window_rows(self.num_replicas))):
+            sizes = [self._prompt_tokens(row) for _, row in window] if self.num_replicas > 1 else [0] * len(window)
+            for (index, row), owner in zip(window, dealer.deal(sizes)):
+                yield index, row, owner == self.replica
+
+    def _prompt_tokens(self, row: dict) -> int:
+        """The prompt tokens a row would run with, without side effects: 0 for a row that would be skipped,
+        the limit for one that would be truncated."""
+        try:
+            limit = self.recipe.engine.max_model_len - self._max_tokens(row)
+            if self.data.max_prompt_tokens is not None:
+                limit = min(self.data.max_prompt_tokens, limit)
+            n = len(self.renderer.render(row, self.renderer.max_chars(limit)).token_ids)
+        except RowProblem:
+            return 0
+        except TooLong:
+            n = limit + 1
+        if n > limit:
+            return max(limit, 0) if self.data.over_limit == "truncate" else 0
+        return n if n >= max(self.data.min_prompt_tokens, 1) else 0
 
     def _row_id(self, index: int, row: dict) -> str:
         if self.data.columns.id is None:

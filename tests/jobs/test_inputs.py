@@ -151,10 +151,39 @@ def test_replicas_split_rows_disjointly(tmp_path, tokenizer):
     seen, expected_sizes = [], 0
     for replica in range(3):
         items, source = items_of(recipe, tokenizer, replica=replica, num_replicas=3)
-        assert all(i.row_index % 3 == replica for i in items)
+        assert len(items) == source.rows_for_replica()
         seen += [i.row_id for i in items]
         expected_sizes += source.rows_for_replica()
     assert sorted(seen) == sorted(r["key"] for r in ROWS) and expected_sizes == len(ROWS)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_replicas_get_even_prompt_sizes(tmp_path, tokenizer, streaming):
+    """Long and short prompts alternate: dealing by position (row i to replica i mod 2) would give one replica
+    every long prompt; dealt by size, each gets one long and one short of every four rows."""
+    rows = [{"id": f"r{i}", "t": ("long text " * 40) if i % 2 == 0 else "short"} for i in range(24)]
+    recipe = make_recipe({"source": write_jsonl(tmp_path / "in.jsonl", rows),
+                          "columns": {"prompt": "t", "id": "id"}, "streaming": streaming})
+    tokens = []
+    for replica in (0, 1):
+        items, source = items_of(recipe, tokenizer, replica=replica, num_replicas=2)
+        assert [i.row_index for i in items] == sorted(i.row_index for i in items)      # source order
+        tokens.append(sum(len(i.prompt_token_ids) for i in items))
+        assert len(items) == 12
+    assert abs(tokens[0] - tokens[1]) <= 0.05 * max(tokens)
+
+
+def test_dealing_balances_prompt_tokens_window_by_window():
+    from seesaw_ds.jobs.replica_split import Dealer, rows_dealt
+    dealer = Dealer(2)
+    assert dealer.deal([5, 9, 1, 7]) == [1, 0, 0, 1] and dealer.loads == [10, 12]   # 9 -> 0, 7 -> 1, 5 -> 1, 1 -> 0
+    assert dealer.deal([8, 8, 0, 0]) == [0, 1, 0, 1] and dealer.loads == [18, 20]   # the lighter replica first
+    assert dealer.deal([0, 100, 3]) == [0, 1, 1]          # the last, short window: by position, not by size
+    three = Dealer(3)
+    assert three.deal([3, 3, 3, 3, 3, 3]) == [0, 1, 2, 0, 1, 2]                     # ties: source order
+    for n in range(0, 30):
+        for r in (1, 2, 3, 4):
+            assert sum(rows_dealt(n, k, r) for k in range(r)) == n
 
 
 def test_duplicate_ids_are_refused(tmp_path, tokenizer):
@@ -165,7 +194,7 @@ def test_duplicate_ids_are_refused(tmp_path, tokenizer):
 
 @pytest.mark.parametrize("streaming", [False, True])
 def test_an_id_shared_by_two_replicas_is_refused_by_both(tmp_path, tokenizer, streaming):
-    """Rows 2 and 5 share an id and go to different replicas (2 % 2, 5 % 2): each replica alone sees it once."""
+    """Rows 2 and 5 share an id: whichever replicas own them, each replica checks every row's id."""
     rows = [{"id": f"r{i}", "t": f"text {i}"} for i in range(8)]
     rows[5]["id"] = "r2"
     path = write_jsonl(tmp_path / "in.jsonl", rows)
