@@ -170,9 +170,7 @@ class PromptSource:
         """The prompt tokens a row would run with, without side effects: 0 for a row that would be skipped,
         the limit for one that would be truncated."""
         try:
-            limit = self.recipe.engine.max_model_len - self._max_tokens(row)
-            if self.data.max_prompt_tokens is not None:
-                limit = min(self.data.max_prompt_tokens, limit)
+            limit = self._prompt_limit(self._max_tokens(row))
             n = len(self.renderer.render(row, self.renderer.max_chars(limit)).token_ids)
         except RowProblem:
             return 0
@@ -181,6 +179,11 @@ class PromptSource:
         if n > limit:
             return max(limit, 0) if self.data.over_limit == "truncate" else 0
         return n if n >= max(self.data.min_prompt_tokens, 1) else 0
+
+    def _prompt_limit(self, max_tokens: int) -> int:
+        """The most prompt tokens a row with `max_tokens` to generate may run with."""
+        room = self.recipe.engine.max_model_len - max_tokens
+        return room if self.data.max_prompt_tokens is None else min(self.data.max_prompt_tokens, room)
 
     def _row_id(self, index: int, row: dict) -> str:
         if self.data.columns.id is None:
@@ -212,8 +215,7 @@ class PromptSource:
         except RowProblem as problem:
             self._bad_row(BAD_MAX_TOKENS, index, problem.detail, self.data.bad_rows)
             return None
-        room = self.recipe.engine.max_model_len - max_tokens
-        limit = room if self.data.max_prompt_tokens is None else min(self.data.max_prompt_tokens, room)
+        limit = self._prompt_limit(max_tokens)
         try:
             prompt = self.renderer.render(row, self.renderer.max_chars(limit))
         except RowProblem as problem:
