@@ -92,14 +92,8 @@ def fit_transfer(sizes: list[float], sustained: list[float], idle: list[float], 
     small = min(range(len(sizes)), key=lambda i: sizes[i])
     latency = min(idle[small], sustained[small])
     bucket = 0.0
-    # throttled: a call whose transfer outweighs the latency and took at least THROTTLED of n / sustained
-    throttled = [i for i in range(len(sizes)) if sizes[i] / sustained_bw >= 4 * latency
-                 and idle[i] - latency >= THROTTLED * sizes[i] / sustained_bw]
+    throttled = throttled_calls(sizes, idle, latency, sustained_bw)
     free = [i for i in range(len(sizes)) if i not in throttled]
-    if len(free) >= 2:
-        latency, line_bw = fit_line([sizes[i] for i in free], [idle[i] for i in free])
-    else:
-        line_bw = sustained_bw
     if len(throttled) >= 2:                 # t - latency = n / sustained - bucket on the throttled calls
         intercept, per_byte = weighted_line([sizes[i] for i in throttled], [idle[i] for i in throttled])
         if per_byte > 0:
@@ -109,11 +103,26 @@ def fit_transfer(sizes: list[float], sustained: list[float], idle: list[float], 
         bucket = sizes[i] / sustained_bw - (idle[i] - latency)
     else:                                   # the bucket let even the largest call through
         bucket = max(sizes) / sustained_bw
-    under = [i for i in free if sizes[i] / sustained_bw < bucket]    # surely under the bucket: the line alone
-    if len(under) >= 2:
-        latency, line_bw = fit_line([sizes[i] for i in under], [idle[i] for i in under])
-    line_bw = max(line_bw, sustained_bw)
+    # the line: from the largest call surely under the bucket (small calls' times are latency plus noise;
+    # a time within the latency's noise bounds the line from below)
+    under = [i for i in free if sizes[i] / sustained_bw < bucket] or free
+    line_bw = sustained_bw
+    if under:
+        i = max(under, key=lambda i: sizes[i])
+        line_bw = max(sustained_bw, sizes[i] / max(idle[i] - latency, latency / 10, 1e-9))
     return TransferFit(latency, line_bw, sustained_bw, max(0.0, bucket))
+
+
+def throttled_calls(sizes: list[float], idle: list[float], latency: float, sustained_bw: float) -> list[int]:
+    """Indices of the idle calls the bucket throttled: each transfer outweighs the latency and took at least
+    THROTTLED of n / sustained. A bucket throttles every call larger than one it throttled, so these are the
+    largest sizes, down to the first that passed (a small call slowed by the machine is noise, not the bucket)."""
+    throttled = []
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        if sizes[i] / sustained_bw < 4 * latency or idle[i] - latency < THROTTLED * sizes[i] / sustained_bw:
+            break
+        throttled.append(i)
+    return sorted(throttled)
 
 
 def fit_probe(measured: dict, shaped: bool) -> tuple[TransferFit, TransferFit]:

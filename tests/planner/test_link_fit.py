@@ -220,3 +220,22 @@ def test_find_best_ranks_measurable_cases_by_gain():
     small = find_best(shapes, loads, links, options, max_seconds=1e9, max_params=shapes[0].model_config().num_params)
     assert {c.shape for c in small} == {s for s in shapes
                                         if s.model_config().num_params <= shapes[0].model_config().num_params}
+
+
+def test_a_noisy_small_call_does_not_hide_the_bucket():
+    """A probe of a 200 Mbit/s tbf link (25 MB/s, 10 ms bucket) between two namespaced hosts, as measured: the
+    16 KiB idle send took 1.7 ms (the machine, not the bucket) and the 64 KiB one measured ~0. The bucket
+    throttles only the largest calls, so the fit still finds it and the link is kept shaped."""
+    sizes = [256 * 4 ** i for i in range(8)]
+    probe = {"allreduce": {"sizes": sizes,
+                           "sustained": [0.00115, 0.00269, 0.00256, 0.00278, 0.00272, 0.0109, 0.0438, 0.188],
+                           "idle": [0.00124, 0.000668, 0.000884, 0.00158, 0.000778, 0.00157, 0.0343, 0.166]},
+             "p2p": {"sizes": sizes,
+                     "sustained": [0.000143, 0.000197, 0.000201, 0.000693, 0.00267, 0.011, 0.0437, 0.175],
+                     "idle": [0.000252, 0.00011, 0.000316, 0.00168, 1e-07, 0.000918, 0.034, 0.166]}}
+    allreduce, p2p, shaped = fit_link(probe)
+    assert shaped
+    for fit in (allreduce, p2p):
+        assert fit.sustained_bandwidth == pytest.approx(24e6, rel=0.05)
+        assert fit.bucket_seconds == pytest.approx(0.010, rel=0.15)
+        assert fit.line_bandwidth >= 4 * fit.sustained_bandwidth
