@@ -14,7 +14,8 @@ micro-batch times, and every micro-batch pays each layer's fixed cost again. Dec
 before the next step, so it runs as one micro-batch per step. Prefill has no such dependency, so a prefill
 stage is a stream: the scheduler admits a window of up to `prefill_window_tokens(pp)` prompt tokens per step
 (many more than the decode-era step budget), and the pass cuts it into `PREFILL_WINDOW` micro-batches of
-balanced token counts (about `PREFILL_MICRO_TOKENS` each when the window is full). The fill-and-drain
+balanced token counts (about `PREFILL_MICRO_TOKENS` each when the window is full; engine/inputs.py's
+`balanced_groups`: prompts largest first to the lightest micro-batch, run lightest first). The fill-and-drain
 bubble is thus paid once per window of many micro-batches, i.e. about once per stage on a job's
 prompts; the first tokens are sampled from the logits of every micro-batch of the pass.
 

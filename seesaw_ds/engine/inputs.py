@@ -51,18 +51,28 @@ def build_inputs(batch: ScheduledBatch, block_size: int, sliding_window: int | N
     return ModelInputs(ids, positions.to(device), torch.arange(b, device=device), meta)
 
 
-def split_micro_batches(batch: ScheduledBatch, n: int) -> list[ScheduledBatch]:
-    """Up to n micro-batches of consecutive sequences with balanced token counts."""
+def micro_batch_groups(batch: ScheduledBatch, n: int) -> list[list[int]]:
+    """Indices into `batch.seqs` of up to n micro-batches. Prefill: balanced prompt tokens (`balanced_groups`);
+    decode: consecutive runs of equal size."""
+    if batch.is_prefill:
+        return balanced_groups([s.num_tokens for s in batch.seqs], n)
     n = max(1, min(n, len(batch.seqs)))
-    total = sum(s.num_tokens if batch.is_prefill else 1 for s in batch.seqs)
-    out, cur, acc = [], [], 0
-    for i, s in enumerate(batch.seqs):
-        cur.append(s)
-        acc += s.num_tokens if batch.is_prefill else 1
-        left_seqs, left_mbs = len(batch.seqs) - i - 1, n - len(out) - 1
-        if left_mbs > 0 and (acc >= total * (len(out) + 1) / n or left_seqs == left_mbs):
-            out.append(ScheduledBatch(batch.is_prefill, cur, batch.to_host))
-            cur = []
-    if cur:
-        out.append(ScheduledBatch(batch.is_prefill, cur, batch.to_host))
-    return out
+    edges = [-(-len(batch.seqs) * k // n) for k in range(n + 1)]          # ceil: the larger runs first
+    return [list(range(a, b)) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def balanced_groups(sizes: list[int], n: int) -> list[list[int]]:
+    """Up to n groups of indices into `sizes` with near-equal sums: largest first, each to the lightest group
+    (ties: the lower group); each group in source order, the groups lightest first. Why: a pipeline runs its
+    micro-batches in lockstep (a stage hands over the next one only when the following stage takes it), so
+    each tick lasts as long as the larger of the two micro-batches in flight. A pass then takes the sum of
+    the micro-batches plus, at best, the largest one, which an order of increasing size reaches; unequal
+    neighbours add their difference at every tick."""
+    n = max(1, min(n, len(sizes)))
+    groups: list[list[int]] = [[] for _ in range(n)]
+    loads = [0] * n
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        g = min(range(n), key=lambda g: (loads[g], g))
+        groups[g].append(i)
+        loads[g] += sizes[i]
+    return sorted((sorted(g) for g in groups if g), key=lambda g: (sum(sizes[i] for i in g), g[0]))

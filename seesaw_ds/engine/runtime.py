@@ -22,9 +22,10 @@ from typing import Any, Callable, ContextManager, Protocol
 
 import torch
 
-from seesaw_ds.engine.inputs import ModelInputs, build_inputs, split_micro_batches
+from seesaw_ds.engine.inputs import ModelInputs, build_inputs, micro_batch_groups
 from seesaw_ds.engine.scheduler import ScheduledBatch
 from seesaw_ds.engine.stats import EngineStats
+from seesaw_ds.models.vocab_head import ShardedLogits
 from seesaw_ds.parallel.kv_plan import KVRect
 from seesaw_ds.parallel.layout import Layout
 
@@ -65,8 +66,18 @@ class StageRuntime:
     def forward(self, batch: ScheduledBatch, block_size: int, sliding_window: int | None) -> torch.Tensor | None:
         """The batch's last-token logits [B, V] float32 on the sampling rank (None elsewhere under PP)."""
         n = self.micro_batches or self.executor.micro_batches(batch.is_prefill)
-        micro = [build_inputs(mb, block_size, sliding_window) for mb in split_micro_batches(batch, n)]
-        return self.executor.run(micro, self.kv)
+        groups = micro_batch_groups(batch, n)
+        micro = [build_inputs(ScheduledBatch(batch.is_prefill, [batch.seqs[i] for i in g], batch.to_host),
+                              block_size, sliding_window) for g in groups]
+        logits = self.executor.run(micro, self.kv)                     # rows in micro-batch order
+        order = [i for g in groups for i in g]
+        if logits is None or order == list(range(len(order))):
+            return logits
+        rows = torch.empty(len(order), dtype=torch.long)
+        rows[order] = torch.arange(len(order))                          # sequence i's row
+        if isinstance(logits, ShardedLogits):
+            return logits.rows(rows.to(logits.local.device))
+        return logits[rows.to(logits.device)]
 
     def finish(self, stats: EngineStats) -> None:
         """After the forward: every prefill write has landed in the host store (before any rank reads it)."""
