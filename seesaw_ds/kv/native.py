@@ -107,7 +107,7 @@ def layer_ops():
 
 def linear_ops():
     """The compiled bf16 (`pack_linear(w)`, `linear_packed(x, packed, bias, N)`), or None (disabled, no build,
-    or no tile unit (AMX) here)."""
+    or neither a tile unit (AMX) nor AVX512-BF16 here)."""
     module = _module()
     if module is None or not env_switch("SEESAW_DS_NATIVE_LINEAR") or not module.has_linear_packed():
         return None

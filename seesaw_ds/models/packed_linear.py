@@ -7,9 +7,10 @@ gate/up as another:
 
     x [..., K] -> out [..., N1 + N2 + ...]        split(out) -> ([..., N1], [..., N2], ...)
 
-Two kernels: the project's own on the tile unit (AMX; kv/csrc/decode_linear.cpp: each weight byte streamed
-once; input widths that are multiples of 32), else oneDNN's matmul over its own packed layout
-(`mkldnn._linear_pointwise`). Both accumulate in fp32 and round once; their low bits differ from
+Two kernels: the project's own (kv/csrc/decode_linear.cpp: on the tile unit (AMX) or with AVX512-BF16 dot
+products; each weight byte streamed once by one thread; input widths that are multiples of 32), else
+oneDNN's matmul over its own packed layout (`mkldnn._linear_pointwise`), whose threads split a decode step's
+few rows less well. Both accumulate in fp32 and round once; their low bits differ from
 `F.linear`'s, so the packed path is used for bfloat16 only, where batch composition already changes low
 bits; float32 keeps `F.linear` (token identity with Hugging Face's `generate` is tested there).
 `SEESAW_DS_PACKED_LINEAR=0` turns packing off, `SEESAW_DS_NATIVE_LINEAR=0` keeps oneDNN's kernel.

@@ -1,5 +1,5 @@
-"""PackedLinear (models/packed_linear.py): one matmul (the tile-unit kernel, or oneDNN's) over the packed
-concatenation of several linears' bf16 weights computes what each F.linear computes (to bf16 rounding,
+"""PackedLinear (models/packed_linear.py): one matmul (the project's kernel, AMX or AVX512-BF16, or oneDNN's)
+over the packed concatenation of several linears' bf16 weights computes what each F.linear computes (to bf16 rounding,
 mostly bit for bit), at decode's row counts; its copy follows the weights of record (in-place writes,
 re-binds, the decode path's weights key); a row-parallel linear adds its bias after the all-reduce; the
 runner's LM head runs packed too."""
@@ -31,9 +31,10 @@ def linears(sizes, k: int, bias: bool, seed: int = 0) -> list[torch.nn.Linear]:
 
 @pytest.fixture(params=["native", "onednn"])
 def kernel(request, monkeypatch):
-    """Each test runs over both kernels: the tile-unit one (where this CPU has it) and oneDNN's."""
+    """Each test runs over both kernels: the project's (AMX or AVX512-BF16, where the CPU has either) and
+    oneDNN's."""
     if request.param == "native" and linear_ops() is None:
-        pytest.skip("no tile unit (AMX) here")
+        pytest.skip("neither a tile unit (AMX) nor AVX512-BF16 here")
     if request.param == "onednn":
         monkeypatch.setenv("SEESAW_DS_NATIVE_LINEAR", "0")
     return request.param
@@ -43,7 +44,7 @@ def test_both_kernels_are_reachable(kernel):
     (mod,) = linears((64,), 576, bias=False)
     packed = PackedLinear([mod])
     packed(torch.randn(2, 576).to(torch.bfloat16))
-    assert (packed._packed.dim() == 4) == (kernel == "native")        # the tile kernel's [N/16, K/2, 16, 2]
+    assert (packed._packed.dim() == 4) == (kernel == "native")        # the native kernel's [N/16, K/2, 16, 2]
 
 
 @pytest.mark.parametrize("sizes,k,bias", [((576, 192, 192), 576, True), ((1536, 1536), 576, False),
@@ -64,7 +65,7 @@ def test_packed_equals_f_linear_to_bf16_rounding(kernel, sizes, k, bias):
     assert equal / total > 0.99, f"only {equal / total:.3f} of the outputs are bit-equal to F.linear"
 
 
-@pytest.mark.parametrize("k", [48, 64])           # 48: oneDNN's kernel (the tile one needs multiples of 32)
+@pytest.mark.parametrize("k", [48, 64])           # 48: oneDNN's kernel (the native one needs multiples of 32)
 def test_packed_copy_follows_the_weights(kernel, k):
     mods = linears((64, 32), k, bias=True)
     packed = PackedLinear(mods)

@@ -1,4 +1,5 @@
-// bf16 linear layers at decode's row counts (one to a few dozen rows), on the tile unit (AMX).
+// bf16 linear layers at decode's row counts (one to a few dozen rows): on the tile unit (AMX), else with
+// AVX512-BF16 dot products (vdpbf16ps).
 //
 // A decode step's linears read every weight once for a handful of rows: the step is bound by streaming the
 // weights from memory, and what matters is that each weight byte is read once, at the memory's rate, while
@@ -6,15 +7,21 @@
 //
 //   packed [N/16, K/2, 16, 2]:  packed[p][kk][j][e] = w[16p + j][2kk + e]      (w [N, K], N padded to 16)
 //
-// so 16 consecutive pairs of a panel are one B tile (16 rows of 64 bytes) and up to 16 rows of x one A tile
-// (32 inputs each). A block of up to 4 panels (64 output columns) runs over all of K for 16 rows at a time:
-// its panels stream from memory for the first 16 rows and from L2 for the rest. Threads split the blocks.
-// Accumulation is in fp32, the bias added in fp32, the result rounded to bf16 once (as oneDNN's bf16 linear
-// does; the order of the sums differs, so low bits may).
+// AMX: 16 consecutive pairs of a panel are one B tile (16 rows of 64 bytes) and up to 16 rows of x one A
+// tile (32 inputs each). AVX512-BF16: one pair of a panel is one vector (16 columns x 2 inputs), times a
+// broadcast pair of one row of x, for 6 rows x 4 panels at a time (24 accumulators: enough dot products in
+// flight to cover their latency). Either way a block of up to 4 panels (64 output columns) runs over all of K
+// for a group of rows at a time: its panels stream from memory for the first group and from L2 for the rest.
+// Threads split the blocks, so each weight byte is read from memory by one thread. Accumulation is in fp32,
+// the bias added in fp32, the result rounded to bf16 once (as oneDNN's bf16 linear does; the order of the
+// sums differs, so low bits may).
 #include "kernels.h"
 #include "vec.h"
 
 #include <ATen/Parallel.h>
+
+#include <array>
+#include <cstring>
 
 #include "decode_amx.h"
 
@@ -142,12 +149,105 @@ torch::Tensor linear_packed(torch::Tensor x, torch::Tensor packed, c10::optional
   return out;
 }
 
-#else   // no tile unit: decode keeps oneDNN's linear
+#elif defined(__AVX512BF16__)   // no tile unit: the same packed layout, vdpbf16ps over 16-column panels
+namespace {
+using bf16 = c10::BFloat16;
+constexpr int64_t kPanel = 16;     // output columns per panel (one vector)
+constexpr int64_t kBlock = 4;      // panels per block: a thread's unit of work (64 output columns)
+constexpr int64_t kRows = 6;       // rows per pass over a block: 6 x 4 accumulators, 24 dot products per pair
+
+// out [MR, NB * 16 columns] = x [MR, K] . NB panels^T (+ bias): every pair of inputs, broadcast, times the
+// panels' 16 column pairs, accumulated in fp32; rows ldx / ldo apart; `columns` left from the block's start
+template <int MR, int NB>
+void block(const bf16* x, int64_t ldx, const bf16* panels, int64_t half_k, const bf16* bias, bf16* out,
+           int64_t ldo, int64_t columns) {
+  __m512 acc[MR][NB];
+  for (int r = 0; r < MR; ++r)
+    for (int p = 0; p < NB; ++p) acc[r][p] = _mm512_setzero_ps();
+  const int64_t panel_stride = half_k * 2 * kPanel;
+  for (int64_t kk = 0; kk < half_k; ++kk) {
+    __m512bh b[NB];
+    for (int p = 0; p < NB; ++p) b[p] = (__m512bh)_mm512_loadu_si512(panels + p * panel_stride + kk * 2 * kPanel);
+    for (int r = 0; r < MR; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, x + r * ldx + 2 * kk, sizeof(pair));
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+      for (int p = 0; p < NB; ++p) acc[r][p] = _mm512_dpbf16_ps(acc[r][p], a, b[p]);
+    }
+  }
+  for (int p = 0; p < NB; ++p) {
+    const int64_t valid = std::min<int64_t>(kPanel, columns - p * kPanel);
+    if (valid <= 0) break;
+    const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1);
+    const __m512 bv = bias ? _mm512_maskz_cvtpbh_ps(mask, (__m256bh)_mm256_maskz_loadu_epi16(mask, bias + p * kPanel))
+                           : _mm512_setzero_ps();
+    for (int r = 0; r < MR; ++r) {
+      const __m256i v = (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[r][p], bv));
+      _mm256_mask_storeu_epi16(out + r * ldo + p * kPanel, mask, v);
+    }
+  }
+}
+
+using BlockFn = void (*)(const bf16*, int64_t, const bf16*, int64_t, const bf16*, bf16*, int64_t, int64_t);
+template <int MR>
+constexpr std::array<BlockFn, kBlock> row_blocks() { return {&block<MR, 1>, &block<MR, 2>, &block<MR, 3>, &block<MR, 4>}; }
+const std::array<std::array<BlockFn, kBlock>, kRows> kBlocks = {row_blocks<1>(), row_blocks<2>(), row_blocks<3>(),
+                                                               row_blocks<4>(), row_blocks<5>(), row_blocks<6>()};
+}  // namespace
+
+bool has_linear_packed() { return true; }
+
+torch::Tensor pack_linear(torch::Tensor w) {
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16, "pack_linear takes a 2-D bfloat16 weight");
+  const int64_t N = w.size(0), K = w.size(1);
+  TORCH_CHECK(K % 32 == 0, "pack_linear: the input width must be a multiple of 32, got ", K);
+  const int64_t panels = (N + kPanel - 1) / kPanel;
+  auto padded = torch::zeros({panels * kPanel, K}, w.options());
+  padded.narrow(0, 0, N).copy_(w);
+  // [P * 16, K] -> [P, 16, K/2, 2] -> [P, K/2, 16, 2]
+  return padded.view({panels, kPanel, K / 2, 2}).permute({0, 2, 1, 3}).contiguous();
+}
+
+torch::Tensor linear_packed(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias, int64_t N) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && packed.scalar_type() == at::kBFloat16, "linear_packed takes bfloat16");
+  TORCH_CHECK(packed.dim() == 4 && packed.size(2) == kPanel && packed.size(3) == 2, "linear_packed: not a packed weight");
+  const int64_t half_k = packed.size(1), K = 2 * half_k, panels = packed.size(0);
+  TORCH_CHECK(x.size(-1) == K, "linear_packed: input width ", x.size(-1), " != ", K);
+  TORCH_CHECK(N > (panels - 1) * kPanel && N <= panels * kPanel, "linear_packed: ", N, " columns for ", panels, " panels");
+  auto xc = x.contiguous();
+  const int64_t M = xc.numel() / K;
+  auto sizes = xc.sizes().vec();
+  sizes.back() = N;
+  auto out = torch::empty(sizes, xc.options());
+  torch::Tensor bc;
+  const bf16* bd = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    bc = bias->contiguous();
+    TORCH_CHECK(bc.scalar_type() == at::kBFloat16 && bc.numel() == N, "linear_packed: bias must be bf16 [", N, "]");
+    bd = bc.data_ptr<bf16>();
+  }
+  const bf16 *xd = xc.data_ptr<bf16>(), *wd = packed.data_ptr<bf16>();
+  bf16* od = out.data_ptr<bf16>();
+  const int64_t blocks = (panels + kBlock - 1) / kBlock;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t p0 = blk * kBlock, nb = std::min<int64_t>(kBlock, panels - p0), c0 = p0 * kPanel;
+      for (int64_t r0 = 0; r0 < M; r0 += kRows) {
+        const int64_t mr = std::min<int64_t>(kRows, M - r0);
+        kBlocks[mr - 1][nb - 1](xd + r0 * K, K, wd + p0 * half_k * 2 * kPanel, half_k, bd ? bd + c0 : nullptr,
+                                od + r0 * N + c0, N, N - c0);
+      }
+    }
+  });
+  return out;
+}
+
+#else   // neither: decode keeps oneDNN's linear
 
 bool has_linear_packed() { return false; }
-torch::Tensor pack_linear(torch::Tensor) { TORCH_CHECK(false, "pack_linear was not compiled in (needs AMX)"); }
+torch::Tensor pack_linear(torch::Tensor) { TORCH_CHECK(false, "pack_linear was not compiled in (needs AVX512-BF16)"); }
 torch::Tensor linear_packed(torch::Tensor, torch::Tensor, c10::optional<torch::Tensor>, int64_t) {
-  TORCH_CHECK(false, "linear_packed was not compiled in (needs AMX)");
+  TORCH_CHECK(false, "linear_packed was not compiled in (needs AVX512-BF16)");
 }
 
 #endif
