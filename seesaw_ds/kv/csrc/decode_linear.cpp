@@ -27,13 +27,35 @@
 
 namespace seesaw {
 
-#if defined(__AMX_BF16__) && defined(__AMX_TILE__) && defined(__AVX512BF16__)
+#if defined(__AVX512BF16__)
 namespace {
 using bf16 = c10::BFloat16;
-constexpr int64_t kPanel = 16;     // output columns per panel (one C tile's width)
-constexpr int64_t kBlock = 4;      // panels per block: C tiles 4..7
-constexpr int64_t kRows = 16;      // rows of x per A tile
-constexpr int64_t kDepth = 32;     // inputs per A tile row
+constexpr int64_t kPanel = 16;     // output columns per panel (one vector; one C tile's width)
+constexpr int64_t kBlock = 4;      // panels per block (64 output columns): a thread's unit of work
+constexpr int64_t kDepth = 32;     // the input width is a multiple of this (one A tile row)
+
+struct LinearArgs {                // one call: x [M, K] . packed [P, K/2, 16, 2] -> out [M, N] (+ bias [N])
+  const bf16 *x, *w, *bias;
+  bf16* out;
+  int64_t M, K, N, panels;
+};
+
+// rows [0, rows) of panel p of a block starting `columns` before the end: sums (+ bias) rounded to bf16 once
+template <typename Sum>
+inline void store_panel(const bf16* bias, bf16* out, int64_t ldo, int64_t rows, int p, int64_t columns, Sum sum) {
+  const int64_t valid = std::min<int64_t>(kPanel, columns - p * kPanel);
+  if (valid <= 0) return;
+  const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1);
+  const __m512 bv = bias ? _mm512_maskz_cvtpbh_ps(mask, (__m256bh)_mm256_maskz_loadu_epi16(mask, bias + p * kPanel))
+                         : _mm512_setzero_ps();
+  for (int64_t r = 0; r < rows; ++r) {
+    const __m256i v = (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(sum(r), bv));
+    _mm256_mask_storeu_epi16(out + r * ldo + p * kPanel, mask, v);
+  }
+}
+
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+constexpr int64_t kTileRows = 16;  // rows of x per A tile
 
 // Tiles: 0 = A [mr, 32 bf16], 1 and 2 = B [16 pairs, 16 columns] (alternating, so a load overlaps the
 // previous product), 4 .. 7 = C [mr, 16 fp32].
@@ -56,8 +78,8 @@ struct alignas(64) LinearTiles {
 
 // out [mr, columns of this block] = x [mr, K] . panels^T (+ bias); NB panels, rows ldx / ldo apart
 template <int NB>
-void block(const bf16* x, int64_t ldx, int64_t mr, const bf16* panels, int64_t half_k, const bf16* bias,
-           bf16* out, int64_t ldo, int64_t columns) {
+void tile_block(const bf16* x, int64_t ldx, int64_t mr, const bf16* panels, int64_t half_k, const bf16* bias,
+                bf16* out, int64_t ldo, int64_t columns) {
   const int64_t panel_stride = half_k * 2 * kPanel;
   _tile_zero(4);
   if constexpr (NB > 1) _tile_zero(5);
@@ -71,96 +93,46 @@ void block(const bf16* x, int64_t ldx, int64_t mr, const bf16* panels, int64_t h
     if constexpr (NB > 2) SEESAW_PANEL_PRODUCT(6, 1, b + 2 * panel_stride);
     if constexpr (NB > 3) SEESAW_PANEL_PRODUCT(7, 2, b + 3 * panel_stride);
   }
-  alignas(64) float sums[kBlock][kRows * kPanel];
+  alignas(64) float sums[kBlock][kTileRows * kPanel];
   _tile_stored(4, sums[0], 64);
   if constexpr (NB > 1) _tile_stored(5, sums[1], 64);
   if constexpr (NB > 2) _tile_stored(6, sums[2], 64);
   if constexpr (NB > 3) _tile_stored(7, sums[3], 64);
-  for (int p = 0; p < NB; ++p) {
-    const int64_t valid = std::min<int64_t>(kPanel, columns - p * kPanel);
-    if (valid <= 0) break;
-    const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1);
-    const __m512 bv = bias ? _mm512_maskz_cvtpbh_ps(mask, (__m256bh)_mm256_maskz_loadu_epi16(mask, bias + p * kPanel))
-                           : _mm512_setzero_ps();
-    for (int64_t r = 0; r < mr; ++r) {
-      const __m256i v = (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(_mm512_load_ps(sums[p] + r * kPanel), bv));
-      _mm256_mask_storeu_epi16(out + r * ldo + p * kPanel, mask, v);
-    }
-  }
+  for (int p = 0; p < NB; ++p)
+    store_panel(bias, out, ldo, mr, p, columns, [&](int64_t r) { return _mm512_load_ps(sums[p] + r * kPanel); });
 }
 #undef SEESAW_PANEL_PRODUCT
 
-using BlockFn = void (*)(const bf16*, int64_t, int64_t, const bf16*, int64_t, const bf16*, bf16*, int64_t, int64_t);
-constexpr BlockFn kBlocks[kBlock] = {&block<1>, &block<2>, &block<3>, &block<4>};
-}  // namespace
+using TileFn = void (*)(const bf16*, int64_t, int64_t, const bf16*, int64_t, const bf16*, bf16*, int64_t, int64_t);
+constexpr TileFn kTileBlocks[kBlock] = {&tile_block<1>, &tile_block<2>, &tile_block<3>, &tile_block<4>};
 
-bool has_linear_packed() { return amx_usable(); }
-
-torch::Tensor pack_linear(torch::Tensor w) {
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16, "pack_linear takes a 2-D bfloat16 weight");
-  const int64_t N = w.size(0), K = w.size(1);
-  TORCH_CHECK(K % kDepth == 0, "pack_linear: the input width must be a multiple of ", kDepth, ", got ", K);
-  const int64_t panels = (N + kPanel - 1) / kPanel;
-  auto padded = torch::zeros({panels * kPanel, K}, w.options());
-  padded.narrow(0, 0, N).copy_(w);
-  // [P * 16, K] -> [P, 16, K/2, 2] -> [P, K/2, 16, 2]
-  return padded.view({panels, kPanel, K / 2, 2}).permute({0, 2, 1, 3}).contiguous();
-}
-
-torch::Tensor linear_packed(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias, int64_t N) {
-  TORCH_CHECK(amx_usable(), "linear_packed needs the tile unit (AMX)");
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && packed.scalar_type() == at::kBFloat16, "linear_packed takes bfloat16");
-  TORCH_CHECK(packed.dim() == 4 && packed.size(2) == kPanel && packed.size(3) == 2, "linear_packed: not a packed weight");
-  const int64_t half_k = packed.size(1), K = 2 * half_k, panels = packed.size(0);
-  TORCH_CHECK(x.size(-1) == K, "linear_packed: input width ", x.size(-1), " != ", K);
-  TORCH_CHECK(N > (panels - 1) * kPanel && N <= panels * kPanel, "linear_packed: ", N, " columns for ", panels, " panels");
-  auto xc = x.contiguous();
-  const int64_t M = xc.numel() / K;
-  auto sizes = xc.sizes().vec();
-  sizes.back() = N;
-  auto out = torch::empty(sizes, xc.options());
-  torch::Tensor bc;
-  const bf16* bd = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    bc = bias->contiguous();
-    TORCH_CHECK(bc.scalar_type() == at::kBFloat16 && bc.numel() == N, "linear_packed: bias must be bf16 [", N, "]");
-    bd = bc.data_ptr<bf16>();
-  }
-  const bf16 *xd = xc.data_ptr<bf16>(), *wd = packed.data_ptr<bf16>();
-  bf16* od = out.data_ptr<bf16>();
-  const int64_t blocks = (panels + kBlock - 1) / kBlock;
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    int64_t configured = 0;                                // the tile configuration is per thread
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t p0 = blk * kBlock, nb = std::min<int64_t>(kBlock, panels - p0), c0 = p0 * kPanel;
-      for (int64_t r0 = 0; r0 < M; r0 += kRows) {
-        const int64_t mr = std::min<int64_t>(kRows, M - r0);
-        if (mr != configured) {
-          const LinearTiles config(mr);
-          _tile_loadconfig(&config);
-          configured = mr;
-        }
-        kBlocks[nb - 1](xd + r0 * K, K, mr, wd + p0 * half_k * 2 * kPanel, half_k, bd ? bd + c0 : nullptr,
-                        od + r0 * N + c0, N, N - c0);
+void tile_blocks(const LinearArgs& a, int64_t begin, int64_t end) {
+  const int64_t half_k = a.K / 2;
+  int64_t configured = 0;                                  // the tile configuration is per thread
+  for (int64_t blk = begin; blk < end; ++blk) {
+    const int64_t p0 = blk * kBlock, nb = std::min<int64_t>(kBlock, a.panels - p0), c0 = p0 * kPanel;
+    for (int64_t r0 = 0; r0 < a.M; r0 += kTileRows) {
+      const int64_t mr = std::min<int64_t>(kTileRows, a.M - r0);
+      if (mr != configured) {
+        const LinearTiles config(mr);
+        _tile_loadconfig(&config);
+        configured = mr;
       }
+      kTileBlocks[nb - 1](a.x + r0 * a.K, a.K, mr, a.w + p0 * half_k * 2 * kPanel, half_k,
+                          a.bias ? a.bias + c0 : nullptr, a.out + r0 * a.N + c0, a.N, a.N - c0);
     }
-    if (configured) _tile_release();
-  });
-  return out;
+  }
+  if (configured) _tile_release();
 }
+#endif
 
-#elif defined(__AVX512BF16__)   // no tile unit: the same packed layout, vdpbf16ps over 16-column panels
-namespace {
-using bf16 = c10::BFloat16;
-constexpr int64_t kPanel = 16;     // output columns per panel (one vector)
-constexpr int64_t kBlock = 4;      // panels per block: a thread's unit of work (64 output columns)
-constexpr int64_t kRows = 6;       // rows per pass over a block: 6 x 4 accumulators, 24 dot products per pair
+constexpr int64_t kVecRows = 6;    // rows per pass of the AVX512-BF16 path: 6 x 4 accumulators
 
 // out [MR, NB * 16 columns] = x [MR, K] . NB panels^T (+ bias): every pair of inputs, broadcast, times the
-// panels' 16 column pairs, accumulated in fp32; rows ldx / ldo apart; `columns` left from the block's start
+// panels' 16 column pairs, accumulated in fp32; rows ldx / ldo apart
 template <int MR, int NB>
-void block(const bf16* x, int64_t ldx, const bf16* panels, int64_t half_k, const bf16* bias, bf16* out,
-           int64_t ldo, int64_t columns) {
+void vec_block(const bf16* x, int64_t ldx, const bf16* panels, int64_t half_k, const bf16* bias, bf16* out,
+               int64_t ldo, int64_t columns) {
   __m512 acc[MR][NB];
   for (int r = 0; r < MR; ++r)
     for (int p = 0; p < NB; ++p) acc[r][p] = _mm512_setzero_ps();
@@ -175,24 +147,29 @@ void block(const bf16* x, int64_t ldx, const bf16* panels, int64_t half_k, const
       for (int p = 0; p < NB; ++p) acc[r][p] = _mm512_dpbf16_ps(acc[r][p], a, b[p]);
     }
   }
-  for (int p = 0; p < NB; ++p) {
-    const int64_t valid = std::min<int64_t>(kPanel, columns - p * kPanel);
-    if (valid <= 0) break;
-    const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1);
-    const __m512 bv = bias ? _mm512_maskz_cvtpbh_ps(mask, (__m256bh)_mm256_maskz_loadu_epi16(mask, bias + p * kPanel))
-                           : _mm512_setzero_ps();
-    for (int r = 0; r < MR; ++r) {
-      const __m256i v = (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[r][p], bv));
-      _mm256_mask_storeu_epi16(out + r * ldo + p * kPanel, mask, v);
+  for (int p = 0; p < NB; ++p) store_panel(bias, out, ldo, MR, p, columns, [&](int64_t r) { return acc[r][p]; });
+}
+
+using VecFn = void (*)(const bf16*, int64_t, const bf16*, int64_t, const bf16*, bf16*, int64_t, int64_t);
+template <int MR>
+constexpr std::array<VecFn, kBlock> vec_row_blocks() {
+  return {&vec_block<MR, 1>, &vec_block<MR, 2>, &vec_block<MR, 3>, &vec_block<MR, 4>};
+}
+const std::array<std::array<VecFn, kBlock>, kVecRows> kVecBlocks = {
+    vec_row_blocks<1>(), vec_row_blocks<2>(), vec_row_blocks<3>(), vec_row_blocks<4>(), vec_row_blocks<5>(),
+    vec_row_blocks<6>()};
+
+void vec_blocks(const LinearArgs& a, int64_t begin, int64_t end) {
+  const int64_t half_k = a.K / 2;
+  for (int64_t blk = begin; blk < end; ++blk) {
+    const int64_t p0 = blk * kBlock, nb = std::min<int64_t>(kBlock, a.panels - p0), c0 = p0 * kPanel;
+    for (int64_t r0 = 0; r0 < a.M; r0 += kVecRows) {
+      const int64_t mr = std::min<int64_t>(kVecRows, a.M - r0);
+      kVecBlocks[mr - 1][nb - 1](a.x + r0 * a.K, a.K, a.w + p0 * half_k * 2 * kPanel, half_k,
+                                 a.bias ? a.bias + c0 : nullptr, a.out + r0 * a.N + c0, a.N, a.N - c0);
     }
   }
 }
-
-using BlockFn = void (*)(const bf16*, int64_t, const bf16*, int64_t, const bf16*, bf16*, int64_t, int64_t);
-template <int MR>
-constexpr std::array<BlockFn, kBlock> row_blocks() { return {&block<MR, 1>, &block<MR, 2>, &block<MR, 3>, &block<MR, 4>}; }
-const std::array<std::array<BlockFn, kBlock>, kRows> kBlocks = {row_blocks<1>(), row_blocks<2>(), row_blocks<3>(),
-                                                               row_blocks<4>(), row_blocks<5>(), row_blocks<6>()};
 }  // namespace
 
 bool has_linear_packed() { return true; }
@@ -200,7 +177,7 @@ bool has_linear_packed() { return true; }
 torch::Tensor pack_linear(torch::Tensor w) {
   TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kBFloat16, "pack_linear takes a 2-D bfloat16 weight");
   const int64_t N = w.size(0), K = w.size(1);
-  TORCH_CHECK(K % 32 == 0, "pack_linear: the input width must be a multiple of 32, got ", K);
+  TORCH_CHECK(K % kDepth == 0, "pack_linear: the input width must be a multiple of ", kDepth, ", got ", K);
   const int64_t panels = (N + kPanel - 1) / kPanel;
   auto padded = torch::zeros({panels * kPanel, K}, w.options());
   padded.narrow(0, 0, N).copy_(w);
@@ -211,38 +188,36 @@ torch::Tensor pack_linear(torch::Tensor w) {
 torch::Tensor linear_packed(torch::Tensor x, torch::Tensor packed, c10::optional<torch::Tensor> bias, int64_t N) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && packed.scalar_type() == at::kBFloat16, "linear_packed takes bfloat16");
   TORCH_CHECK(packed.dim() == 4 && packed.size(2) == kPanel && packed.size(3) == 2, "linear_packed: not a packed weight");
-  const int64_t half_k = packed.size(1), K = 2 * half_k, panels = packed.size(0);
+  const int64_t K = 2 * packed.size(1), panels = packed.size(0);
   TORCH_CHECK(x.size(-1) == K, "linear_packed: input width ", x.size(-1), " != ", K);
   TORCH_CHECK(N > (panels - 1) * kPanel && N <= panels * kPanel, "linear_packed: ", N, " columns for ", panels, " panels");
   auto xc = x.contiguous();
-  const int64_t M = xc.numel() / K;
   auto sizes = xc.sizes().vec();
   sizes.back() = N;
   auto out = torch::empty(sizes, xc.options());
   torch::Tensor bc;
-  const bf16* bd = nullptr;
   if (bias.has_value() && bias->defined()) {
     bc = bias->contiguous();
     TORCH_CHECK(bc.scalar_type() == at::kBFloat16 && bc.numel() == N, "linear_packed: bias must be bf16 [", N, "]");
-    bd = bc.data_ptr<bf16>();
   }
-  const bf16 *xd = xc.data_ptr<bf16>(), *wd = packed.data_ptr<bf16>();
-  bf16* od = out.data_ptr<bf16>();
-  const int64_t blocks = (panels + kBlock - 1) / kBlock;
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t p0 = blk * kBlock, nb = std::min<int64_t>(kBlock, panels - p0), c0 = p0 * kPanel;
-      for (int64_t r0 = 0; r0 < M; r0 += kRows) {
-        const int64_t mr = std::min<int64_t>(kRows, M - r0);
-        kBlocks[mr - 1][nb - 1](xd + r0 * K, K, wd + p0 * half_k * 2 * kPanel, half_k, bd ? bd + c0 : nullptr,
-                                od + r0 * N + c0, N, N - c0);
-      }
-    }
+  const LinearArgs args{xc.data_ptr<bf16>(), packed.data_ptr<bf16>(), bc.defined() ? bc.data_ptr<bf16>() : nullptr,
+                        out.data_ptr<bf16>(), xc.numel() / K, K, N, panels};
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+  const bool tiles = amx_usable();
+#else
+  const bool tiles = false;
+#endif
+  at::parallel_for(0, (panels + kBlock - 1) / kBlock, 1, [&](int64_t begin, int64_t end) {
+#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
+    if (tiles) return tile_blocks(args, begin, end);
+#endif
+    vec_blocks(args, begin, end);
   });
+  (void)tiles;
   return out;
 }
 
-#else   // neither: decode keeps oneDNN's linear
+#else   // no AVX512-BF16: decode keeps oneDNN's linear
 
 bool has_linear_packed() { return false; }
 torch::Tensor pack_linear(torch::Tensor) { TORCH_CHECK(false, "pack_linear was not compiled in (needs AVX512-BF16)"); }
