@@ -75,4 +75,5 @@ def balanced_groups(sizes: list[int], n: int) -> list[list[int]]:
         g = min(range(n), key=lambda g: (loads[g], g))
         groups[g].append(i)
         loads[g] += sizes[i]
-    return sorted((sorted(g) for g in groups if g), key=lambda g: (sum(sizes[i] for i in g), g[0]))
+    order = sorted((g for g in range(n) if groups[g]), key=lambda g: (loads[g], min(groups[g])))
+    return [sorted(groups[g]) for g in order]

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 import datasets
 
 from seesaw_ds.jobs.outputs import RESERVED_COLUMNS
-from seesaw_ds.jobs.prompts import PromptRenderer, RowProblem, TooLong
+from seesaw_ds.jobs.prompts import PromptRenderer, RenderedPrompt, RowProblem, TooLong
 from seesaw_ds.jobs.recipe import Recipe
 from seesaw_ds.jobs.replica_split import Dealer, rows_dealt, window_rows
 from seesaw_ds.jobs.schema import RecipeError
@@ -134,7 +134,7 @@ class PromptSource:
     def items(self, skip_ids: set[str] | frozenset = frozenset()) -> Iterator[PromptItem]:
         """This replica's rows in source order, minus `skip_ids` (rows already written) and skipped rows."""
         seen_ids: dict[str, int] = {}  # NOTE: only with data.columns.id; every replica's rows, so an id that
-        for index, row, mine in self._dealt_rows():             # two replicas share is caught by both
+        for index, row, mine, prompt in self._dealt_rows():     # two replicas share is caught by both
             if not self._columns_checked:
                 self._check_columns(list(row))
                 self._columns_checked = True
@@ -153,32 +153,35 @@ class PromptSource:
             if row_id in skip_ids:
                 self.stats.already_done += 1
                 continue
-            item = self._build(index, row_id, row)
+            item = self._build(index, row_id, row, prompt)
             if item is not None:
                 self.stats.yielded += 1
                 yield item
 
-    def _dealt_rows(self) -> Iterator[tuple[int, dict, bool]]:
-        """(index, row, whether this replica owns it) for every source row, in source order (replica_split.py)."""
+    def _dealt_rows(self) -> Iterator[tuple[int, dict, bool, RenderedPrompt | None]]:
+        """(index, row, whether this replica owns it, its prompt as sizing rendered it or None) for every source
+        row, in source order (replica_split.py); one replica sizes nothing."""
         dealer, rows = Dealer(self.num_replicas), enumerate(self.loaded.dataset)
         while window := list(itertools.islice(rows, window_rows(self.num_replicas))):
-            sizes = [self._prompt_tokens(row) for _, row in window] if self.num_replicas > 1 else [0] * len(window)
-            for (index, row), owner in zip(window, dealer.deal(sizes)):
-                yield index, row, owner == self.replica
+            sized = [self._sized_prompt(row) if self.num_replicas > 1 else (0, None) for _, row in window]
+            owners = dealer.deal([tokens for tokens, _ in sized])
+            for (index, row), owner, (_, prompt) in zip(window, owners, sized):
+                yield index, row, owner == self.replica, prompt
 
-    def _prompt_tokens(self, row: dict) -> int:
-        """The prompt tokens a row would run with, without side effects: 0 for a row that would be skipped,
-        the limit for one that would be truncated."""
+    def _sized_prompt(self, row: dict) -> tuple[int, RenderedPrompt | None]:
+        """(the prompt tokens a row would run with, its rendered prompt or None where rendering failed), without
+        side effects: 0 tokens for a row that would be skipped, the limit for one that would be truncated."""
         try:
             limit = self._prompt_limit(self._max_tokens(row))
-            n = len(self.renderer.render(row, self.renderer.max_chars(limit)).token_ids)
+            prompt = self.renderer.render(row, self.renderer.max_chars(limit))
         except RowProblem:
-            return 0
+            return 0, None
         except TooLong:
-            n = limit + 1
+            return (max(limit, 0) if self.data.over_limit == "truncate" else 0), None
+        n = len(prompt.token_ids)
         if n > limit:
-            return max(limit, 0) if self.data.over_limit == "truncate" else 0
-        return n if n >= max(self.data.min_prompt_tokens, 1) else 0
+            return (max(limit, 0) if self.data.over_limit == "truncate" else 0), prompt
+        return (n if n >= max(self.data.min_prompt_tokens, 1) else 0), prompt
 
     def _prompt_limit(self, max_tokens: int) -> int:
         """The most prompt tokens a row with `max_tokens` to generate may run with."""
@@ -209,7 +212,8 @@ class PromptSource:
             raise InputError(f"data row {index}: {detail} ({reason}; source {self.loaded.name})")
         self.stats.skip(reason, index)
 
-    def _build(self, index: int, row_id: str, row: dict) -> PromptItem | None:
+    def _build(self, index: int, row_id: str, row: dict, prompt: RenderedPrompt | None = None) -> PromptItem | None:
+        """The row's item, or None where it is skipped; `prompt`: its render at this limit, if already made."""
         try:
             max_tokens = self._max_tokens(row)
         except RowProblem as problem:
@@ -217,7 +221,8 @@ class PromptSource:
             return None
         limit = self._prompt_limit(max_tokens)
         try:
-            prompt = self.renderer.render(row, self.renderer.max_chars(limit))
+            if prompt is None:
+                prompt = self.renderer.render(row, self.renderer.max_chars(limit))
         except RowProblem as problem:
             self._bad_row(_row_problem_reason(problem), index, problem.detail, self.data.bad_rows)
             return None

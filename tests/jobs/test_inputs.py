@@ -173,6 +173,24 @@ def test_replicas_get_even_prompt_sizes(tmp_path, tokenizer, streaming):
     assert abs(tokens[0] - tokens[1]) <= 0.05 * max(tokens)
 
 
+def test_each_row_is_rendered_once_per_replica(tmp_path, tokenizer):
+    """Sizing a window renders every row; the rows a replica owns reuse that render instead of tokenizing
+    their prompt again."""
+    rows = [{"id": f"r{i}", "t": ("long text " * 40) if i % 3 else "short"} for i in range(10)]
+    recipe = make_recipe({"source": write_jsonl(tmp_path / "in.jsonl", rows), "columns": {"prompt": "t", "id": "id"}})
+    for num_replicas in (1, 2):
+        source = open_inputs(recipe, tokenizer, replica=0, num_replicas=num_replicas)
+        rendered = []
+        render = source.renderer.render
+        source.renderer.render = lambda row, *a, **k: rendered.append(row["id"]) or render(row, *a, **k)
+        items = list(source.items())
+        assert len(items) == source.rows_for_replica()
+        if num_replicas == 1:                        # nothing to deal: each row rendered once, as it is built
+            assert rendered == [i.row_id for i in items]
+        else:                                        # every row sized once, owned rows not rendered again
+            assert sorted(rendered) == sorted(r["id"] for r in rows)
+
+
 def test_dealing_balances_prompt_tokens_window_by_window():
     from seesaw_ds.jobs.replica_split import Dealer, rows_dealt
     dealer = Dealer(2)

@@ -202,18 +202,12 @@ torch::Tensor linear_packed(torch::Tensor x, torch::Tensor packed, c10::optional
   }
   const LinearArgs args{xc.data_ptr<bf16>(), packed.data_ptr<bf16>(), bc.defined() ? bc.data_ptr<bf16>() : nullptr,
                         out.data_ptr<bf16>(), xc.numel() / K, K, N, panels};
-#if defined(__AMX_BF16__) && defined(__AMX_TILE__)
-  const bool tiles = amx_usable();
-#else
-  const bool tiles = false;
-#endif
   at::parallel_for(0, (panels + kBlock - 1) / kBlock, 1, [&](int64_t begin, int64_t end) {
 #if defined(__AMX_BF16__) && defined(__AMX_TILE__)
-    if (tiles) return tile_blocks(args, begin, end);
+    if (amx_usable()) return tile_blocks(args, begin, end);      // asked of Linux once per process
 #endif
     vec_blocks(args, begin, end);
   });
-  (void)tiles;
   return out;
 }
 
