@@ -127,10 +127,14 @@ void tile_blocks(const LinearArgs& a, int64_t begin, int64_t end) {
 #endif
 
 constexpr int64_t kVecRows = 6;    // rows per pass of the AVX512-BF16 path: 6 x 4 accumulators
+// How far ahead (input pairs, one 64-byte line per panel each) the first row group prefetches its panels. A
+// block's four panels are short streams (K / 2 lines each) that the hardware prefetcher picks up late; with
+// a few rows the pass is quick enough to wait on memory without this. One row streams well without it.
+constexpr int64_t kPrefetchPairs = 32;   // (a prefetch past the weight's end is a hint: it never faults)
 
 // out [MR, NB * 16 columns] = x [MR, K] . NB panels^T (+ bias): every pair of inputs, broadcast, times the
 // panels' 16 column pairs, accumulated in fp32; rows ldx / ldo apart
-template <int MR, int NB>
+template <int MR, int NB, bool Prefetch>
 void vec_block(const bf16* x, int64_t ldx, const bf16* panels, int64_t half_k, const bf16* bias, bf16* out,
                int64_t ldo, int64_t columns) {
   __m512 acc[MR][NB];
@@ -139,6 +143,10 @@ void vec_block(const bf16* x, int64_t ldx, const bf16* panels, int64_t half_k, c
   const int64_t panel_stride = half_k * 2 * kPanel;
   for (int64_t kk = 0; kk < half_k; ++kk) {
     __m512bh b[NB];
+    if constexpr (Prefetch)
+      for (int p = 0; p < NB; ++p)
+        _mm_prefetch(reinterpret_cast<const char*>(panels + p * panel_stride + (kk + kPrefetchPairs) * 2 * kPanel),
+                     _MM_HINT_T0);
     for (int p = 0; p < NB; ++p) b[p] = (__m512bh)_mm512_loadu_si512(panels + p * panel_stride + kk * 2 * kPanel);
     for (int r = 0; r < MR; ++r) {
       int32_t pair;
@@ -151,13 +159,17 @@ void vec_block(const bf16* x, int64_t ldx, const bf16* panels, int64_t half_k, c
 }
 
 using VecFn = void (*)(const bf16*, int64_t, const bf16*, int64_t, const bf16*, bf16*, int64_t, int64_t);
-template <int MR>
+template <int MR, bool Prefetch>
 constexpr std::array<VecFn, kBlock> vec_row_blocks() {
-  return {&vec_block<MR, 1>, &vec_block<MR, 2>, &vec_block<MR, 3>, &vec_block<MR, 4>};
+  return {&vec_block<MR, 1, Prefetch>, &vec_block<MR, 2, Prefetch>, &vec_block<MR, 3, Prefetch>,
+          &vec_block<MR, 4, Prefetch>};
 }
-const std::array<std::array<VecFn, kBlock>, kVecRows> kVecBlocks = {
-    vec_row_blocks<1>(), vec_row_blocks<2>(), vec_row_blocks<3>(), vec_row_blocks<4>(), vec_row_blocks<5>(),
-    vec_row_blocks<6>()};
+// [prefetch][rows - 1][panels - 1]
+const std::array<std::array<std::array<VecFn, kBlock>, kVecRows>, 2> kVecBlocks = {{
+    {vec_row_blocks<1, false>(), vec_row_blocks<2, false>(), vec_row_blocks<3, false>(), vec_row_blocks<4, false>(),
+     vec_row_blocks<5, false>(), vec_row_blocks<6, false>()},
+    {vec_row_blocks<1, false>(), vec_row_blocks<2, true>(), vec_row_blocks<3, true>(), vec_row_blocks<4, true>(),
+     vec_row_blocks<5, true>(), vec_row_blocks<6, true>()}}};
 
 void vec_blocks(const LinearArgs& a, int64_t begin, int64_t end) {
   const int64_t half_k = a.K / 2;
@@ -165,8 +177,8 @@ void vec_blocks(const LinearArgs& a, int64_t begin, int64_t end) {
     const int64_t p0 = blk * kBlock, nb = std::min<int64_t>(kBlock, a.panels - p0), c0 = p0 * kPanel;
     for (int64_t r0 = 0; r0 < a.M; r0 += kVecRows) {
       const int64_t mr = std::min<int64_t>(kVecRows, a.M - r0);
-      kVecBlocks[mr - 1][nb - 1](a.x + r0 * a.K, a.K, a.w + p0 * half_k * 2 * kPanel, half_k,
-                                 a.bias ? a.bias + c0 : nullptr, a.out + r0 * a.N + c0, a.N, a.N - c0);
+      kVecBlocks[r0 == 0][mr - 1][nb - 1](a.x + r0 * a.K, a.K, a.w + p0 * half_k * 2 * kPanel, half_k,
+                                          a.bias ? a.bias + c0 : nullptr, a.out + r0 * a.N + c0, a.N, a.N - c0);
     }
   }
 }
