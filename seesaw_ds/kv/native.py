@@ -97,12 +97,12 @@ def set_prefill_amx(enabled: bool) -> bool:
 
 
 def layer_ops():
-    """The compiled bf16 (`rms_norm`, `silu_mul`, `rope_kv_write`), or None (disabled, no build, or no
-    AVX512-BF16)."""
+    """The compiled bf16 (`rms_norm`, `silu_mul`, `rope_kv_write`, `rope`), or None (disabled, no build, or
+    no AVX512-BF16)."""
     module = _module()
     if module is None or not module.has_prefill_attention():     # compiled in under the same ISA test
         return None
-    return module.rms_norm, module.silu_mul, module.rope_kv_write
+    return module.rms_norm, module.silu_mul, module.rope_kv_write, module.rope
 
 
 def linear_ops():

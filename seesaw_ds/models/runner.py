@@ -17,7 +17,7 @@ import torch
 from seesaw_ds.kv.attention import ATTN_IMPLEMENTATION, AttentionMetadata, paged_attention
 from seesaw_ds.kv.pool import KVPool
 from seesaw_ds.models.decode_path import LeanDecoder, lean_decode_enabled
-from seesaw_ds.models.fused import use_fused_layer_ops
+from seesaw_ds.models.fused import use_fused_layer_ops, use_fused_rope
 from seesaw_ds.models.vocab_head import ShardedLogits, VocabShard
 
 
@@ -33,6 +33,7 @@ class ModelRunner:
     def __init__(self, hf_model):
         use_paged_attention(hf_model)
         use_fused_layer_ops(hf_model)
+        use_fused_rope(hf_model)
         inner = hf_model.model
         self.hf_model = hf_model
         self.embed_tokens = inner.embed_tokens

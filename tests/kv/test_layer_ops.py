@@ -102,3 +102,44 @@ def test_rope_kv_write_matches_transformers(ops, heads, kv_heads, d):
     assert not k_cache.view(-1, kv_heads, d)[untouched].any() and not v_cache.view(-1, kv_heads, d)[untouched].any()
     with pytest.raises(RuntimeError, match="outside the cache"):
         ops[2](qkv, cos, sin, k_cache, v_cache, slots + 20, heads, kv_heads)
+
+
+@pytest.mark.parametrize("heads,d,batch", [(9, 64, 1), (3, 64, 2), (4, 128, 1), (2, 24, 1)])   # 24: the scalar path
+def test_rope_matches_transformers_on_a_prefill(ops, heads, d, batch):
+    """A prefill's rope: q/k as transformers' attention holds them ([B, T, H, D] matmul output viewed as
+    [B, H, T, D]), cos/sin [B, T, D]; the same bits as apply_rotary_pos_emb, in the input's layout."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    g = torch.Generator().manual_seed(heads * d + batch)
+    tokens = 37
+    q = (torch.randn(batch, tokens, heads * d, generator=g) * 4).bfloat16().view(batch, tokens, heads, d).transpose(1, 2)
+    angles = torch.rand(batch, tokens, d // 2, generator=g) * 100
+    cos, sin = (torch.cat([f(angles)] * 2, dim=-1).bfloat16() for f in (torch.cos, torch.sin))   # [B, T, D]
+    want, _ = apply_rotary_pos_emb(q, q, cos, sin)
+    got = ops[3](q, cos, sin)
+    assert got.shape == want.shape and torch.equal(got, want)
+    assert torch.equal(ops[3](q, cos[:1], sin[:1]), apply_rotary_pos_emb(q, q, cos[:1], sin[:1])[0])   # broadcast
+
+
+def test_prefill_rope_is_fused_only_inside_an_engine_forward(ops, monkeypatch):
+    import transformers.models.llama.modeling_llama as llama
+    from seesaw_ds.models.fused import use_fused_rope
+    model = tiny_hf_model().bfloat16()
+    original = getattr(llama.apply_rotary_pos_emb, "seesaw_original", llama.apply_rotary_pos_emb)
+    monkeypatch.setattr(llama, "apply_rotary_pos_emb", original)
+    assert use_fused_rope(model) and use_fused_rope(model)             # installed once
+    fused = llama.apply_rotary_pos_emb
+    assert fused.seesaw_original is original
+    calls = []
+    import seesaw_ds.models.fused as fused_module
+    monkeypatch.setattr(fused_module, "layer_ops", lambda: (None, None, None, lambda *a: calls.append(1) or ops[3](*a)))
+    q = torch.randn(1, 6, 4, 16).bfloat16().transpose(1, 2)           # [1, H=4, T=6, D=16]
+    cos, sin = torch.randn(1, 6, 16).bfloat16(), torch.randn(1, 6, 16).bfloat16()
+    want = original(q, q, cos, sin)
+    assert all(torch.equal(a, b) for a, b in zip(fused(q, q, cos, sin), want)) and calls == []
+    meta = AttentionMetadata(True, torch.zeros(6, dtype=torch.long), [0, 6], None, None)
+    with paged_attention(meta, None):
+        assert all(torch.equal(a, b) for a, b in zip(fused(q, q, cos, sin), want))
+        assert calls == [1, 1]
+        fused(q.float(), q.float(), cos.float(), sin.float())          # float32: transformers' own code
+        fused(q.transpose(1, 2), q.transpose(1, 2), cos, sin, unsqueeze_dim=2)
+    assert calls == [1, 1]

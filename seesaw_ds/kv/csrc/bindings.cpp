@@ -7,6 +7,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_prefill_amx", &seesaw::set_prefill_amx, "prefill_attention on the tile unit where usable (true) or not");
   m.def("rms_norm", &seesaw::rms_norm, "fused RMSNorm (CPU, bf16)");
   m.def("silu_mul", &seesaw::silu_mul, "fused silu(gate) * up (CPU, bf16)");
+  m.def("rope", &seesaw::rope, "rotary embedding of a prefill's q or k [B, H, T, D] (CPU, bf16)");
   m.def("rope_kv_write", &seesaw::rope_kv_write, "rotary embedding of a decode step's q and k, k and v to the cache");
   m.def("pack_linear", &seesaw::pack_linear, "pack a bf16 weight [N, K] for linear_packed");
   m.def("linear_packed", &seesaw::linear_packed, "bf16 linear over a packed weight (x, packed, bias or None, N)");

@@ -24,6 +24,10 @@ bool set_prefill_amx(bool enable);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
 torch::Tensor silu_mul(torch::Tensor g, torch::Tensor u);
 
+// x [B, H, T, D] (last dim contiguous), cos/sin [B or 1, T, D], all bf16 -> x rotated as transformers'
+// apply_rotary_pos_emb rounds it, in x's layout
+torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
+
 // one decode step: qkv [T, (H + 2 Hkv) * D] bf16 (q, k, v of T tokens), cos/sin [T, D] -> q [T, H, D] rotated;
 // k rotated and v written to rows `slots` [T] int64 of the caches [N, bs, Hkv, D] (as transformers rounds rope)
 torch::Tensor rope_kv_write(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,

@@ -3,6 +3,8 @@
 //
 //   rms_norm   x [T, N], w [N]   -> w * bf16(x * rsqrt(sum(x^2) / N + eps))     (LlamaRMSNorm)
 //   silu_mul   g, u [T, N]       -> bf16(bf16(g / (1 + exp(-g))) * u)          (LlamaMLP's act(gate) * up)
+//   rope       x [B, H, T, D], cos/sin [B, T, D] -> bf16(bf16(x * cos) + bf16(rotate_half(x) * sin)): transformers'
+//              apply_rotary_pos_emb on a prefill's q or k
 //   rope_kv_write  one decode step's q/k/v (one matmul's [T, (Hq + 2 Hkv) * D]): rotary embedding of q and k
 //              as transformers' apply_rotary_pos_emb rounds it (bf16(bf16(x * cos) + bf16(rotate_half(x) *
 //              sin))), k and v written to their cache rows, q returned [T, Hq, D]
@@ -147,6 +149,30 @@ torch::Tensor rope_kv_write(torch::Tensor qkv, torch::Tensor cos, torch::Tensor 
   return q;
 }
 
+torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
+  for (const auto& t : {x, cos, sin}) TORCH_CHECK(t.scalar_type() == at::kBFloat16, "rope takes bfloat16");
+  TORCH_CHECK(x.dim() == 4 && x.stride(3) == 1, "rope: x must be [B, H, T, D] with its last dim contiguous");
+  const int64_t B = x.size(0), H = x.size(1), T = x.size(2), D = x.size(3);
+  TORCH_CHECK(cos.dim() == 3 && cos.sizes() == sin.sizes() && (cos.size(0) == 1 || cos.size(0) == B) &&
+              cos.size(1) == T && cos.size(2) == D, "rope: cos and sin must be [B or 1, ", T, ", ", D, "]");
+  auto c = cos.contiguous(), s = sin.contiguous();
+  auto out = torch::empty_like(x);                          // x's layout (a transposed [B, T, H, D] stays one)
+  TORCH_CHECK(out.stride(3) == 1, "rope: x must be dense");
+  const bf16 *xd = x.data_ptr<bf16>(), *cd = c.data_ptr<bf16>(), *sd = s.data_ptr<bf16>();
+  bf16* od = out.data_ptr<bf16>();
+  const int64_t cb = c.size(0) == 1 ? 0 : T * D;
+  at::parallel_for(0, B * T, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / T, t = r % T;
+      const bf16 *ct = cd + b * cb + t * D, *st = sd + b * cb + t * D;
+      for (int64_t h = 0; h < H; ++h)
+        rope_row(xd + b * x.stride(0) + h * x.stride(1) + t * x.stride(2), ct, st, D,
+                 od + b * out.stride(0) + h * out.stride(1) + t * out.stride(2));
+    }
+  });
+  return out;
+}
+
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "rms_norm takes bfloat16");
   const int64_t N = x.size(-1);
@@ -196,6 +222,9 @@ torch::Tensor rms_norm(torch::Tensor, torch::Tensor, double) {
 }
 torch::Tensor silu_mul(torch::Tensor, torch::Tensor) {
   TORCH_CHECK(false, "silu_mul was not compiled in (needs AVX512-BF16)");
+}
+torch::Tensor rope(torch::Tensor, torch::Tensor, torch::Tensor) {
+  TORCH_CHECK(false, "rope was not compiled in (needs AVX512-BF16)");
 }
 torch::Tensor rope_kv_write(torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor,
                             int64_t, int64_t) {
