@@ -177,8 +177,9 @@ class PromptSource:
         except RowProblem:
             return 0, None
         except TooLong:
-            return (max(limit, 0) if self.data.over_limit == "truncate" else 0), None
-        n = len(prompt.token_ids)
+            prompt, n = None, limit + 1
+        else:
+            n = len(prompt.token_ids)
         if n > limit:
             return (max(limit, 0) if self.data.over_limit == "truncate" else 0), prompt
         return (n if n >= max(self.data.min_prompt_tokens, 1) else 0), prompt

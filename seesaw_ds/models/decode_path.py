@@ -235,6 +235,7 @@ class LeanDecoder:
     def _build(self) -> None:
         fused = layer_ops()
         rope = getattr(sys.modules[type(self._layers[0].self_attn).__module__], "apply_rotary_pos_emb")
+        rope = getattr(rope, "seesaw_original", rope)     # decode's [1, B, H, D] rope: never models/fused.py's
         packed = packing_enabled()
         self._lean = [LeanLayer(layer, rope, fused, packed) for layer in self._layers]
         self._head = self._packed_head()

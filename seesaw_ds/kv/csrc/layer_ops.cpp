@@ -157,7 +157,6 @@ torch::Tensor rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
               cos.size(1) == T && cos.size(2) == D, "rope: cos and sin must be [B or 1, ", T, ", ", D, "]");
   auto c = cos.contiguous(), s = sin.contiguous();
   auto out = torch::empty_like(x);                          // x's layout (a transposed [B, T, H, D] stays one)
-  TORCH_CHECK(out.stride(3) == 1, "rope: x must be dense");
   const bf16 *xd = x.data_ptr<bf16>(), *cd = c.data_ptr<bf16>(), *sd = s.data_ptr<bf16>();
   bf16* od = out.data_ptr<bf16>();
   const int64_t cb = c.size(0) == 1 ? 0 : T * D;
