@@ -6,6 +6,7 @@ Model code never calls these; only the engine loop, the builder, the tiers and t
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import torch
@@ -97,10 +98,7 @@ def rank0_heart_beaten(comm, fn: Callable[[], Any], send_result: bool = False) -
     text). Collective."""
     import threading
     if comm.rank != 0:
-        while True:
-            status = comm.broadcast_object(None, src=0)
-            if status != "busy":
-                return status
+        return _await_rank0(comm)
     box: list = [False, None]
 
     def work():
@@ -120,6 +118,46 @@ def rank0_heart_beaten(comm, fn: Callable[[], Any], send_result: bool = False) -
         ok, result = box
         comm.broadcast_object((True, result if send_result else None) if ok else (False, sendable(result)), src=0)
         return ok, result
+
+
+def _await_rank0(comm) -> tuple[bool, Any]:
+    """The waiting side of a heartbeat: rank 0's final status, after any number of "busy" beats."""
+    while True:
+        status = comm.broadcast_object(None, src=0)
+        if status != "busy":
+            return status
+
+
+@contextlib.contextmanager
+def rank0_beating(comm):
+    """Rank 0 runs the body on this thread (without collectives on `comm`) while a thread tells the other
+    ranks, waiting in `wait_for_rank0`, every `heartbeat_seconds()` that it is busy; then the body's outcome
+    (done, or its exception, which is re-raised here)."""
+    import threading
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(heartbeat_seconds()):
+            comm.broadcast_object("busy", src=0)
+    beater = threading.Thread(target=beat, name="seesaw-heartbeat", daemon=True)
+    beater.start()
+    try:
+        yield
+    except BaseException as err:
+        stop.set()
+        beater.join()
+        comm.broadcast_object((False, sendable(err)), src=0)
+        raise
+    stop.set()
+    beater.join()
+    comm.broadcast_object((True, None), src=0)
+
+
+def wait_for_rank0(comm) -> None:
+    """The other ranks' side of `rank0_beating`: return when rank 0's body is done; raise its error."""
+    ok, result = _await_rank0(comm)
+    if not ok:
+        raise result if isinstance(result, BaseException) else RuntimeError(f"rank 0 failed: {result}")
 
 
 def sendable(err: BaseException) -> Any:

@@ -10,7 +10,9 @@ A bad input ends every rank with one `error:` line (printed by rank 0) and exit 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import itertools
 import os
 import sys
@@ -82,13 +84,15 @@ def _leave_job_comm(comm) -> None:
             leave_distributed()
 
 
-def _set_threads(nodes) -> None:
+def _set_threads(nodes, folded_rank0: bool | None = None) -> None:
     """The machine's cores split between the ranks it runs (namespaced hosts or containers of one machine
-    share its cores, whatever their LOCAL_SIZE)."""
+    share its cores, whatever their LOCAL_SIZE); in a folded job (`folded_rank0` not None) all of them to
+    rank 0 and one to each idle rank."""
     import torch
     if nodes.world_size > 1:   # NOTE: oversubscribed cores make small matmuls 10-40x slower
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        torch.set_num_threads(max(1, cores // nodes.machine_ranks))
+        share = max(1, cores // nodes.machine_ranks) if folded_rank0 is None else cores if folded_rank0 else 1
+        torch.set_num_threads(share)
 
 
 def _load_model_meta(recipe: Recipe, comm):
@@ -110,10 +114,12 @@ def _load_model_meta(recipe: Recipe, comm):
     return folder, load_model_config(folder), load_tokenizer(folder)
 
 
-def _job_planner(recipe: Recipe, tokenizer, nodes, comm, say: Callable[[str], None]) -> Callable:
+def _job_planner(recipe: Recipe, tokenizer, nodes, comm, say: Callable[[str], None]) -> tuple[Callable, Callable]:
     """plan_job(world, cfg): the planner's ranking (`planner.Plan`) of layouts on the job's cluster
     (jobs/job_cluster.py: this machine, calibrated once, announced; over several nodes, the link between
-    them, probed now) for a workload measured on the first rows of the source. Every rank calls this."""
+    them, probed now) for a workload measured on the first rows of the source; plan_whole(cfg): the ranking
+    on one rank with every core of this machine (None where a job cannot fold: several nodes, or ranks on
+    accelerators). Every rank calls this."""
     from seesaw_ds.jobs.job_cluster import job_cluster, probe_link
     planned = recipe.parallel in ("auto", "seesaw") and nodes.world_size > 1
     link = probe_link(nodes, comm, say) if planned else None
@@ -122,10 +128,12 @@ def _job_planner(recipe: Recipe, tokenizer, nodes, comm, say: Callable[[str], No
         from seesaw_ds.distributed.builder import gather_places
         places = gather_places(comm)
 
-    def plan_job(world_size: int, cfg):
+    @functools.cache
+    def job_workload(cfg) -> tuple[str, Any]:
+        """The workload ("prompt/output/rows" means) and planner options, measured once."""
         from seesaw_ds.jobs.inputs import open_inputs
         from seesaw_ds.jobs.fingerprint import resolved_dtype
-        from seesaw_ds.planner import PlannerOptions, plan
+        from seesaw_ds.planner import PlannerOptions
         from seesaw_ds.planner.calibrate import calibration_path, is_calibrated
         if not is_calibrated(nodes.machine_ranks):
             say(f"calibrating this machine for the layout planner ({nodes.machine_ranks} ranks, once; cached in "
@@ -142,9 +150,24 @@ def _job_planner(recipe: Recipe, tokenizer, nodes, comm, say: Callable[[str], No
         options = PlannerOptions(dtype=resolved_dtype(recipe.model.dtype),
                                  max_batched_tokens=recipe.engine.max_num_batched_tokens,
                                  max_tp=min(nodes.ranks_per_node, cfg.num_kv_heads) if tp_inside_nodes else None)
+        return workload, options
+
+    def plan_job(world_size: int, cfg):
+        from seesaw_ds.planner import plan
+        workload, options = job_workload(cfg)
         ranking = plan(cfg, job_cluster(nodes, link), workload, options, num_devices=world_size)
         return _placeable(ranking, places, recipe.engine.allow_cross_node_tp, cfg)
-    return plan_job
+
+    def plan_whole(cfg):
+        from deepspeed.accelerator import get_accelerator
+        from seesaw_ds.planner import plan
+        from seesaw_ds.planner.calibrate import whole_machine_cluster
+        if nodes.num_nodes > 1 or nodes.machine_ranks != nodes.world_size or \
+                get_accelerator().device_name() != "cpu":
+            return None
+        cluster = whole_machine_cluster(nodes.machine_ranks)
+        return None if cluster is None else plan(cfg, cluster, *job_workload(cfg))
+    return plan_job, plan_whole
 
 
 def _placeable(ranking, places, allow_cross_node_tp: bool, cfg):
@@ -185,17 +208,22 @@ def run(recipe: Recipe, world, announce: Callable[[str], None] = print) -> dict[
         import datasets
         datasets.disable_progress_bars()
     folder, cfg, tokenizer = _load_model_meta(recipe, comm)
-    plan_job = _job_planner(recipe, tokenizer, nodes, comm, say)
-    layouts, why = _from_rank0(comm, lambda: choose_layouts(recipe.parallel, world.size, cfg, plan_job))
+    planners = _job_planner(recipe, tokenizer, nodes, comm, say)
+    layouts, why = _from_rank0(comm, lambda: choose_layouts(recipe.parallel, world.size, cfg, *planners))
     role = replica_role(layouts, world.rank)
+    if layouts.world_size < world.size:     # folded: rank 0 takes every core, the others idle
+        _set_threads(nodes, folded_rank0=main_rank)
     _from_rank0(comm, lambda: check_engine_fits(recipe, cfg, layouts, role.single_process_engine))
     import torch
-    say(f"layouts: {describe(layouts)} ({_count(world.size, 'rank')}, {_count(role.num_replicas, 'replica')} of "
-        f"{_count(len(role.ranks), 'rank')}, {_count(torch.get_num_threads(), 'thread')} per rank; model "
-        f"{recipe.model.name} -> {folder})")
+    threads = _count(torch.get_num_threads(), 'thread')
+    shape = (f"{_count(role.num_replicas, 'replica')} of {_count(len(role.ranks), 'rank')}, {threads} per rank"
+             if layouts.world_size == world.size else f"rank 0 alone on {threads}, the others idle")
+    say(f"layouts: {describe(layouts)} ({_count(world.size, 'rank')}, {shape}; model {recipe.model.name} -> "
+        f"{folder})")
     if why:
         say(why)
-    source = open_inputs(recipe, tokenizer, replica=role.replica, num_replicas=role.num_replicas, announce=say)
+    source = None if role.idle else open_inputs(recipe, tokenizer, replica=role.replica,
+                                                num_replicas=role.num_replicas, announce=say)
     fingerprint = _from_rank0(comm, lambda: claim_output_dir(recipe, source, say))   # before weights load
     try:
         return _run_engine(recipe, world, comm, layouts, role, source, fingerprint, announce)
@@ -211,19 +239,27 @@ def _run_engine(recipe: Recipe, world, comm, layouts, role, source, fingerprint,
     from seesaw_ds.jobs.report import combine, format_report, write_report
     from seesaw_ds.jobs.tracking import Tracker, engine_metrics
     from seesaw_ds.jobs.world import describe, row_label
+    from seesaw_ds.engine.comm import rank0_beating, wait_for_rank0
     main_rank = world.rank == 0
     say = announce if main_rank else (lambda _: None)
-    if role.single_process_engine:
-        llm = LLM(config=recipe.engine_config(), distributed=False)
+    folded = layouts.world_size < world.size
+    if role.idle:                     # folded: wait for rank 0's job (in heartbeats, not one long collective)
+        wait_for_rank0(comm)
+        mine = {"writer": False}
     else:
-        llm = LLM(config=recipe.engine_config(parallel=layouts))
-    tracker = Tracker.for_recipe(recipe, enabled=main_rank, announce=say,
-                                 extra_config={"layouts": describe(layouts), "world_size": world.size})
-    tracker.attach(llm.engine)
-    summary = run_recipe(recipe, llm, replica=role.replica, num_replicas=role.num_replicas, is_main=main_rank,
-                         is_writer=role.is_writer, layouts=row_label(layouts), barrier=comm.barrier,
-                         source=source, tracker=tracker, print_summary=False, fingerprint=fingerprint, lock=False)
-    mine = {"summary": summary_dict(summary), "engine": _engine_report(llm.engine), "writer": role.is_writer}
+        with rank0_beating(comm) if folded else contextlib.nullcontext():
+            if role.single_process_engine:
+                llm = LLM(config=recipe.engine_config(), distributed=False)
+            else:
+                llm = LLM(config=recipe.engine_config(parallel=layouts))
+            tracker = Tracker.for_recipe(recipe, enabled=main_rank, announce=say,
+                                         extra_config={"layouts": describe(layouts), "world_size": world.size})
+            tracker.attach(llm.engine)
+            summary = run_recipe(recipe, llm, replica=role.replica, num_replicas=role.num_replicas,
+                                 is_main=main_rank, is_writer=role.is_writer, layouts=row_label(layouts),
+                                 barrier=None if folded else comm.barrier, source=source, tracker=tracker,
+                                 print_summary=False, fingerprint=fingerprint, lock=False)
+        mine = {"summary": summary_dict(summary), "engine": _engine_report(llm.engine), "writer": role.is_writer}
     gathered = [r for r in comm.all_gather_object(mine) if r["writer"]]
     report = combine(gathered, describe(layouts), world.size)
     if main_rank:

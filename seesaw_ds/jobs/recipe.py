@@ -187,7 +187,8 @@ class Recipe:
     sampling: SamplingSection = option(SamplingSection(), "")
     engine: EngineSection = option(EngineSection(), "")
     parallel: Any = option("seesaw", "auto (planner) | seesaw (prefill pp=N -> decode tp=N on N ranks, or the static "
-                                      "layout the planner predicts faster) | "
+                                      "layout the planner predicts faster, or one rank on every core of a CPU "
+                                      "machine) | "
                                       "{tp: 1, pp: 1, dp: 1} | {prefill: {pp: 2}, decode: {tp: 2}, dp: 1} | "
                                       "a label: 1proc, TP2, PP2, PP2->TP2 (dp 1 unless given: TP1xDP2)")
     output: OutputSection = option(OutputSection(), "")

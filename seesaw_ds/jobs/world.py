@@ -11,6 +11,12 @@ i mod dp). The writer of a replica is its first rank; its other ranks step the e
 
     world 2, {prefill: {pp: 2}, decode: {tp: 2}}:   rank 0 1 | replica 0 0 | writer yes no
     world 2, {dp: 2}:                               rank 0 1 | replica 0 1 | writer yes yes
+    world 2, folded (one rank on every core):        rank 0 1 | replica 0 - | writer yes no (rank 1 idles)
+
+Folded: where the planner predicts one rank with a thread per core of the machine (`plan_whole`) at least
+`FOLD_MARGIN` times as fast as the N-rank layouts it would run, rank 0 runs the job alone and the other
+ranks wait: on one machine whose cores share a memory bus, replicas each read every weight per step and TP
+pays an all-reduce per layer, which one process with every core pays neither of.
 """
 from __future__ import annotations
 
@@ -60,8 +66,15 @@ class ReplicaRole:
     def single_process_engine(self) -> bool:
         return len(self.ranks) == 1
 
+    @property
+    def idle(self) -> bool:
+        """A rank outside a folded job's layouts: it runs no engine and waits for rank 0."""
+        return self.rank not in self.ranks
+
 
 def replica_role(layouts: StageLayouts, rank: int) -> ReplicaRole:
+    if rank >= layouts.world_size:          # folded: the layouts run on fewer ranks than the world has
+        return ReplicaRole(0, layouts.prefill.dp, tuple(layouts.prefill.replica_ranks(0)), rank)
     coords = layouts.prefill.coords(rank)
     return ReplicaRole(coords.dp_index, layouts.prefill.dp, tuple(layouts.prefill.replica_ranks(coords.dp_index)),
                        rank)
@@ -79,25 +92,36 @@ def recipe_layouts(parallel: str | Mapping[str, Any], world_size: int, cfg: Mode
 
 
 def choose_layouts(parallel: str | Mapping[str, Any], world_size: int, cfg: ModelConfig,
-                   plan_job: Callable[[int, ModelConfig], Any] | None = None) -> tuple[StageLayouts, str]:
+                   plan_job: Callable[[int, ModelConfig], Any] | None = None,
+                   plan_whole: Callable[[ModelConfig], Any] | None = None) -> tuple[StageLayouts, str]:
     """The recipe's `parallel` (validated by the recipe) as StageLayouts checked against the world and model,
     and why they were chosen: the start-up line ("" when the recipe named them).
 
     `plan_job(world_size, cfg)` is the planner's ranking (a `planner.Plan`) for this job's workload.
     `auto`: one rank -> tp=pp=dp=1; several -> the planner's fastest layouts one launch can run. `seesaw`:
     prefill PP -> decode TP over the largest replica the model allows (`auto_layouts`), unless the planner
-    predicts a static layout faster (`seesaw_or_static`); one rank -> tp=pp=dp=1. Misfits raise RecipeError."""
+    predicts a static layout faster (`seesaw_or_static`); one rank -> tp=pp=dp=1. Either, on several ranks:
+    one rank alone (tp=pp=dp=1, the others idle) where `plan_whole(cfg)`, the ranking for one rank with
+    every core of the machine (None where folding does not apply), predicts it FOLD_MARGIN times as fast
+    (`fold_or_keep`). Misfits raise RecipeError."""
     why = ""
     if world_size == 1 and parallel in ("auto", "seesaw"):
         return StageLayouts.static(Layout()), why
-    if parallel == "seesaw":
-        layouts = auto_layouts(world_size, cfg)
-        if plan_job is not None:
-            layouts, why = seesaw_or_static(plan_job(world_size, cfg), layouts)
-    elif parallel == "auto":
-        if plan_job is None:
-            raise RecipeError("parallel", "is auto but no planner is at hand; give the layouts")
-        layouts, why = fastest_runnable(plan_job(world_size, cfg))
+    if parallel == "auto" and plan_job is None:
+        raise RecipeError("parallel", "is auto but no planner is at hand; give the layouts")
+    if parallel in ("auto", "seesaw"):
+        plan = plan_job(world_size, cfg) if plan_job is not None else None
+        if parallel == "auto":
+            layouts, why = fastest_runnable(plan)
+        else:
+            layouts = auto_layouts(world_size, cfg)
+            if plan is not None:
+                layouts, why = seesaw_or_static(plan, layouts)
+        whole = plan_whole(cfg) if plan_whole is not None and plan is not None else None
+        if whole is not None:
+            layouts, why = fold_or_keep(plan, layouts, why, whole, parallel)
+        if layouts.world_size < world_size:
+            return layouts, why
     else:
         layouts = StageLayouts.from_spec(parallel, world_size)
     try:
@@ -166,6 +190,30 @@ def seesaw_or_static(plan, pair: StageLayouts) -> tuple[StageLayouts, str]:
         f"parallel: seesaw runs {label}, not the pair {pair.label()}: the planner predicts the pair at "
         f"{ratio:.2f}x of it for {_shape(plan)}, under the {PAIR_MARGIN:.2f}x a re-shard must promise (a pair "
         f"gains where links are slow against compute); `parallel: {pair.label()}` runs the pair anyway")
+
+
+# One rank on every core is run where predicted at least this fast against the N-rank layouts: a predicted tie
+# folds, since one process holds one copy of the weights and pays no all-reduce or re-shard (on a 2-core
+# machine the planner's one-rank / DP2 ratio was within 8% of the shipped recipes' measured one, README).
+FOLD_MARGIN = 1.0
+
+
+def fold_or_keep(plan, layouts: StageLayouts, why: str, whole, parallel: str) -> tuple[StageLayouts, str]:
+    """One rank with every core (`whole`: its one-device ranking) where predicted at least FOLD_MARGIN times
+    the N-rank `layouts` (chosen from `plan` for the reason `why`), else those layouts and reason."""
+    from seesaw_ds.planner import stage_layouts
+    mine = next((c for c in plan.ranked if stage_layouts(c) == layouts), None)
+    if mine is None or not whole.ranked:
+        return layouts, why
+    ratio = whole.best.tokens_per_s / mine.tokens_per_s
+    if ratio < FOLD_MARGIN:
+        return layouts, why
+    n = plan.cluster.num_devices
+    idle = "rank 1" if n == 2 else f"ranks 1-{n - 1}"
+    return StageLayouts.static(Layout()), (
+        f"parallel: {parallel} runs one rank on every core ({whole.cluster.name}), {idle} idle: the "
+        f"planner predicts it at {ratio:.2f}x {layouts.label()}, its choice on {n} ranks, for {_shape(plan)} "
+        f"(no replica re-reads the weights, no all-reduce, no re-shard); give the layouts to run them anyway")
 
 
 def describe(layouts: StageLayouts) -> str:

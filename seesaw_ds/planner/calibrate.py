@@ -9,6 +9,8 @@ shared resources (memory bus, caches) are measured under the load a real run put
   shared caches to itself), as the last stage of a pipeline does while it computes the LM head;
 - all-reduce latency (1 KiB) and bandwidth (4 MiB) at each degree 2..N over ranks 0..k-1, both the process
   group's (gloo) and DeepSpeed's inference all-reduce (a shared-memory op on CPU ranks, what AutoTP calls);
+- the same figures on rank 0 alone with a thread per core (`whole_machine`): one rank that folds the
+  machine's ranks into itself, which the job's planner weighs against the N-rank layouts;
 - the fixed cost of one decoder-layer call (a tiny transformers Llama layer: dispatch, no real work);
 - point-to-point latency and bandwidth (ping-pong between ranks 0 and 1).
 Memory split (an assumption: on a CPU the "device" and the host tier share RAM): `DEVICE_MEMORY_SHARE`
@@ -19,6 +21,7 @@ Results are cached as JSON under $SEESAW_CACHE (or ~/.cache/seesaw_ds/) and reus
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -33,7 +36,7 @@ from seesaw_ds.distributed.node import free_port
 from seesaw_ds.planner import calibration_rank
 from seesaw_ds.planner.clusters import ClusterSpec, DeviceSpec
 
-CACHE_VERSION = 5
+CACHE_VERSION = 6
 DEVICE_MEMORY_SHARE = 0.5
 _MEASURE_SECONDS = 0.25      # per measurement loop
 _RANK_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "calibration_rank.py")
@@ -90,6 +93,7 @@ def measure(num_ranks: int, seconds: float = _MEASURE_SECONDS) -> dict:
                                         for rows in by_rows}
                                 for dtype, by_rows in ranks[0]["decode_linear_flops"].items()},
         "decode_linear_flops_solo": ranks[0].get("decode_linear_flops_solo"),
+        "whole_machine": ranks[0].get("whole_machine"),
         "allreduce": ranks[0]["allreduce"],
         "tp_allreduce": ranks[0].get("tp_allreduce"),
         "layer_overhead": max(r["layer_overhead"] for r in ranks),
@@ -172,6 +176,16 @@ def load_or_measure(num_ranks: int, recalibrate: bool = False, seconds: float = 
         json.dump({"key": key, "measured": measured}, f, indent=1)
     os.replace(tmp_path, path)
     return measured
+
+
+def whole_machine_cluster(num_ranks: int, recalibrate: bool = False) -> ClusterSpec | None:
+    """This machine as one rank with a thread per core, from the `num_ranks` calibration (None for one
+    rank, whose calibration is a single thread, or a cache without the figures)."""
+    measured = load_or_measure(num_ranks, recalibrate).get("whole_machine") if num_ranks > 1 else None
+    if not measured:
+        return None
+    spec = cluster_from_measurements(measured, 1, float(psutil.virtual_memory().total))
+    return dataclasses.replace(spec, name=f"local ({measured['threads']} threads)")
 
 
 def local_cluster(num_ranks: int | None = None, recalibrate: bool = False) -> ClusterSpec:

@@ -123,6 +123,27 @@ def decode_linear_flops(seconds: float, dtype=torch.float32) -> dict:
     return out
 
 
+def whole_machine(seconds: float) -> dict:
+    """This rank's figures with one thread per usable core while every other rank waits: what one rank
+    that folds the machine's ranks into itself would run at (its threads share one memory bus and no
+    all-reduce)."""
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(threads)
+    try:
+        out = {"threads": threads, "matmul_flops": {}, "allreduce": {}}
+        for dtype in (torch.float32, torch.bfloat16):
+            a, b = torch.randn(MATMUL_N, MATMUL_N).to(dtype), torch.randn(MATMUL_N, MATMUL_N).to(dtype)
+            out["matmul_flops"][str(dtype).replace("torch.", "")] = matmul_rate(a, b, seconds)
+        src = torch.ones(COPY_BYTES // 4)
+        out["copy_bandwidth"] = copy_rate(torch.empty_like(src), src, seconds)
+        out["decode_linear_flops"] = {"float32": decode_linear_flops(seconds),
+                                      "bfloat16": decode_linear_flops(seconds, torch.bfloat16)}
+        out["layer_overhead"] = decoder_layer_overhead(seconds)
+        return out
+    finally:
+        torch.set_num_threads(1)
+
+
 def measure_allreduce(fn, groups, rank: int, seconds: float, dtype=torch.float32) -> dict:
     """{degree: {latency, bandwidth}} of `fn(tensor, group)` over ranks 0..degree-1."""
     size = torch.tensor([], dtype=dtype).element_size()
@@ -167,6 +188,11 @@ def rank_main(rank: int, world: int, init_file: str, out_dir: str, spawned_at: f
                                               "bfloat16": decode_linear_flops(seconds, torch.bfloat16)}
     dist.barrier()
     phase_done("decode_linear")
+
+    if world > 1 and rank == 0:     # one rank with every core of the machine, the others idle
+        result["whole_machine"] = whole_machine(seconds)
+    dist.barrier()
+    phase_done("whole_machine")
 
     dist.barrier()
     result["layer_overhead"] = decoder_layer_overhead(seconds)

@@ -15,8 +15,8 @@ import pytest
 
 from seesaw_ds.jobs.outputs import existing_shards
 from seesaw_ds.parallel.layout import StageLayouts
-from tests.launch.conftest import (NUM_ROWS, REPO, deepspeed_command, free_port, job_bars, job_env, rank_log,
-                                   recipe_dict, run_checked, write_recipe)
+from tests.launch.conftest import (GENERATE, NUM_ROWS, REPO, deepspeed_command, free_port, job_bars, job_env,
+                                   rank_log, recipe_dict, run_checked, write_recipe)
 from tests.launch.wandb_records import read_run
 
 pytestmark = pytest.mark.slow
@@ -63,6 +63,41 @@ def test_data_parallel_two_ranks_write_every_row_once(tiny_model, articles, refe
     assert not shm_files(port) and not (shm_files() - kv_before)
 
 
+# `launch/generate.py` with the fold margin at zero: whatever the planner predicts, `parallel: seesaw` on two ranks
+# of one machine runs folded, so that the run itself is under test (the decision is tests/launch/test_world.py's)
+ALWAYS_FOLD = """import sys
+sys.path.insert(0, {repo!r})
+import seesaw_ds.jobs.world as world
+world.FOLD_MARGIN = 0.0
+from seesaw_ds.jobs.generate import main
+sys.exit(main())
+"""
+
+
+def test_a_folded_job_runs_on_rank0_while_rank1_waits(tiny_model, articles, reference_rows, tmp_path):
+    port, kv_before = free_port(), shm_files()
+    script = tmp_path / "generate_folded.py"
+    script.write_text(ALWAYS_FOLD.format(repo=REPO))
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_dict(tiny_model[0], articles, str(tmp_path / "out"),
+                                                           parallel="seesaw"))
+    cmd = deepspeed_command(2, port, recipe, rank_logs=tmp_path / "logs")
+    cmd[cmd.index(GENERATE)] = str(script)
+    # a short collective timeout: rank 0 tells the waiting rank it is busy every 2 s of its job
+    run_checked(cmd, job_env(tmp_path, SEESAW_COLLECTIVE_TIMEOUT_S="8"))
+    rank0, rank1 = rank_log(tmp_path / "logs", 0), rank_log(tmp_path / "logs", 1)
+    rows = output_rows(tmp_path / "out")
+    assert_rows_match(rows, reference_rows)
+    assert all(row["layouts"] == "tp1pp1 dp=1" for row in rows)
+    assert {replica for replica, _, _ in existing_shards(str(tmp_path / "out"))} == {0}
+    assert "layouts: tp=1 pp=1 dp=1 (2 ranks, rank 0 alone on " in rank0, rank0[-3000:]
+    assert "parallel: seesaw runs one rank on every core (local (" in rank0 and "rank 1 idle" in rank0
+    assert job_bars(rank0) and job_bars(rank0)[-1][:2] == (NUM_ROWS, NUM_ROWS)
+    assert not job_bars(rank1) and "job summary" not in rank1
+    total = json.load(open(tmp_path / "out" / "job_summary.json"))["total"]
+    assert total["rows_written"] == NUM_ROWS and total["num_replicas"] == 1
+    assert not shm_files(port) and not (shm_files() - kv_before)
+
+
 def test_seesaw_default_names_its_layouts_and_why(tiny_model, articles, reference_rows, tmp_path):
     # `parallel: seesaw` asks the planner (this machine's calibration) whether the PP2 -> TP2 pair pays here;
     # whichever it runs, one start-up line names it and why, and the rows are the reference's
@@ -72,7 +107,10 @@ def test_seesaw_default_names_its_layouts_and_why(tiny_model, articles, referenc
     assert_rows_match(output_rows(tmp_path / "out"), reference_rows)
     lines = proc.stdout.splitlines()
     [why] = [line for line in lines if line.startswith("parallel: seesaw")]
-    if why.startswith("parallel: seesaw runs "):          # a static layout predicted at least as fast
+    if why.startswith("parallel: seesaw runs one rank on every core"):    # predicted FOLD_MARGIN x faster
+        label = "1proc"
+        assert "rank 1 idle: the planner predicts it at " in why, why
+    elif why.startswith("parallel: seesaw runs "):          # a static layout predicted at least as fast
         label = why.split(" runs ")[1].split(",")[0]
         assert "not the pair PP2->TP2: the planner predicts the pair at " in why and "runs the pair anyway" in why
     else:

@@ -4,8 +4,8 @@ import pytest
 from seesaw_ds.jobs.parallel_spec import data_parallel_size, describe_layouts, validate_parallel
 from seesaw_ds.jobs.report import combine, format_report
 from seesaw_ds.jobs.schema import RecipeError
-from seesaw_ds.jobs.world import (PAIR_MARGIN, JobWorld, choose_layouts, recipe_layouts, replica_role, row_label,
-                                  seesaw_or_static)
+from seesaw_ds.jobs.world import (FOLD_MARGIN, PAIR_MARGIN, JobWorld, choose_layouts, recipe_layouts, replica_role,
+                                  row_label, seesaw_or_static)
 from seesaw_ds.models.config import ModelConfig
 from seesaw_ds.parallel.layout import Layout, StageLayouts, auto_layouts
 
@@ -68,6 +68,46 @@ def test_seesaw_runs_the_pair_only_where_the_planner_predicts_a_gain():
     # auto: the fastest layouts one launch can run, with the prediction
     layouts, why = choose_layouts("auto", 2, cfg(), lambda world, _: small)
     assert layouts == stage_layouts(small.best) and why.startswith("parallel: auto: the planner's fastest for 32 requests")
+
+
+def faster(cluster, scale):
+    """`cluster` with every rate of its device `scale` times higher, its fixed cost per layer that much lower."""
+    import dataclasses
+    d = cluster.device
+    device = dataclasses.replace(d, memory_bandwidth=d.memory_bandwidth * scale,
+                                 layer_overhead=d.layer_overhead / scale,
+                                 flops=tuple((k, v * scale) for k, v in d.flops),
+                                 decode_flops=tuple((k, rows, v * scale) for k, rows, v in d.decode_flops))
+    return dataclasses.replace(cluster, device=device)
+
+
+@pytest.mark.parametrize("parallel", ["seesaw", "auto"])
+def test_a_job_folds_into_one_rank_only_where_predicted_the_margin_faster(parallel):
+    """Several ranks on one machine run as rank 0 alone on every core (the others idle) where the planner
+    predicts that at least FOLD_MARGIN times the N-rank layouts it would choose; the start-up line says so."""
+    from seesaw_ds.planner import parse_cluster, plan, stage_layouts
+    two = plan(cfg(), "2xA10", "sharegpt-small")
+    keep, keep_why = choose_layouts(parallel, 2, cfg(), lambda world, _: two)
+    predicted = next(c for c in two.ranked if stage_layouts(c) == keep).tokens_per_s
+    for scale, folds in ((1.0, False), (4.0, True)):
+        whole = plan(cfg(), faster(parse_cluster("1xA10"), scale), "sharegpt-small")
+        ratio = whole.best.tokens_per_s / predicted
+        assert (ratio >= FOLD_MARGIN) == folds, ratio
+        layouts, why = choose_layouts(parallel, 2, cfg(), lambda world, _: two, lambda _: whole)
+        if not folds:
+            assert (layouts, why) == (keep, keep_why)
+            continue
+        assert layouts == StageLayouts.static(Layout())
+        assert why == (f"parallel: {parallel} runs one rank on every core (A10), rank 1 idle: the planner predicts "
+                       f"it at {ratio:.2f}x {keep.label()}, its choice on 2 ranks, for 128 requests of ~128 prompt + "
+                       f"256 output tokens on 2xA10 (no replica re-reads the weights, no all-reduce, no re-shard); "
+                       f"give the layouts to run them anyway"), why
+        zero, one = replica_role(layouts, 0), replica_role(layouts, 1)
+        assert zero.is_writer and zero.single_process_engine and not zero.idle and zero.num_replicas == 1
+        assert one.idle and not one.is_writer
+    # layouts the recipe names are run as named, whatever one rank is predicted to do
+    named, why = choose_layouts(validate_parallel({"dp": 2}), 2, cfg(), lambda world, _: two, lambda _: whole)
+    assert named == StageLayouts.static(Layout(dp=2)) and why == ""
 
 
 def test_seesaw_on_hosts_of_one_rank_keeps_tp_inside_nodes_and_says_so():

@@ -36,6 +36,15 @@ def test_local_calibration_smoke(tmp_path, monkeypatch):
     solo = measured["decode_linear_flops_solo"]
     assert set(solo["float32"]) == set(solo["bfloat16"]) == set(decode) and min(solo["float32"].values()) > 1e8
 
+    # rank 0 alone with a thread per core (the others waiting): one folded rank's device
+    whole = measured["whole_machine"]
+    assert whole["threads"] >= 1 and set(whole["matmul_flops"]) == {"float32", "bfloat16"}
+    assert set(whole["decode_linear_flops"]["bfloat16"]) == set(decode) and whole["copy_bandwidth"] > 1e8
+    folded = calibrate.whole_machine_cluster(2)
+    assert folded.num_devices == 1 and folded.device.flops_for("bf16") == whole["matmul_flops"]["bfloat16"]
+    assert folded.device.memory_bandwidth == whole["copy_bandwidth"] and folded.allreduce_latency == ()
+    assert calibrate.whole_machine_cluster(1) is None
+
     # the cache is written once and re-used: the second call spawns nothing and returns the same figures
     with open(calibrate.calibration_path(2)) as f:
         assert json.load(f)["measured"] == measured
