@@ -63,10 +63,28 @@ def main(argv: list[str] | None = None) -> int:
     print(describe_inputs(result))
     print()
     print(format_table(result, args.top))
+    folded = whole_machine_line(result, workload, options)
+    if folded:
+        print(folded)
     if args.explain:
         print()
         print(format_explain(result, args.top))
     return 0
+
+
+def whole_machine_line(result, workload, options) -> str:
+    """On this machine calibrated as several ranks: one rank on every core, as a job weighs it ("" elsewhere)."""
+    from seesaw_ds.jobs.world import FOLD_MARGIN
+    from seesaw_ds.planner import plan
+    from seesaw_ds.planner.calibrate import whole_machine_cluster
+    n = result.cluster.num_devices
+    cluster = whole_machine_cluster(n) if result.cluster.name == "local" and n > 1 else None
+    if cluster is None:
+        return ""
+    one = plan(result.model, cluster, workload, options).best.tokens_per_s
+    return (f"one rank on every core ({cluster.name}): {one:,.0f} tokens/s, {one / result.best.tokens_per_s:.2f}x "
+            f"the best {n}-rank layout (a job's `parallel: seesaw` or `auto` runs it at >= {FOLD_MARGIN:.2f}x the "
+            f"layouts it would run)")
 
 
 if __name__ == "__main__":

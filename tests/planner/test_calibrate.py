@@ -1,11 +1,16 @@
 """Calibration of the local machine: real gloo ranks, short loops, cached JSON re-used."""
 import json
+import os
+import subprocess
+import sys
 import time
 
 import pytest
 
 from seesaw_ds.models.config import ModelConfig
 from seesaw_ds.planner import calibrate, parse_cluster, parse_workload, plan_layouts
+
+PLAN = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "launch", "plan.py")
 
 # SmolLM2-135M's shape (the model the CPU benchmarks run)
 SMOLLM2 = {"model_type": "llama", "num_hidden_layers": 30, "hidden_size": 576, "intermediate_size": 1536,
@@ -63,3 +68,14 @@ def test_local_calibration_smoke(tmp_path, monkeypatch):
     result = plan_layouts(ModelConfig.from_hf(SMOLLM2), cluster, parse_workload("sharegpt-small"))
     assert result.best.tokens_per_s > 0 and {c.prefill.degrees for c in result.ranked} == {(1, 2, 1), (2, 1, 1),
                                                                                          (1, 1, 2)}
+
+    # launch/plan.py on this machine as 2 ranks also prints one rank on every core, as a job weighs it
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(SMOLLM2, f)
+    proc = subprocess.run([sys.executable, PLAN, "--model", str(tmp_path / "config.json"), "--cluster", "2xlocal",
+                           "--workload", "sharegpt-small"], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, SEESAW_CACHE=str(tmp_path)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    [line] = [x for x in proc.stdout.splitlines() if x.startswith("one rank on every core (local (")]
+    one = plan_layouts(ModelConfig.from_hf(SMOLLM2), folded, parse_workload("sharegpt-small")).best.tokens_per_s
+    assert f"): {one:,.0f} tokens/s, {one / result.best.tokens_per_s:.2f}x the best 2-rank layout" in line, line
