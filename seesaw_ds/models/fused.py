@@ -17,6 +17,7 @@ import torch
 from seesaw_ds.kv.attention import in_engine_forward
 from seesaw_ds.kv.native import layer_ops
 
+MLP_ROWS = 1024      # rows per MLP pass of a long prefill step (`_mlp_forward`)
 NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"}
 MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP"}
 
@@ -36,7 +37,13 @@ def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     ops = layer_ops()
     if ops is None or not _usable(x):
         return type(self).forward(self, x)
-    return self.down_proj(ops[1](self.gate_proj(x), self.up_proj(x)))        # [..., I] -> [..., N]
+    rows = x.reshape(-1, x.shape[-1])                                           # [T, N]
+    if rows.shape[0] <= 2 * MLP_ROWS:
+        return self.down_proj(ops[1](self.gate_proj(x), self.up_proj(x)))    # [..., I] -> [..., N]
+    # a long prefill in row chunks: rows are independent (the same bits), and a chunk's [rows, I] gate and
+    # up outputs stay in the last-level cache, where a whole step's spill to memory and slow the matmuls
+    out = [self.down_proj(ops[1](self.gate_proj(part), self.up_proj(part))) for part in rows.split(MLP_ROWS)]
+    return torch.cat(out).view(*x.shape[:-1], -1)
 
 
 def use_fused_layer_ops(hf_model) -> int:

@@ -77,6 +77,24 @@ def test_modules_use_fused_ops_only_inside_an_engine_forward(ops, monkeypatch):
     assert calls == ["mlp", "norm"]
 
 
+def test_a_long_prefill_mlp_runs_in_row_chunks_with_the_same_bits(ops, monkeypatch):
+    import seesaw_ds.models.fused as fused
+    monkeypatch.setattr(fused, "MLP_ROWS", 8)
+    model = tiny_hf_model().bfloat16()
+    use_fused_layer_ops(model)
+    mlp = model.model.layers[0].mlp
+    calls = []
+    monkeypatch.setattr(mlp.down_proj, "forward", lambda x, f=mlp.down_proj.forward: calls.append(x.shape) or f(x))
+    meta = AttentionMetadata(True, torch.zeros(4, dtype=torch.long), [0, 4], None, None)
+    for tokens, passes in ((16, [(1, 16, 192)]), (37, [(8, 192)] * 4 + [(5, 192)])):
+        x = torch.randn(1, tokens, 96).bfloat16()
+        calls.clear()
+        with paged_attention(meta, None):
+            out = mlp(x)
+        reference = mlp.down_proj(ops[1](mlp.gate_proj(x), mlp.up_proj(x)))   # the whole step at once
+        assert out.shape == x.shape and torch.equal(out, reference) and calls[:-1] == passes, calls
+
+
 @pytest.mark.parametrize("heads,kv_heads,d", [(9, 3, 64), (4, 2, 128), (2, 1, 24)])   # 24: the scalar path
 def test_rope_kv_write_matches_transformers(ops, heads, kv_heads, d):
     """A decode step's rope over q and k, and the K/V cache writes, bit for bit as transformers' rope and the
