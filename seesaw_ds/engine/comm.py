@@ -141,23 +141,28 @@ def rank0_beating(comm):
             comm.broadcast_object("busy", src=0)
     beater = threading.Thread(target=beat, name="seesaw-heartbeat", daemon=True)
     beater.start()
+    outcome: tuple[bool, Any] = (True, None)
     try:
         yield
     except BaseException as err:
+        outcome = (False, sendable(err))
+        raise
+    finally:
         stop.set()
         beater.join()
-        comm.broadcast_object((False, sendable(err)), src=0)
-        raise
-    stop.set()
-    beater.join()
-    comm.broadcast_object((True, None), src=0)
+        comm.broadcast_object(outcome, src=0)
 
 
 def wait_for_rank0(comm) -> None:
     """The other ranks' side of `rank0_beating`: return when rank 0's body is done; raise its error."""
     ok, result = _await_rank0(comm)
     if not ok:
-        raise result if isinstance(result, BaseException) else RuntimeError(f"rank 0 failed: {result}")
+        raise rank0_error(result)
+
+
+def rank0_error(result: Any) -> BaseException:
+    """Rank 0's error as another rank raises it: the exception itself, or a RuntimeError with its text."""
+    return result if isinstance(result, BaseException) else RuntimeError(f"rank 0 failed: {result}")
 
 
 def sendable(err: BaseException) -> Any:

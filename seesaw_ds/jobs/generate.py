@@ -64,10 +64,10 @@ def _from_rank0(comm, fn: Callable[[], Any]) -> Any:
     if not multi_rank:
         status, value = guarded()
     else:   # the others wait in a heartbeat, not in one collective as long as a conversion or calibration
-        from seesaw_ds.engine.comm import rank0_heart_beaten
+        from seesaw_ds.engine.comm import rank0_error, rank0_heart_beaten
         ok, result = rank0_heart_beaten(comm, guarded, send_result=True)
         if not ok:
-            raise result if isinstance(result, BaseException) else RuntimeError(f"rank 0 failed: {result}")
+            raise rank0_error(result)
         status, value = result
     if status == "error":
         raise RecipeError("", value)

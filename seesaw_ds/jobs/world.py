@@ -141,6 +141,12 @@ def _runnable(plan, static_only: bool = False) -> list:
     return [c for c in plan.ranked if supported(stage_layouts(c)) and (c.is_static or not static_only)]
 
 
+def _candidate(plan, layouts: StageLayouts):
+    """The planner's candidate for `layouts` in `plan`, or None when it ranks none."""
+    from seesaw_ds.planner import stage_layouts
+    return next((c for c in plan.ranked if stage_layouts(c) == layouts), None)
+
+
 def _shape(plan) -> str:
     w = plan.workload
     return (f"{w.num_requests} requests of ~{w.mean_prompt_len:.0f} prompt + {w.mean_output_len:.0f} output "
@@ -171,7 +177,7 @@ def seesaw_or_static(plan, pair: StageLayouts) -> tuple[StageLayouts, str]:
     for itself is not made: on fast links and small models data-parallel replicas can beat any pair)."""
     from seesaw_ds.planner import stage_layouts
     statics = _runnable(plan, static_only=True)
-    mine = next((c for c in plan.ranked if stage_layouts(c) == pair), None)
+    mine = _candidate(plan, pair)
     if not statics:
         return pair, ""
     static = statics[0]
@@ -201,8 +207,7 @@ FOLD_MARGIN = 1.0
 def fold_or_keep(plan, layouts: StageLayouts, why: str, whole, parallel: str) -> tuple[StageLayouts, str]:
     """One rank with every core (`whole`: its one-device ranking) where predicted at least FOLD_MARGIN times
     the N-rank `layouts` (chosen from `plan` for the reason `why`), else those layouts and reason."""
-    from seesaw_ds.planner import stage_layouts
-    mine = next((c for c in plan.ranked if stage_layouts(c) == layouts), None)
+    mine = _candidate(plan, layouts)
     if mine is None or not whole.ranked:
         return layouts, why
     ratio = whole.best.tokens_per_s / mine.tokens_per_s

@@ -123,6 +123,21 @@ def decode_linear_flops(seconds: float, dtype=torch.float32) -> dict:
     return out
 
 
+def matmul_rates(seconds: float, sync=lambda: None) -> dict:
+    """{dtype: FLOP/s} of 1024^2 x 1024^2 matmuls in float32 and bfloat16; `sync()` before each."""
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(MATMUL_N, MATMUL_N).to(dtype), torch.randn(MATMUL_N, MATMUL_N).to(dtype)
+        sync()
+        out[str(dtype).replace("torch.", "")] = matmul_rate(a, b, seconds)
+    return out
+
+
+def decode_linear_table(seconds: float) -> dict:
+    """{dtype: {rows: FLOP/s}} of `decode_linear_flops` in float32 and bfloat16."""
+    return {"float32": decode_linear_flops(seconds), "bfloat16": decode_linear_flops(seconds, torch.bfloat16)}
+
+
 def whole_machine(seconds: float) -> dict:
     """This rank's figures with one thread per usable core while every other rank waits: what one rank
     that folds the machine's ranks into itself would run at (its threads share one memory bus and no
@@ -130,16 +145,11 @@ def whole_machine(seconds: float) -> dict:
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     torch.set_num_threads(threads)
     try:
-        out = {"threads": threads, "matmul_flops": {}, "allreduce": {}}
-        for dtype in (torch.float32, torch.bfloat16):
-            a, b = torch.randn(MATMUL_N, MATMUL_N).to(dtype), torch.randn(MATMUL_N, MATMUL_N).to(dtype)
-            out["matmul_flops"][str(dtype).replace("torch.", "")] = matmul_rate(a, b, seconds)
         src = torch.ones(COPY_BYTES // 4)
-        out["copy_bandwidth"] = copy_rate(torch.empty_like(src), src, seconds)
-        out["decode_linear_flops"] = {"float32": decode_linear_flops(seconds),
-                                      "bfloat16": decode_linear_flops(seconds, torch.bfloat16)}
-        out["layer_overhead"] = decoder_layer_overhead(seconds)
-        return out
+        return {"threads": threads, "allreduce": {}, "matmul_flops": matmul_rates(seconds),
+                "copy_bandwidth": copy_rate(torch.empty_like(src), src, seconds),
+                "decode_linear_flops": decode_linear_table(seconds),
+                "layer_overhead": decoder_layer_overhead(seconds)}
     finally:
         torch.set_num_threads(1)
 
@@ -164,16 +174,12 @@ def rank_main(rank: int, world: int, init_file: str, out_dir: str, spawned_at: f
     started = time.perf_counter()
     torch.set_num_threads(1)
     inference_all_reduce = init_ranks(rank, world, init_file, port)
-    result: dict = {"matmul_flops": {}, "phase_seconds": {"spawn": started - spawned_at}}
+    result: dict = {"phase_seconds": {"spawn": started - spawned_at}}
 
     def phase_done(name):  # seconds since the rank started, to keep calibration cheap
         result["phase_seconds"][name] = time.perf_counter() - started
 
-    for dtype in (torch.float32, torch.bfloat16):
-        a = torch.randn(MATMUL_N, MATMUL_N).to(dtype)
-        b = torch.randn(MATMUL_N, MATMUL_N).to(dtype)
-        dist.barrier()
-        result["matmul_flops"][str(dtype).replace("torch.", "")] = matmul_rate(a, b, seconds)
+    result["matmul_flops"] = matmul_rates(seconds, dist.barrier)
     phase_done("matmul")
     src = torch.ones(COPY_BYTES // 4)
     dst = torch.empty_like(src)
@@ -181,11 +187,9 @@ def rank_main(rank: int, world: int, init_file: str, out_dir: str, spawned_at: f
     result["copy_bandwidth"] = copy_rate(dst, src, seconds)
     phase_done("copy")
     dist.barrier()
-    result["decode_linear_flops"] = {"float32": decode_linear_flops(seconds),
-                                     "bfloat16": decode_linear_flops(seconds, torch.bfloat16)}
+    result["decode_linear_flops"] = decode_linear_table(seconds)
     if world > 1 and rank == 0:     # the same linears with every other rank idle (waiting in the barrier)
-        result["decode_linear_flops_solo"] = {"float32": decode_linear_flops(seconds),
-                                              "bfloat16": decode_linear_flops(seconds, torch.bfloat16)}
+        result["decode_linear_flops_solo"] = decode_linear_table(seconds)
     dist.barrier()
     phase_done("decode_linear")
 
