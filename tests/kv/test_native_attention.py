@@ -68,6 +68,31 @@ def test_bf16_other_block_sizes(op, block_size, window):
                                atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("batch", [0, 1, 2, 5])
+def test_thread_ranges_cover_every_sequence_once(op, batch):
+    # each thread takes a range of sequences balanced by their tokens: any batch, any thread count, same bits
+    g = torch.Generator().manual_seed(batch)
+    max_blocks = 8
+    num_blocks = max(batch, 1) * max_blocks
+    k_cache = torch.randn(num_blocks, 16, 3, 64, generator=g).to(torch.bfloat16)
+    v_cache = torch.randn(num_blocks, 16, 3, 64, generator=g).to(torch.bfloat16)
+    tables = torch.randperm(num_blocks, generator=g)[:batch * max_blocks].view(batch, max_blocks)
+    lens = torch.tensor([128, 3, 90, 1, 40][:batch], dtype=torch.long)      # one long context, then short ones
+    q = torch.randn(batch, 9, 64, generator=g).to(torch.bfloat16)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(op(q, k_cache, v_cache, tables, lens, 0.125, 0))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    if batch:
+        torch.testing.assert_close(outs[0].float(), reference(q, k_cache, v_cache, tables, lens, 0.125, 0),
+                                   atol=2e-2, rtol=2e-2)
+
+
 def test_only_table_blocks_are_read(op):
     # blocks outside every table hold NaN: any read of them would poison the output
     k_cache = torch.full((8, 4, 1, 64), float("nan"))

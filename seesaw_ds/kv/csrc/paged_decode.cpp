@@ -8,8 +8,9 @@
 //   -> out       [B, H, D]              q's dtype
 //
 // Query head h attends with KV head h / (H / Hkv) (transformers' repeat_kv order). A sequence sees keys
-// [max(0, n - window), n) when window > 0, else [0, n). Work is split over (sequence, KV head) pairs; each
-// pair reads its keys and values once for all the query heads that share them. Softmax is exact (two
+// [max(0, n - window), n) when window > 0, else [0, n). Work is split over sequences, one range of about
+// the same number of cached tokens per thread; each (sequence, KV head) pair reads its keys and values once
+// for all the query heads that share them. Softmax is exact (two
 // passes over the scores, fp32), so results match a reference attention up to summation order.
 // bf16 q and cache take the tile unit where there is one (decode_amx.h: work split over sequences, the
 // scores of all a sequence's heads as one matmul per 16-token chunk), else AVX512-BF16 (decode_bf16.h).
@@ -143,6 +144,24 @@ void decode_bf16_amx(const bf16* q, const bf16* k_cache, const bf16* v_cache, co
 }
 #endif
 
+// [0 = b_0, b_1, ..., b_parts = B]: `parts` contiguous ranges of sequences, each about the same number of
+// visible cached tokens (plus a fixed cost per sequence), one per thread
+std::vector<int64_t> token_balanced_ranges(const int64_t* lens, int64_t B, int64_t window, int64_t parts) {
+  auto cost = [&](int64_t b) { return (window > 0 ? std::min(lens[b], window) : lens[b]) + 16; };
+  int64_t total = 0;
+  for (int64_t b = 0; b < B; ++b) total += cost(b);
+  parts = std::max<int64_t>(1, std::min(parts, B));
+  std::vector<int64_t> bounds{0};
+  int64_t done = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    done += cost(b);
+    if (static_cast<int64_t>(bounds.size()) < parts && done * parts >= total * static_cast<int64_t>(bounds.size()))
+      bounds.push_back(b + 1);
+  }
+  bounds.push_back(B);
+  return bounds;
+}
+
 template <typename Q, typename T>
 void decode_kernel(const Q* q, const T* k_cache, const T* v_cache, const int64_t* tables, const int64_t* lens,
                    Q* out, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t bs, int64_t M,
@@ -157,40 +176,51 @@ void decode_kernel(const Q* q, const T* k_cache, const T* v_cache, const int64_t
       return decode_bf16_amx(q, k_cache, v_cache, tables, lens, out, B, H, Hkv, D, shift, M, scale, window);
   }
 #endif
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+  // Each thread takes a contiguous range of sequences holding about the same number of cached tokens (a static
+  // split by count leaves one thread waiting on the other's long contexts), and runs a sequence's KV heads in
+  // turn over one table of its rows.
+  const std::vector<int64_t> bounds = token_balanced_ranges(lens, B, window, at::get_num_threads());
+  at::parallel_for(0, static_cast<int64_t>(bounds.size()) - 1, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(G * D), acc(G * D), scores;
     std::vector<c10::BFloat16> probs;
-    for (int64_t pair = begin; pair < end; ++pair) {
-      const int64_t b = pair / Hkv, h = pair % Hkv;
+    std::vector<int64_t> rows;                   // element offset of each visible token's cache row
+    for (int64_t b = bounds[begin]; b < bounds[end]; ++b) {
       const int64_t n = lens[b];
       const int64_t start = window > 0 ? std::max<int64_t>(0, n - window) : 0;
       const int64_t len = n - start;
       const int64_t* table = tables + b * M;
-      auto row = [&](const T* cache) {        // token t's row; block sizes are powers of two in practice
-        return [=](int64_t t) {
-          const int64_t pos = start + t;
-          const int64_t block = shift >= 0 ? pos >> shift : pos / bs, offset = shift >= 0 ? pos & (bs - 1) : pos % bs;
-          return cache + ((table[block] * bs + offset) * Hkv + h) * D;
-        };
-      };
-#if defined(__AVX512BF16__)
-      if constexpr (std::is_same_v<Q, c10::BFloat16> && std::is_same_v<T, c10::BFloat16>) {
-        if (attend_bf16(q + (b * H + h * G) * D, row(k_cache), row(v_cache), out + (b * H + h * G) * D, G, D, len,
-                        scale, scores, probs, acc))
-          continue;
+      rows.resize(len);
+      for (int64_t t = 0; t < len; ++t) {        // block sizes are powers of two in practice
+        const int64_t pos = start + t;
+        const int64_t block = shift >= 0 ? pos >> shift : pos / bs, offset = shift >= 0 ? pos & (bs - 1) : pos % bs;
+        rows[t] = (table[block] * bs + offset) * Hkv * D;
       }
+      for (int64_t h = 0; h < Hkv; ++h) {
+        auto row = [&rows, h, D](const T* cache) {     // token t's row of KV head h
+          return [base = cache + h * D, r = rows.data()](int64_t t) { return base + r[t]; };
+        };
+#if defined(__AVX512BF16__)
+        if constexpr (std::is_same_v<Q, c10::BFloat16> && std::is_same_v<T, c10::BFloat16>) {
+          auto fetch = [&row, D](const T* cache) {
+            return [key = row(cache), D](int64_t t) { prefetch_l2(key(t), D * 2); };
+          };
+          if (attend_bf16(q + (b * H + h * G) * D, row(k_cache), row(v_cache), fetch(k_cache), fetch(v_cache),
+                          out + (b * H + h * G) * D, G, D, len, scale, scores, probs, acc))
+            continue;
+        }
 #endif
-      for (int64_t g = 0; g < G; ++g)
-        for (int64_t i = 0; i < D; ++i) qf[g * D + i] = to_float(q[(b * H + h * G + g) * D + i]) * scale;
-      scores.resize(G * std::max<int64_t>(len, 1));
-      std::fill(acc.begin(), acc.end(), 0.f);
-      score_pass<T>(qf.data(), row(k_cache), scores.data(), G, D, len);
-      std::vector<float> inv_sum(G);
-      for (int64_t g = 0; g < G; ++g) inv_sum[g] = softmax_inplace(&scores[g * len], len);
-      value_pass<T>(scores.data(), row(v_cache), acc.data(), G, D, len);
-      for (int64_t g = 0; g < G; ++g)
-        for (int64_t i = 0; i < D; ++i)
-          out[(b * H + h * G + g) * D + i] = static_cast<Q>(acc[g * D + i] * inv_sum[g]);
+        for (int64_t g = 0; g < G; ++g)
+          for (int64_t i = 0; i < D; ++i) qf[g * D + i] = to_float(q[(b * H + h * G + g) * D + i]) * scale;
+        scores.resize(G * std::max<int64_t>(len, 1));
+        std::fill(acc.begin(), acc.end(), 0.f);
+        score_pass<T>(qf.data(), row(k_cache), scores.data(), G, D, len);
+        std::vector<float> inv_sum(G);
+        for (int64_t g = 0; g < G; ++g) inv_sum[g] = softmax_inplace(&scores[g * len], len);
+        value_pass<T>(scores.data(), row(v_cache), acc.data(), G, D, len);
+        for (int64_t g = 0; g < G; ++g)
+          for (int64_t i = 0; i < D; ++i)
+            out[(b * H + h * G + g) * D + i] = static_cast<Q>(acc[g * D + i] * inv_sum[g]);
+      }
     }
   });
 }
