@@ -10,8 +10,8 @@
 // Query head h attends with KV head h / (H / Hkv) (transformers' repeat_kv order). A sequence sees keys
 // [max(0, n - window), n) when window > 0, else [0, n). Work is split over sequences, one range of about
 // the same number of cached tokens per thread; each (sequence, KV head) pair reads its keys and values once
-// for all the query heads that share them. Softmax is exact (two
-// passes over the scores, fp32), so results match a reference attention up to summation order.
+// for all the query heads that share them. Softmax is exact (two passes over the scores, fp32), so results
+// match a reference attention up to summation order.
 // bf16 q and cache take the tile unit where there is one (decode_amx.h: work split over sequences, the
 // scores of all a sequence's heads as one matmul per 16-token chunk), else AVX512-BF16 (decode_bf16.h).
 #include "kernels.h"
