@@ -22,7 +22,7 @@ inline void prefetch_row(const void* p, int64_t nbytes) {
 // How far ahead (tokens) the passes prefetch their rows, into L2. A layer's cache comes from memory (the step's
 // other layers have evicted it), and one head's rows are strided (Hkv * D apart), so the hardware prefetcher
 // alone leaves each pass waiting on memory; the distance covers a DRAM latency at the passes' rate. Into L2,
-// not L1: that many lines in flight at once overrun L1's miss buffers (the passes ran 1.5-1.8x slower).
+// not L1: that many lines in flight at once overrun L1's miss buffers.
 constexpr int64_t kPrefetchKeys = 48, kPrefetchValues = 24;
 inline void prefetch_l2(const void* p, int64_t nbytes) { prefetch_row<_MM_HINT_T1>(p, nbytes); }
 
