@@ -101,9 +101,8 @@ void attend_amx(const bf16* q, RowPtr row, int64_t ld, ValuePtr value, bf16* out
   for (int64_t h = 0; h < nh; ++h) {
     auto pair = [&, col = h * G](int64_t g, int64_t t) { return pairs[t / 2 * 16 + col + g]; };
     auto v = [&, h](int64_t t) { return value(h, t); };
-    auto fetch_v = [&v](int64_t t) { prefetch_row(v(t), D * 2); };
-    if (D == 64) value_heads_bf16<4>(pair, v, fetch_v, acc.data() + h * G * D, G, len);
-    else value_heads_bf16<8>(pair, v, fetch_v, acc.data() + h * G * D, G, len);
+    if (D == 64) value_heads_bf16<4, _MM_HINT_T0>(pair, v, acc.data() + h * G * D, G, len);
+    else value_heads_bf16<8, _MM_HINT_T0>(pair, v, acc.data() + h * G * D, G, len);
   }
   for (int64_t n = 0; n < heads; ++n)
     for (int64_t i = 0; i < D; ++i) out[n * D + i] = bf16(acc[n * D + i] * inv[n]);

@@ -22,13 +22,14 @@ inline void prefetch_row(const void* p, int64_t nbytes) {
 // How far ahead (tokens) the passes prefetch their rows, into L2. A layer's cache comes from memory (the step's
 // other layers have evicted it), and one head's rows are strided (Hkv * D apart), so the hardware prefetcher
 // alone leaves each pass waiting on memory; the distance covers a DRAM latency at the passes' rate. Into L2,
-// not L1: that many lines in flight at once overrun L1's miss buffers.
+// not L1: that many lines in flight at once overrun L1's miss buffers. The value passes take the level as `Hint`
+// because the AMX path (decode_amx.h) runs them too, prefetching into L1 as it always has.
 constexpr int64_t kPrefetchKeys = 48, kPrefetchValues = 24;
-inline void prefetch_l2(const void* p, int64_t nbytes) { prefetch_row<_MM_HINT_T1>(p, nbytes); }
+constexpr int kDecodeHint = _MM_HINT_T1;
 
 // scores[g * len + t] = scale * q_g . k_t; q: [G, D] bf16 rows; CK = D / 32 vectors per row
-template <int CK, typename KeyPtr, typename Fetch>
-void score_pass_bf16(const bf16* q, KeyPtr key, Fetch fetch, float* scores, int64_t G, int64_t len, float scale) {
+template <int CK, typename KeyPtr>
+void score_pass_bf16(const bf16* q, KeyPtr key, float* scores, int64_t G, int64_t len, float scale) {
   constexpr int64_t D = CK * 32;
   const bf16* rows[16];
   __m512 acc[16];
@@ -36,7 +37,8 @@ void score_pass_bf16(const bf16* q, KeyPtr key, Fetch fetch, float* scores, int6
   for (int64_t t0 = 0; t0 < len; t0 += 16) {
     const int n = static_cast<int>(std::min<int64_t>(16, len - t0));
     for (int j = 0; j < 16; ++j) rows[j] = key(t0 + (j < n ? j : 0));
-    for (int64_t t = t0 + kPrefetchKeys; t < std::min(t0 + kPrefetchKeys + 16, len); ++t) fetch(t);
+    for (int64_t t = t0 + kPrefetchKeys; t < std::min(t0 + kPrefetchKeys + 16, len); ++t)
+      prefetch_row<kDecodeHint>(key(t), D * 2);
     for (int64_t g = 0; g < G; ++g) {
       __m512i qv[CK];
 #pragma GCC unroll 4
@@ -58,8 +60,8 @@ void score_pass_bf16(const bf16* q, KeyPtr key, Fetch fetch, float* scores, int6
 // low half and p[g, t + 1] in its high half (0 past the last token); CV = D / 16 accumulators per head. Two
 // consecutive tokens' rows are interleaved per 16-bit element (unpacklo/hi), so lane i of accumulator c
 // holds dim 32 (c / 2) + 4 (c % 2) + 8 (i / 4) + i % 4.
-template <int CV, int GB, typename PairAt, typename ValuePtr, typename Fetch>
-void value_pass_bf16(PairAt pair, ValuePtr value, Fetch fetch, float* out, int64_t len) {
+template <int CV, int GB, int Hint, typename PairAt, typename ValuePtr>
+void value_pass_bf16(PairAt pair, ValuePtr value, float* out, int64_t len) {
   constexpr int64_t D = CV * 16;
   __m512 acc[GB][CV];
 #pragma GCC unroll 4
@@ -70,8 +72,8 @@ void value_pass_bf16(PairAt pair, ValuePtr value, Fetch fetch, float* out, int64
   for (int64_t t = 0; t < len; t += 2) {
     const bf16* v0 = value(t);
     const bf16* v1 = t + 1 < len ? value(t + 1) : nullptr;
-    if (t + kPrefetchValues < len) fetch(t + kPrefetchValues);
-    if (t + kPrefetchValues + 1 < len) fetch(t + kPrefetchValues + 1);
+    if (t + kPrefetchValues < len) prefetch_row<Hint>(value(t + kPrefetchValues), D * 2);
+    if (t + kPrefetchValues + 1 < len) prefetch_row<Hint>(value(t + kPrefetchValues + 1), D * 2);
     __m512i x[CV];
 #pragma GCC unroll 4
     for (int m = 0; m < CV / 2; ++m) {
@@ -97,35 +99,33 @@ void value_pass_bf16(PairAt pair, ValuePtr value, Fetch fetch, float* out, int64
 }
 
 // acc [G, D] = the value pass of G query heads, GB of them per pass over the values
-template <int CV, typename PairAt, typename ValuePtr, typename Fetch>
-void value_heads_bf16(PairAt pair, ValuePtr value, Fetch fetch, float* acc, int64_t G, int64_t len) {
+template <int CV, int Hint, typename PairAt, typename ValuePtr>
+void value_heads_bf16(PairAt pair, ValuePtr value, float* acc, int64_t G, int64_t len) {
   constexpr int kMaxGroup = CV >= 8 ? 2 : 4;
   constexpr int64_t D = CV * 16;
   auto from = [&](int64_t g0) { return [&pair, g0](int64_t g, int64_t t) { return pair(g0 + g, t); }; };
   int64_t g = 0;
   for (; g + kMaxGroup <= G; g += kMaxGroup)
-    value_pass_bf16<CV, kMaxGroup>(from(g), value, fetch, acc + g * D, len);
+    value_pass_bf16<CV, kMaxGroup, Hint>(from(g), value, acc + g * D, len);
   // the rest in one pass over the values (each head's sums are independent: same result as one by one)
   if constexpr (kMaxGroup == 4) {
-    if (G - g == 3) return value_pass_bf16<CV, 3>(from(g), value, fetch, acc + g * D, len);
-    if (G - g == 2) return value_pass_bf16<CV, 2>(from(g), value, fetch, acc + g * D, len);
+    if (G - g == 3) return value_pass_bf16<CV, 3, Hint>(from(g), value, acc + g * D, len);
+    if (G - g == 2) return value_pass_bf16<CV, 2, Hint>(from(g), value, acc + g * D, len);
   }
-  for (; g < G; ++g) value_pass_bf16<CV, 1>(from(g), value, fetch, acc + g * D, len);
+  for (; g < G; ++g) value_pass_bf16<CV, 1, Hint>(from(g), value, acc + g * D, len);
 }
 
-// one (sequence, KV head) pair, bf16 end to end: q [G, D] -> out [G, D]; false when D is not 64 or 128.
-// fetch_key(t) / fetch_value(t) prefetch what token t's passes will read (the caller knows the rows' layout).
-template <typename KeyPtr, typename ValuePtr, typename KeyFetch, typename ValueFetch>
-bool attend_bf16(const bf16* q, KeyPtr key, ValuePtr value, KeyFetch fetch_key, ValueFetch fetch_value, bf16* out,
-                 int64_t G, int64_t D, int64_t len, float scale, std::vector<float>& scores, std::vector<bf16>& probs,
-                 std::vector<float>& acc) {
+// one (sequence, KV head) pair, bf16 end to end: q [G, D] -> out [G, D]; false when D is not 64 or 128
+template <typename KeyPtr, typename ValuePtr>
+bool attend_bf16(const bf16* q, KeyPtr key, ValuePtr value, bf16* out, int64_t G, int64_t D, int64_t len,
+                 float scale, std::vector<float>& scores, std::vector<bf16>& probs, std::vector<float>& acc) {
   if (D != 64 && D != 128) return false;
   // the rows the passes' own prefetches do not reach: the first keys, and the first values (read after the scores)
-  for (int64_t t = 0; t < std::min(kPrefetchKeys, len); ++t) fetch_key(t);
-  for (int64_t t = 0; t < std::min(kPrefetchValues, len); ++t) fetch_value(t);
+  for (int64_t t = 0; t < std::min(kPrefetchKeys, len); ++t) prefetch_row<kDecodeHint>(key(t), D * 2);
+  for (int64_t t = 0; t < std::min(kPrefetchValues, len); ++t) prefetch_row<kDecodeHint>(value(t), D * 2);
   scores.resize(G * std::max<int64_t>(len, 1));
-  if (D == 64) score_pass_bf16<2>(q, key, fetch_key, scores.data(), G, len, scale);
-  else score_pass_bf16<4>(q, key, fetch_key, scores.data(), G, len, scale);
+  if (D == 64) score_pass_bf16<2>(q, key, scores.data(), G, len, scale);
+  else score_pass_bf16<4>(q, key, scores.data(), G, len, scale);
   const int64_t ldp = len + 2;
   probs.assign(G * ldp, bf16(0.f));
   std::vector<float> inv_sum(G);
@@ -142,8 +142,8 @@ bool attend_bf16(const bf16* q, KeyPtr key, ValuePtr value, KeyFetch fetch_key, 
     std::memcpy(&both, &probs[g * ldp + t], sizeof(both));
     return both;
   };
-  if (D == 64) value_heads_bf16<4>(pair, value, fetch_value, acc.data(), G, len);
-  else value_heads_bf16<8>(pair, value, fetch_value, acc.data(), G, len);
+  if (D == 64) value_heads_bf16<4, kDecodeHint>(pair, value, acc.data(), G, len);
+  else value_heads_bf16<8, kDecodeHint>(pair, value, acc.data(), G, len);
   for (int64_t g = 0; g < G; ++g)
     for (int64_t i = 0; i < D; ++i) out[g * D + i] = bf16(acc[g * D + i] * inv_sum[g]);
   return true;

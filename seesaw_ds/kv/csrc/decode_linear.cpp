@@ -130,7 +130,7 @@ constexpr int64_t kVecRows = 6;    // rows per pass of the AVX512-BF16 path: 6 x
 // How far ahead (input pairs, one 64-byte line per panel each) the first row group prefetches its panels, into
 // L2. A block's four panels are short streams (K / 2 lines each) that the hardware prefetcher picks up late;
 // with a few rows the pass is quick enough to wait on memory without this. One row streams well without it.
-// Into L2 rather than L1, as decode attention's passes (decode_bf16.h): L1's miss buffers are few.
+// Into L2 rather than L1 (kDecodeHint), as decode attention's passes (decode_bf16.h): L1's miss buffers are few.
 constexpr int64_t kPrefetchPairs = 32;   // (a prefetch past the weight's end is a hint: it never faults)
 
 // out [MR, NB * 16 columns] = x [MR, K] . NB panels^T (+ bias): every pair of inputs, broadcast, times the
@@ -146,8 +146,7 @@ void vec_block(const bf16* x, int64_t ldx, const bf16* panels, int64_t half_k, c
     __m512bh b[NB];
     if constexpr (Prefetch)
       for (int p = 0; p < NB; ++p)
-        _mm_prefetch(reinterpret_cast<const char*>(panels + p * panel_stride + (kk + kPrefetchPairs) * 2 * kPanel),
-                     _MM_HINT_T1);
+        prefetch_row<kDecodeHint>(panels + p * panel_stride + (kk + kPrefetchPairs) * 2 * kPanel, 64);
     for (int p = 0; p < NB; ++p) b[p] = (__m512bh)_mm512_loadu_si512(panels + p * panel_stride + kk * 2 * kPanel);
     for (int r = 0; r < MR; ++r) {
       int32_t pair;

@@ -201,11 +201,8 @@ void decode_kernel(const Q* q, const T* k_cache, const T* v_cache, const int64_t
         };
 #if defined(__AVX512BF16__)
         if constexpr (std::is_same_v<Q, c10::BFloat16> && std::is_same_v<T, c10::BFloat16>) {
-          auto fetch = [&row, D](const T* cache) {
-            return [key = row(cache), D](int64_t t) { prefetch_l2(key(t), D * 2); };
-          };
-          if (attend_bf16(q + (b * H + h * G) * D, row(k_cache), row(v_cache), fetch(k_cache), fetch(v_cache),
-                          out + (b * H + h * G) * D, G, D, len, scale, scores, probs, acc))
+          if (attend_bf16(q + (b * H + h * G) * D, row(k_cache), row(v_cache), out + (b * H + h * G) * D, G, D, len,
+                          scale, scores, probs, acc))
             continue;
         }
 #endif
