@@ -4,12 +4,22 @@
 
 A pipeline rank holds a slice of layers (all heads); a tensor-parallel rank holds all layers and a slice
 of KV heads. `layer_offset` maps a model's global layer index to the local one.
+
+On a CPU the pool sits on transparent huge pages where Linux offers them (`madvise(MADV_HUGEPAGE)` before
+the pages are first touched): a decode step reads every sequence's blocks, scattered over the whole pool, and
+with 4 KiB pages nearly every block costs a TLB miss, which also keeps the prefetches from running ahead.
 """
 from __future__ import annotations
 
+import ctypes
+import logging
 from dataclasses import dataclass
 
 import torch
+
+log = logging.getLogger("seesaw_ds")
+MADV_HUGEPAGE = 14
+HUGE_PAGE = 2 << 20
 
 from seesaw_ds.models.config import ModelConfig
 
@@ -47,10 +57,35 @@ class KVPoolSpec:
         return cls(layers, kv_heads, max(1, budget_bytes // probe.bytes_per_block), block_size, cfg.head_dim, dtype)
 
 
+def advise_huge_pages(tensor: torch.Tensor) -> bool:
+    """Ask Linux to back the whole 2 MiB pages inside a CPU tensor's memory with huge pages; False when
+    there is no such page, or the OS (or a non-Linux libc) refused. Only pages not yet touched are affected."""
+    nbytes = tensor.numel() * tensor.element_size()
+    start = -(-tensor.data_ptr() // HUGE_PAGE) * HUGE_PAGE
+    length = (tensor.data_ptr() + nbytes - start) // HUGE_PAGE * HUGE_PAGE
+    if tensor.device.type != "cpu" or length <= 0:
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        return libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), MADV_HUGEPAGE) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A zeroed pool tensor; on a CPU, on huge pages where the OS gives them (see the module docstring)."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    tensor = torch.empty(shape, dtype=dtype)
+    if not advise_huge_pages(tensor) and tensor.numel() * tensor.element_size() >= 2 * HUGE_PAGE:
+        log.debug("seesaw_ds: the KV pool stays on 4 KiB pages (madvise refused)")
+    return tensor.zero_()
+
+
 class KVPool:
     def __init__(self, spec: KVPoolSpec, device: torch.device | str = "cpu"):
         self.spec = spec
-        self.tensor = torch.zeros(spec.shape, dtype=spec.dtype, device=device)
+        self.tensor = zeros(spec.shape, spec.dtype, device)
 
     def layer(self, global_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(k, v) views for one layer: each [num_blocks, block_size, kv_heads_local, head_dim]."""

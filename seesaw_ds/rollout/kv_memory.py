@@ -14,6 +14,7 @@ import os
 import torch
 
 from seesaw_ds.distributed.builder import release_freed_host_memory
+from seesaw_ds.kv.pool import zeros as pool_zeros
 
 MADV_REMOVE = 9
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -79,7 +80,7 @@ class KVMemory:
             return
         from deepspeed.accelerator import get_accelerator
         device = get_accelerator().current_device_name() if self.pool.tensor.device.type != "cpu" else "cpu"
-        self.pool.tensor = torch.zeros(self.pool.spec.shape, dtype=self.pool.spec.dtype, device=device)
+        self.pool.tensor = pool_zeros(self.pool.spec.shape, self.pool.spec.dtype, device)
         if self.store is not None:
             self.store.fault_in()
         self.held = True
