@@ -17,7 +17,7 @@ import torch
 from seesaw_ds.kv.attention import in_engine_forward
 from seesaw_ds.kv.native import layer_ops
 
-MLP_ROWS = 1024      # rows per MLP pass of a long prefill step (`_mlp_forward`)
+MLP_ROWS = 1536      # rows per MLP pass of a long prefill step (`_mlp_forward`)
 NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"}
 MLPS = {"LlamaMLP", "MistralMLP", "Qwen2MLP"}
 
