@@ -17,11 +17,11 @@ from dataclasses import dataclass
 
 import torch
 
+from seesaw_ds.models.config import ModelConfig
+
 log = logging.getLogger("seesaw_ds")
 MADV_HUGEPAGE = 14
 HUGE_PAGE = 2 << 20
-
-from seesaw_ds.models.config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -57,19 +57,24 @@ class KVPoolSpec:
         return cls(layers, kv_heads, max(1, budget_bytes // probe.bytes_per_block), block_size, cfg.head_dim, dtype)
 
 
+def madvise(start: int, length: int, advice: int) -> bool:
+    """`madvise(2)` on [start, start + length) (page-aligned); False when refused or there is no Linux libc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        return libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), advice) == 0
+    except (OSError, AttributeError):
+        return False
+
+
 def advise_huge_pages(tensor: torch.Tensor) -> bool:
     """Ask Linux to back the whole 2 MiB pages inside a CPU tensor's memory with huge pages; False when
     there is no such page, or the OS (or a non-Linux libc) refused. Only pages not yet touched are affected."""
+    if tensor.device.type != "cpu":
+        return False
     nbytes = tensor.numel() * tensor.element_size()
     start = -(-tensor.data_ptr() // HUGE_PAGE) * HUGE_PAGE
     length = (tensor.data_ptr() + nbytes - start) // HUGE_PAGE * HUGE_PAGE
-    if tensor.device.type != "cpu" or length <= 0:
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        return libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), MADV_HUGEPAGE) == 0
-    except (OSError, AttributeError):
-        return False
+    return length > 0 and madvise(start, length, MADV_HUGEPAGE)
 
 
 def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -8,13 +8,12 @@ inside the engine has to be rebuilt.
 """
 from __future__ import annotations
 
-import ctypes
 import os
 
 import torch
 
 from seesaw_ds.distributed.builder import release_freed_host_memory
-from seesaw_ds.kv.pool import zeros as pool_zeros
+from seesaw_ds.kv.pool import madvise, zeros as pool_zeros
 
 MADV_REMOVE = 9
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -26,22 +25,14 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * PAGE
 
 
-def _libc():
-    try:
-        return ctypes.CDLL("libc.so.6", use_errno=True)
-    except OSError:
-        return None
-
-
 def _punch_out(tensor: torch.Tensor) -> bool:
     """Free the shared-memory pages under a file-mapped tensor; False if the OS refused."""
-    libc = _libc()
     nbytes = tensor.numel() * tensor.element_size()
-    if libc is None or nbytes == 0:
+    if nbytes == 0:
         return False
     start = tensor.data_ptr() - tensor.data_ptr() % PAGE
     length = (tensor.data_ptr() + nbytes - start) // PAGE * PAGE       # whole pages only
-    return libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), MADV_REMOVE) == 0
+    return madvise(start, length, MADV_REMOVE)
 
 
 class KVMemory:

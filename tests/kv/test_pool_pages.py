@@ -44,7 +44,7 @@ def test_pool_memory_is_advised_for_huge_pages():
     assert pool.tensor[0, 1, 3, 5].eq(1).all() and int(pool.tensor.ne(0).sum()) == 3 * 64
 
 
-def test_small_or_device_tensors_are_left_alone():
+def test_small_tensors_are_left_alone():
     assert not advise_huge_pages(torch.empty(1000))                  # no whole 2 MiB page inside
     t = zeros((4, 5), torch.float32)
     assert t.shape == (4, 5) and not t.any()
