@@ -32,9 +32,8 @@ def main(argv=None) -> int:
         recipe = load_grpo_recipe(args.config, args.overrides)
     except RecipeError as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
-    import torch
-    if "OMP_NUM_THREADS" not in os.environ:        # the cores shared out among this node's ranks
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("WORLD_SIZE", "1"))))
+    from seesaw_ds.distributed.builder import share_cores
+    share_cores()                                  # the cores shared out among this machine's ranks
     from seesaw_ds.rollout.loop import run
     try:
         run(recipe, announce=lambda line: print(line, flush=True))

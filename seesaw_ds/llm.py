@@ -42,9 +42,11 @@ class LLM:
             distributed = config.parallel is not None or _launched_world_size() > 1
         elif not distributed and config.parallel is not None:
             raise ValueError("LLM: parallel= needs distributed=True (or None)")
-        from seesaw_ds.distributed.builder import build_engine, init_distributed, leave_distributed
+        from seesaw_ds.distributed.builder import build_engine, init_distributed, leave_distributed, share_cores
         from seesaw_ds.engine.comm import NullComm, TorchComm
         self._owns_process_group = init_distributed() if distributed else False
+        if self._owns_process_group:
+            share_cores()
         comm = TorchComm() if distributed else NullComm()
         self.is_main = comm.rank == 0
         self.engine = build_engine(config, comm=comm, announce=announce)

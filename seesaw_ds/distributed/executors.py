@@ -29,7 +29,7 @@ class LocalStageExecutor:
         self.runner = runner
         self.layers, self.kv_heads = range(cfg.num_layers), range(cfg.num_kv_heads)
 
-    def micro_batches(self, is_prefill: bool) -> int:
+    def micro_batches(self, is_prefill: bool, tokens: int) -> int:
         """How many micro-batches a step of this stage is cut into (the engine's default)."""
         return 1
 

@@ -13,8 +13,8 @@ Micro-batches: a pass fills and drains the pipeline, so m micro-batches over pp 
 micro-batch times, and every micro-batch pays each layer's fixed cost again. Decode needs this step's tokens
 before the next step, so it runs as one micro-batch per step. Prefill has no such dependency, so a prefill
 stage is a stream: the scheduler admits a window of up to `prefill_window_tokens(pp)` prompt tokens per step
-(many more than the decode-era step budget), and the pass cuts it into `PREFILL_WINDOW` micro-batches of
-balanced token counts (about `PREFILL_MICRO_TOKENS` each when the window is full; engine/inputs.py's
+(many more than the decode-era step budget), and the pass cuts it into micro-batches of balanced token counts
+(parallel/micro_batches.py: about one per 1024 tokens, at most `PREFILL_WINDOW`; engine/inputs.py's
 `balanced_groups`: prompts largest first to the lightest micro-batch, run lightest first). The fill-and-drain
 bubble is thus paid once per window of many micro-batches, i.e. about once per stage on a job's
 prompts; the first tokens are sampled from the logits of every micro-batch of the pass.
@@ -32,15 +32,11 @@ from seesaw_ds.engine.inputs import ModelInputs
 from seesaw_ds.kv.attention import AttentionMetadata
 from seesaw_ds.models.runner import ModelRunner
 from seesaw_ds.models.vocab_head import ShardedLogits
+from seesaw_ds.parallel.micro_batches import (DECODE_MICRO_BATCHES, PREFILL_WINDOW, prefill_micro_batch_count,
+                                              prefill_window_tokens)
 
-PREFILL_MICRO_TOKENS = 2048   # a prefill micro-batch's size in a full window (tokens)
-PREFILL_WINDOW = 16           # prefill micro-batches per pipeline pass (the bubble's share: (pp - 1) / 16)
-DECODE_MICRO_BATCHES = 1
+__all__ = ["PipelineExecutor", "prefill_window_tokens"]
 
-
-def prefill_window_tokens(pp: int) -> int:
-    """Prompt tokens a prefill step of a `pp`-stage pipeline admits (0: no pipeline, the step budget rules)."""
-    return PREFILL_WINDOW * PREFILL_MICRO_TOKENS if pp > 1 else 0
 
 
 class StageState:
@@ -151,8 +147,11 @@ class PipelineExecutor:
         """Advance `stats.prefill_tokens_done` as each prefill micro-batch leaves this rank's stage."""
         self.state.stats = stats
 
-    def micro_batches(self, is_prefill: bool) -> int:
-        return self.prefill_micro_batches if is_prefill else self.decode_micro_batches
+    def micro_batches(self, is_prefill: bool, tokens: int) -> int:
+        """Micro-batches of a step of `tokens` new tokens: prefill by its size, decode a fixed count."""
+        if is_prefill:
+            return prefill_micro_batch_count(tokens, self.prefill_micro_batches)
+        return self.decode_micro_batches
 
     def run(self, micro_inputs: list[ModelInputs], kv) -> torch.Tensor | None:
         """Every rank passes the same micro-batches; returns [B, V] logits on the last stage only."""

@@ -34,7 +34,7 @@ class StageExecutor(Protocol):
     layers: range      # global decoder layers this rank computes
     kv_heads: range    # global KV heads this rank holds
 
-    def micro_batches(self, is_prefill: bool) -> int: ...
+    def micro_batches(self, is_prefill: bool, tokens: int) -> int: ...
 
     def run(self, micro_inputs: list[ModelInputs], kv: Any) -> torch.Tensor | None: ...
 
@@ -65,7 +65,8 @@ class StageRuntime:
 
     def forward(self, batch: ScheduledBatch, block_size: int, sliding_window: int | None) -> torch.Tensor | None:
         """The batch's last-token logits [B, V] float32 on the sampling rank (None elsewhere under PP)."""
-        n = self.micro_batches or self.executor.micro_batches(batch.is_prefill)
+        tokens = sum(s.num_tokens for s in batch.seqs) if batch.is_prefill else len(batch.seqs)
+        n = self.micro_batches or self.executor.micro_batches(batch.is_prefill, tokens)
         groups = micro_batch_groups(batch, n)
         micro = [build_inputs(ScheduledBatch(batch.is_prefill, [batch.seqs[i] for i in g], batch.to_host),
                               block_size, sliding_window) for g in groups]

@@ -9,8 +9,10 @@ Workload model (means only):
   that mean context. Pipeline passes use the engine's micro-batch counts (`PlannerOptions`): a static
   layout's decode over single-rank stages keeps pp micro-batches in flight across steps (no bubble), any
   other decode step is one pass that fills and drains the pipeline; a pipelined prefill stage streams windows of
-  `prefill_window_tokens` through one pass each, so its bubble is paid once per window of
-  `prefill_micro_batches` micro-batches (close to the steady-state pipeline), not once per step budget.
+  `prefill_window_tokens` through one pass each, cut as the engine cuts it (parallel/micro_batches.py:
+  about one micro-batch per 1024 tokens, at most `prefill_micro_batches`), so its bubble is paid once per
+  window (close to the steady-state pipeline), not once per step budget. Prefill without a pipeline runs
+  its step as one batch.
 - Static layout: KV stays on the device, no switches.
 - Re-sharded pair (Seesaw): same dp in both stages; by default the decode layout has no more pipeline
   stages than the prefill one, as in the paper. Prefill writes each prompt's KV to the host tier; decode
@@ -25,6 +27,8 @@ import dataclasses
 import math
 
 from seesaw_ds.models.config import ModelConfig
+from seesaw_ds.parallel.micro_batches import (DECODE_MICRO_BATCHES, PREFILL_MICRO_TOKENS, PREFILL_WINDOW,
+                                              prefill_micro_batch_count)
 from seesaw_ds.planner import roofline as rl
 from seesaw_ds.planner.clusters import ClusterSpec, canonical_dtype, dtype_bytes
 from seesaw_ds.planner.workload import WorkloadSpec, decode_schedule
@@ -41,10 +45,10 @@ class PlannerOptions:
     # What the engine does (seesaw_ds.distributed.pipe_executor): pipeline micro-batches per prefill step,
     # per decode step (None: pp), prompt tokens per prefill step (None: no budget), and prompt tokens per
     # prefill step where prefill is a pipeline (its stream window; None: the step budget applies).
-    prefill_micro_batches: int | None = 16
-    decode_micro_batches: int | None = 1
+    prefill_micro_batches: int | None = PREFILL_WINDOW
+    decode_micro_batches: int | None = DECODE_MICRO_BATCHES
     max_batched_tokens: int | None = 8192
-    prefill_window_tokens: int | None = 16 * 2048
+    prefill_window_tokens: int | None = PREFILL_WINDOW * PREFILL_MICRO_TOKENS
     pipeline_drains: bool = True        # False: the paper's steady-state pipeline (no bubble per step)
     # a static layout's decode under a pipeline of single-rank stages keeps pp micro-batches in flight
     # across steps (engine/in_flight.py): pp micro-batches per step, no bubble; pairs pass once per step
@@ -161,6 +165,10 @@ def estimate_stage(cfg: ModelConfig, cluster: ClusterSpec, degrees: rl.Degrees, 
             budget = max(budget, options.prefill_window_tokens)     # the pipeline's stream window
         if budget:
             batch = max(1, min(batch, int(budget * degrees[2] // seq_len)))
+        if degrees[1] == 1:
+            micro_batches = 1
+        elif micro_batches:
+            micro_batches = prefill_micro_batch_count(batch / degrees[2] * seq_len, micro_batches)
     else:
         seq_len, micro_batches = workload.decode_context_len, options.decode_micro_batches
     pipe = dict(drains=options.pipeline_drains)

@@ -154,7 +154,10 @@ def test_budget_that_cannot_hold_one_sequence_is_refused_with_numbers(tmp_path):
         assert f"{need:.4f} GB" in err, err
 
 
-def _generate_prompts(rank, folder, parallel, prompts):
+def _generate_prompts(rank, folder, parallel, prompts, min_micro_tokens=None):
+    if min_micro_tokens is not None:       # the tiny model's prompts, cut into many micro-batches
+        from seesaw_ds.parallel import micro_batches
+        micro_batches.PREFILL_MIN_MICRO_TOKENS = min_micro_tokens
     engine = _build(folder, parallel=parallel, kv_host_gb=0.01, kv_device_gb=0.01, block_size=8,
                     max_num_batched_tokens=1024, max_model_len=400)
     for i, p in enumerate(prompts):
@@ -174,7 +177,7 @@ def test_pipeline_micro_batches_of_unequal_sizes(tmp_path):
     model.save_pretrained(tmp_path / "model")
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(2, 320, (n,), generator=g).tolist() for n in (300, *range(2, 21))]
-    out = run_ranks(2, _generate_prompts, str(tmp_path / "model"), {"pp": 2}, prompts, out_dir=str(tmp_path))
+    out = run_ranks(2, _generate_prompts, str(tmp_path / "model"), {"pp": 2}, prompts, 16, out_dir=str(tmp_path))
     for prompt, tokens in zip(prompts, out):
         assert tokens == hf_greedy(model, prompt, 4)
 

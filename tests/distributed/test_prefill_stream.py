@@ -1,6 +1,7 @@
 """A pipelined prefill stage is a stream: the prompts that fit go through one pipeline pass of many
 micro-batches (one fill and drain), its progress advances per micro-batch during that pass, and the tokens
-equal Hugging Face greedy generate."""
+equal Hugging Face greedy generate. The pass has as many micro-batches as its tokens fill (about one per
+`PREFILL_MIN_MICRO_TOKENS`, at most `PREFILL_WINDOW`)."""
 import torch
 
 from seesaw_ds import SamplingParams
@@ -27,9 +28,12 @@ class ProgressLog:
         self.values.append(value)
 
 
-def _stream(rank, folder, parallel, prompts):
+def _stream(rank, folder, parallel, prompts, min_micro_tokens):
     from seesaw_ds.distributed.builder import build_engine
     from seesaw_ds.engine.config import EngineConfig
+    from seesaw_ds.parallel import micro_batches
+    if min_micro_tokens is not None:
+        micro_batches.PREFILL_MIN_MICRO_TOKENS = min_micro_tokens     # the tiny model's prompts, cut finer
     engine = build_engine(EngineConfig(model=folder, dtype="float32", parallel=parallel, block_size=8,
                                        max_num_batched_tokens=128, max_model_len=160,
                                        kv_device_gb=0.02, kv_host_gb=0.02))
@@ -54,7 +58,7 @@ def test_pipelined_prefill_is_one_pass_with_progress_and_hf_tokens(tmp_path):
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(2, 320, (n,), generator=g).tolist() for n in LENGTHS]
     for parallel in ({"pp": 2}, {"prefill": {"pp": 2}, "decode": {"tp": 2}}):
-        out = run_ranks(2, _stream, str(tmp_path / "model"), parallel, prompts, out_dir=str(tmp_path))
+        out = run_ranks(2, _stream, str(tmp_path / "model"), parallel, prompts, 16, out_dir=str(tmp_path))
         total = sum(LENGTHS)
         # every prompt in the first step although the step budget (128 tokens) holds only a few of them
         assert out["first_step"][:2] == ["prefill", 1]
@@ -63,3 +67,17 @@ def test_pipelined_prefill_is_one_pass_with_progress_and_hf_tokens(tmp_path):
         assert len(steps) == 16 and steps == sorted(steps) and steps[-1] == total
         for prompt, tokens in zip(prompts, out["tokens"]):
             assert tokens == hf_greedy(model, prompt, MAX_TOKENS)
+
+
+def test_a_small_prefill_step_is_cut_into_fewer_micro_batches(tmp_path):
+    # 768 prompt tokens at the default size (about one micro-batch per 1024 tokens): one micro-batch, not 16
+    # of 48 tokens each, whose fixed costs would outweigh the bubble they save
+    from seesaw_ds.parallel.micro_batches import prefill_micro_batch_count
+    model = tiny_hf_model("llama")
+    model.save_pretrained(tmp_path / "model")
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(2, 320, (n,), generator=g).tolist() for n in LENGTHS]
+    out = run_ranks(2, _stream, str(tmp_path / "model"), {"pp": 2}, prompts, None, out_dir=str(tmp_path))
+    assert out["progress"] == [sum(LENGTHS)] and prefill_micro_batch_count(sum(LENGTHS)) == 1
+    for prompt, tokens in zip(prompts, out["tokens"]):
+        assert tokens == hf_greedy(model, prompt, MAX_TOKENS)

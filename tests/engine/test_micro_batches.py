@@ -46,3 +46,16 @@ def test_equal_prompts_keep_one_per_group_in_order_and_decode_stays_consecutive(
     assert micro_batch_groups(ScheduledBatch(False, seqs), 2) == [[0, 1, 2], [3, 4]]
     assert micro_batch_groups(ScheduledBatch(False, seqs), 9) == [[i] for i in range(5)]
     assert micro_batch_groups(ScheduledBatch(True, seqs), 1) == [list(range(5))]
+
+
+def test_prefill_micro_batch_count_follows_the_step_size():
+    from seesaw_ds.parallel.micro_batches import PREFILL_WINDOW, prefill_micro_batch_count, prefill_window_tokens
+    assert prefill_micro_batch_count(100) == 1                 # a few prompts: one micro-batch
+    assert prefill_micro_batch_count(1536) == 2
+    assert prefill_micro_batch_count(32 * 128) == 4            # the fixed workload's 32 prompts of 128
+    assert prefill_micro_batch_count(16_525) == PREFILL_WINDOW
+    assert prefill_micro_batch_count(prefill_window_tokens(2)) == PREFILL_WINDOW   # a full window
+    assert prefill_micro_batch_count(10**6, most=8) == 8
+    counts = [prefill_micro_batch_count(t) for t in range(0, 40_000, 97)]
+    assert counts == sorted(counts)
+

@@ -159,6 +159,20 @@ def test_planner_defaults_follow_the_engine():
     assert pipe_executor.prefill_window_tokens(1) == 0          # no pipeline: the step budget rules
 
 
+def test_the_planner_cuts_a_prefill_step_as_the_engine_does():
+    # a pipelined step into about one micro-batch per 1024 tokens (32 prompts of 128: 4); no pipeline: one
+    from seesaw_ds.parallel.micro_batches import prefill_micro_batch_count
+    cfg, a10 = load_model_config("llama-3-15b"), parse_cluster("2xA10")
+    fixed = WorkloadSpec("fixed", 128, 256, 32)
+    for degrees, m in (((1, 2, 1), 4), ((2, 1, 1), 1)):
+        est = estimate_stage(cfg, a10, degrees, "prefill", fixed, OPTIONS)
+        assert est.batch == 32 and prefill_micro_batch_count(32 * 128) == 4
+        assert est.step == rl.stage_step_time(cfg, a10, degrees, "prefill", 32, 128, OPTIONS.dtype, m,
+                                              drains=OPTIONS.pipeline_drains)
+        assert est.step != rl.stage_step_time(cfg, a10, degrees, "prefill", 32, 128, OPTIONS.dtype, 16,
+                                              drains=OPTIONS.pipeline_drains)
+
+
 def test_pipelined_prefill_streams_close_to_the_steady_pipeline():
     # A pipelined prefill stage admits a window of many micro-batches per pass, so its bubble is paid once
     # per window: the prediction sits within the window's (pp - 1) / m share of the steady-state pipeline,
