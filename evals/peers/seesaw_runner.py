@@ -49,6 +49,9 @@ def generate_greedy(llm, requests: list[dict]) -> tuple[list[list[int]], dict]:
     outputs = llm.generate(prompts, params, use_tqdm=False)
     after = engine_metrics(llm)
     delta = {k: v - before.get(k, 0) if isinstance(v, (int, float)) else v for k, v in after.items()}
+    if "mean_decode_batch" in delta:     # a mean is not a difference: this call's own, as the engine counts it
+        steps = delta.get("decode_steps", 0)
+        delta["mean_decode_batch"] = delta.get("decode_tokens", 0) / steps if steps else 0.0
     return [output_token_ids(o) for o in outputs], delta
 
 
