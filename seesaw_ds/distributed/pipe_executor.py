@@ -38,7 +38,6 @@ from seesaw_ds.parallel.micro_batches import (DECODE_MICRO_BATCHES, PREFILL_WIND
 __all__ = ["PipelineExecutor", "prefill_window_tokens"]
 
 
-
 class StageState:
     """What the stage modules of this rank share: the model pieces and the current KV target."""
 
