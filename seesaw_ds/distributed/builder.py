@@ -26,7 +26,7 @@ from seesaw_ds.distributed.host_kv import open_host_store
 from seesaw_ds.distributed.kv_moves import TierCopies
 from seesaw_ds.distributed.master import MasterWeights, build_hf_model, prepare_master
 from seesaw_ds.distributed.liveness import collective_timeout, stop_watching, watch_peers
-from seesaw_ds.distributed.node import node_key, shm_domain
+from seesaw_ds.distributed.node import node_key, shm_domain, usable_cores
 from seesaw_ds.distributed.pipe_decode import StagePipe
 from seesaw_ds.distributed.pipe_executor import PipelineExecutor, prefill_window_tokens
 from seesaw_ds.distributed.private_dirs import check_trusted_folders
@@ -95,8 +95,7 @@ def share_cores() -> None:
     small matmuls 10-40x slower."""
     ranks = int(os.environ.get("LOCAL_SIZE") or os.environ.get("WORLD_SIZE") or 1)
     if ranks > 1 and "OMP_NUM_THREADS" not in os.environ:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        torch.set_num_threads(max(1, cores // ranks))
+        torch.set_num_threads(max(1, usable_cores() // ranks))
 
 
 def leave_distributed() -> None:

@@ -11,6 +11,7 @@ files apart and says whose a leftover is. Standard library only.
     shm_domain(d)  # "<boot id>:<device of d>": equal exactly for processes that map the same files under d
                    # (the node's /dev/shm), whatever their node keys
     free_port()    # a TCP port free on this node now (a rendezvous port for ranks started here)
+    usable_cores() # the cores this process may run on (its CPU affinity)
 """
 from __future__ import annotations
 
@@ -27,6 +28,11 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity where the OS has one, else every core."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def sanitize(text: str) -> str:

@@ -89,8 +89,9 @@ def _set_threads(nodes, folded_rank0: bool | None = None) -> None:
     share its cores, whatever their LOCAL_SIZE); in a folded job (`folded_rank0` not None) all of them to
     rank 0 and one to each idle rank."""
     import torch
+    from seesaw_ds.distributed.node import usable_cores
     if nodes.world_size > 1:   # NOTE: oversubscribed cores make small matmuls 10-40x slower
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        cores = usable_cores()
         share = max(1, cores // nodes.machine_ranks) if folded_rank0 is None else cores if folded_rank0 else 1
         torch.set_num_threads(share)
 

@@ -32,7 +32,7 @@ import warnings
 
 import psutil
 
-from seesaw_ds.distributed.node import free_port
+from seesaw_ds.distributed.node import free_port, usable_cores
 from seesaw_ds.planner import calibration_rank
 from seesaw_ds.planner.clusters import ClusterSpec, DeviceSpec
 
@@ -52,7 +52,7 @@ def calibration_path(num_ranks: int) -> str:
 
 
 def default_num_ranks() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return usable_cores()
 
 
 def measure(num_ranks: int, seconds: float = _MEASURE_SECONDS) -> dict:

@@ -1,8 +1,9 @@
 """One calibration rank: micro-benchmarks over gloo, results written as JSON. See `calibrate.py`.
 
 NOTE: this file imports only the standard library, torch and (inside functions) deepspeed, transformers and
-the standard-library-only `seesaw_ds.distributed.shm_buffers`. `calibrate.measure` runs it by path in each
-spawned process (`runpy.run_path`), so a rank does not import the whole seesaw_ds package.
+the standard-library-only `seesaw_ds.distributed.shm_buffers` and `seesaw_ds.distributed.node`.
+`calibrate.measure` runs it by path in each spawned process (`runpy.run_path`), so a rank does not import the
+whole seesaw_ds package.
 NOTE: loops that communicate run the same number of iterations on every rank (agreed by an all-reduce
 MAX); a loop that stopped on each rank's own clock would leave a send or a collective unmatched.
 """
@@ -142,7 +143,8 @@ def whole_machine(seconds: float) -> dict:
     """This rank's figures with one thread per usable core while every other rank waits: what one rank
     that folds the machine's ranks into itself would run at (its threads share one memory bus and no
     all-reduce)."""
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    from seesaw_ds.distributed.node import usable_cores
+    threads = usable_cores()
     torch.set_num_threads(threads)
     try:
         src = torch.ones(COPY_BYTES // 4)
