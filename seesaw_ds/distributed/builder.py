@@ -28,7 +28,7 @@ from seesaw_ds.distributed.master import MasterWeights, build_hf_model, prepare_
 from seesaw_ds.distributed.liveness import collective_timeout, stop_watching, watch_peers
 from seesaw_ds.distributed.node import node_key, shm_domain, usable_cores
 from seesaw_ds.distributed.pipe_decode import StagePipe
-from seesaw_ds.distributed.pipe_executor import PipelineExecutor, prefill_window_tokens
+from seesaw_ds.distributed.pipe_executor import PipelineExecutor
 from seesaw_ds.distributed.private_dirs import check_trusted_folders
 from seesaw_ds.distributed.shm_buffers import cleanup_deepspeed_shm, cleanup_on_stop, shm_dir, sweep_stale_shm
 from seesaw_ds.distributed.stash import KVStasher
@@ -47,6 +47,7 @@ from seesaw_ds.models.loader import default_cache_dir, load_model_config, load_t
 from seesaw_ds.models.runner import ModelRunner
 from seesaw_ds.parallel.kv_plan import kv_ownership, kv_reshard_plan, moves_from, moves_into
 from seesaw_ds.parallel.layout import Layout, StageLayouts, resolve_layouts
+from seesaw_ds.parallel.micro_batches import prefill_window_tokens
 from seesaw_ds.parallel.placement import RankPlace, check_placement
 from seesaw_ds.parallel.weight_plan import whole_model_entries
 

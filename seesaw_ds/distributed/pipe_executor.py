@@ -14,7 +14,7 @@ micro-batch times, and every micro-batch pays each layer's fixed cost again. Dec
 before the next step, so it runs as one micro-batch per step. Prefill has no such dependency, so a prefill
 stage is a stream: the scheduler admits a window of up to `prefill_window_tokens(pp)` prompt tokens per step
 (many more than the decode-era step budget), and the pass cuts it into micro-batches of balanced token counts
-(parallel/micro_batches.py: about one per 1024 tokens, at most `PREFILL_WINDOW`; engine/inputs.py's
+(parallel/micro_batches.py, both rules: about one per 1024 tokens, at most `PREFILL_WINDOW`; engine/inputs.py's
 `balanced_groups`: prompts largest first to the lightest micro-batch, run lightest first). The fill-and-drain
 bubble is thus paid once per window of many micro-batches, i.e. about once per stage on a job's
 prompts; the first tokens are sampled from the logits of every micro-batch of the pass.
@@ -32,10 +32,7 @@ from seesaw_ds.engine.inputs import ModelInputs
 from seesaw_ds.kv.attention import AttentionMetadata
 from seesaw_ds.models.runner import ModelRunner
 from seesaw_ds.models.vocab_head import ShardedLogits
-from seesaw_ds.parallel.micro_batches import (DECODE_MICRO_BATCHES, PREFILL_WINDOW, prefill_micro_batch_count,
-                                              prefill_window_tokens)
-
-__all__ = ["PipelineExecutor", "prefill_window_tokens"]
+from seesaw_ds.parallel.micro_batches import DECODE_MICRO_BATCHES, PREFILL_WINDOW, prefill_micro_batch_count
 
 
 class StageState:

@@ -58,4 +58,3 @@ def test_prefill_micro_batch_count_follows_the_step_size():
     assert prefill_micro_batch_count(10**6, most=8) == 8
     counts = [prefill_micro_batch_count(t) for t in range(0, 40_000, 97)]
     assert counts == sorted(counts)
-

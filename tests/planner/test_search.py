@@ -150,13 +150,16 @@ def test_draining_pipeline_pays_a_bubble_per_step(llama70b):
 
 
 def test_planner_defaults_follow_the_engine():
-    from seesaw_ds.distributed import pipe_executor
+    from seesaw_ds.distributed.pipe_executor import PipelineExecutor
     from seesaw_ds.engine.config import EngineConfig
-    assert OPTIONS.prefill_micro_batches == pipe_executor.PREFILL_WINDOW
-    assert OPTIONS.decode_micro_batches == pipe_executor.DECODE_MICRO_BATCHES
+    from seesaw_ds.parallel import micro_batches
+    assert OPTIONS.prefill_micro_batches == micro_batches.PREFILL_WINDOW
+    assert OPTIONS.decode_micro_batches == micro_batches.DECODE_MICRO_BATCHES
     assert OPTIONS.max_batched_tokens == EngineConfig().max_num_batched_tokens
-    assert OPTIONS.prefill_window_tokens == pipe_executor.prefill_window_tokens(2)
-    assert pipe_executor.prefill_window_tokens(1) == 0          # no pipeline: the step budget rules
+    assert OPTIONS.prefill_window_tokens == micro_batches.prefill_window_tokens(2)
+    assert micro_batches.prefill_window_tokens(1) == 0          # no pipeline: the step budget rules
+    defaults = PipelineExecutor.__init__.__defaults__           # the executor's own counts are these
+    assert defaults[-2:] == (micro_batches.PREFILL_WINDOW, micro_batches.DECODE_MICRO_BATCHES)
 
 
 def test_the_planner_cuts_a_prefill_step_as_the_engine_does():
@@ -164,9 +167,10 @@ def test_the_planner_cuts_a_prefill_step_as_the_engine_does():
     from seesaw_ds.parallel.micro_batches import prefill_micro_batch_count
     cfg, a10 = load_model_config("llama-3-15b"), parse_cluster("2xA10")
     fixed = WorkloadSpec("fixed", 128, 256, 32)
+    assert prefill_micro_batch_count(32 * 128) == 4
     for degrees, m in (((1, 2, 1), 4), ((2, 1, 1), 1)):
         est = estimate_stage(cfg, a10, degrees, "prefill", fixed, OPTIONS)
-        assert est.batch == 32 and prefill_micro_batch_count(32 * 128) == 4
+        assert est.batch == 32
         assert est.step == rl.stage_step_time(cfg, a10, degrees, "prefill", 32, 128, OPTIONS.dtype, m,
                                               drains=OPTIONS.pipeline_drains)
         assert est.step != rl.stage_step_time(cfg, a10, degrees, "prefill", 32, 128, OPTIONS.dtype, 16,
