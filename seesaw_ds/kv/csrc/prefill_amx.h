@@ -100,24 +100,25 @@ inline void value_cols(const bf16* P, int64_t ldp, const int32_t* vp, int64_t D,
 }
 
 // one row: raw scores s, keys [0, len) visible -> p[0 .. Lp) = bf16 exp(scale s - max) (0 from len on); returns the
-// fp32 sum of the exponentials. Lp is a multiple of 16 and >= len.
+// fp32 sum of the exponentials. Lp is a multiple of 16 and >= len; scale > 0, so the max of the raw scores is taken
+// and exp(scale (s - max)) = 2^(s c - max c) with c = scale log2(e): one FMA per lane before exp2_16.
 inline float softmax_row(const float* s, int64_t len, int64_t Lp, float scale, bf16* p) {
-  const __m512 vs = _mm512_set1_ps(scale);
   const int64_t full = len / 16 * 16;
   const __mmask16 tail = static_cast<__mmask16>((1u << (len - full)) - 1);
   __m512 vmax = _mm512_set1_ps(-INFINITY);
-  for (int64_t t = 0; t < full; t += 16) vmax = _mm512_max_ps(vmax, _mm512_mul_ps(_mm512_loadu_ps(s + t), vs));
-  if (tail) vmax = _mm512_mask_max_ps(vmax, tail, vmax, _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, s + full), vs));
-  const __m512 vm = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+  for (int64_t t = 0; t < full; t += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(s + t));
+  if (tail) vmax = _mm512_mask_max_ps(vmax, tail, vmax, _mm512_maskz_loadu_ps(tail, s + full));
+  const float c = scale * 1.44269504088896341f;
+  const __m512 vc = _mm512_set1_ps(c), vm = _mm512_set1_ps(_mm512_reduce_max_ps(vmax) * c);
   __m512 vsum = _mm512_setzero_ps();
   for (int64_t t = 0; t < full; t += 16) {
-    const __m512 e = exp16(_mm512_fmsub_ps(_mm512_loadu_ps(s + t), vs, vm));
+    const __m512 e = exp2_16(_mm512_fmsub_ps(_mm512_loadu_ps(s + t), vc, vm));
     vsum = _mm512_add_ps(vsum, e);
     store_bf16x16(p + t, e);
   }
   int64_t t = full;
   if (tail) {
-    const __m512 e = _mm512_maskz_mov_ps(tail, exp16(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(tail, s + t), vs, vm)));
+    const __m512 e = _mm512_maskz_mov_ps(tail, exp2_16(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(tail, s + t), vc, vm)));
     vsum = _mm512_add_ps(vsum, e);
     store_bf16x16(p + t, e);
     t += 16;
