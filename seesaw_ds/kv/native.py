@@ -6,6 +6,7 @@
     out = op(q, k, v, cu_seqlens, scale)                                      # csrc/prefill_attention.cpp
     set_prefill_amx(False)          # keep prefill on AVX512-BF16 even where the tile unit (AMX) is usable
     pack, linear = linear_ops()     # bf16 linears at decode's row counts (csrc/decode_linear.cpp), or None
+    values, ids = row_max(logits)   # each row's first maximum (csrc/row_max.cpp; torch's max where not built)
 
 The build goes through torch's extension builder into `TORCH_EXTENSIONS_DIR` (default
 `~/.cache/torch_extensions`); the module name carries a hash of the source, the torch version, the CPU's
@@ -27,7 +28,8 @@ import torch
 
 log = logging.getLogger("seesaw_ds")
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = ("bindings.cpp", "paged_decode.cpp", "prefill_attention.cpp", "layer_ops.cpp", "decode_linear.cpp")
+SOURCES = ("bindings.cpp", "paged_decode.cpp", "prefill_attention.cpp", "layer_ops.cpp", "decode_linear.cpp",
+           "row_max.cpp")
 HEADERS = ("kernels.h", "vec.h", "decode_bf16.h", "decode_amx.h", "prefill_amx.h", "prefill_pack.h")
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -103,6 +105,16 @@ def layer_ops():
     if module is None or not module.has_prefill_attention():     # compiled in under the same ISA test
         return None
     return module.rms_norm, module.silu_mul, module.rope_kv_write, module.rope
+
+
+def row_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [B, V] -> (values [B], indices [B] int64): each row's first maximum, as `x.max(dim=-1)`; the native
+    op for fp32 CPU logits (a greedy pick's cost at decode's batch x vocabulary), torch's otherwise."""
+    module = _module() if x.dim() == 2 and x.dtype == torch.float32 and x.device.type == "cpu" and x.shape[1] else None
+    if module is None:
+        best = x.max(dim=-1)
+        return best.values, best.indices
+    return module.row_max(x)
 
 
 def linear_ops():

@@ -19,6 +19,8 @@ from typing import Callable
 
 import torch
 
+from seesaw_ds.kv.native import row_max
+
 # Token ids travel as float32 in the greedy exchange: exact below 2**24.
 MAX_EXACT_ID = 1 << 24
 
@@ -59,9 +61,9 @@ class ShardedLogits:
         s, b = self.shard, self.local.shape[0]
         exchange = self.local.new_zeros(2, s.tp, b)                      # [value | id, rank, row]
         if s.stop > s.start:
-            best = self.local.max(dim=-1)                                # first maximum of the row
-            exchange[0, s.rank] = best.values
-            exchange[1, s.rank] = (best.indices + s.start).float()
+            values, ids = row_max(self.local)                            # first maximum of the row
+            exchange[0, s.rank] = values
+            exchange[1, s.rank] = (ids + s.start).float()
         else:                                                            # no rows here: never chosen
             exchange[0, s.rank] = float("-inf")
         s.all_reduce(exchange)

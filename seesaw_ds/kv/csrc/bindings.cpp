@@ -11,5 +11,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_kv_write", &seesaw::rope_kv_write, "rotary embedding of a decode step's q and k, k and v to the cache");
   m.def("pack_linear", &seesaw::pack_linear, "pack a bf16 weight [N, K] for linear_packed");
   m.def("linear_packed", &seesaw::linear_packed, "bf16 linear over a packed weight (x, packed, bias or None, N)");
+  m.def("row_max", &seesaw::row_max, "each row's first maximum of fp32 logits (values, indices)");
   m.def("has_linear_packed", &seesaw::has_linear_packed, "linear_packed was compiled in");
 }

@@ -2,6 +2,8 @@
 #pragma once
 #include <torch/extension.h>
 
+#include <tuple>
+
 namespace seesaw {
 
 // q [B, H, D], caches [N, bs, Hkv, D], block_tables [B, M] int64, context_lens [B] int64 -> [B, H, D]
@@ -12,6 +14,9 @@ torch::Tensor paged_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor
 // q [H, T, D], k/v [Hkv, T, D] (bf16, last dim contiguous), cu_seqlens [B + 1] int64 -> [T, H, D]
 torch::Tensor prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor cu_seqlens,
                                 double scale);
+
+// each row's first maximum of fp32 x [B, V] -> (values [B], indices [B] int64), as x.max(dim=-1)
+std::tuple<torch::Tensor, torch::Tensor> row_max(torch::Tensor x);
 
 // whether prefill_attention was compiled in (needs AVX512-BF16)
 bool has_prefill_attention();
